@@ -1,0 +1,40 @@
+# fedtl: `make demo` and `make test` are the two commands of the quick start.
+# Both create .venv when it is missing (torch/torchvision install from this machine's disk).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+# Keep Flower and Ray on loopback and off the internet; keep their files in the checkout.
+export FLWR_TELEMETRY_ENABLED := 0
+export FLWR_DISABLE_UPDATE_CHECK := 1
+export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
+export RAY_USAGE_STATS_ENABLED := 0
+export FLWR_HOME := $(CURDIR)/.tmp/flwr-home
+export RAY_TMPDIR := $(CURDIR)/.tmp/ray
+export PYTHONUNBUFFERED := 1
+
+.PHONY: demo test test-fast bench clean venv
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/fedtl simulate --config experiments/digits.toml --compare-scratch --out runs/demo --overwrite
+
+test: $(STAMP)
+	$(BIN)/python -m pytest tests
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest tests -m "not e2e"
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/transfer_gain.py
+
+clean:
+	rm -rf .tmp runs .fedtl-cache

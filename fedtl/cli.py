@@ -1,0 +1,96 @@
+"""The ``fedtl`` command."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from fedtl.config import ConfigError, ExperimentConfig, all_keys, load_config
+from fedtl.data.partition import PartitionError
+from fedtl.registry import RegistryError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Federated transfer learning on Flower.")
+console = Console()
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML config file (default: the built-in default study).")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override a key: --set rounds=20 --set finetune.mode=full.")]
+# Errors a user can fix from the command line: shown as one message, not a traceback.
+_USER_ERRORS = (ConfigError, PartitionError, RegistryError, FileExistsError)
+
+
+def _load(config: Path | None, sets: list[str] | None, out: Path | None = None) -> ExperimentConfig:
+    cfg = load_config(config, sets or [])
+    return cfg.replace(out=str(out)) if out is not None else cfg
+
+
+def _fail(err: Exception) -> None:
+    console.print(f"[bold red]error:[/] {err}")
+    raise typer.Exit(2)
+
+
+@app.command()
+def simulate(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    compare_scratch: Annotated[bool, typer.Option("--compare-scratch", help="Also run the from-scratch baseline and report the transfer gain.")] = False,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Run folder (default: runs/<name>-<time>).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a run already in --out.")] = False,
+) -> None:
+    """Run a federated fine-tuning simulation on Ray."""
+    from fedtl.simulations.simulate import simulate as run, simulate_with_scratch
+
+    try:
+        cfg = _load(config, set_, out)
+        summary = simulate_with_scratch(cfg, overwrite=overwrite) if compare_scratch else run(cfg, overwrite=overwrite)
+    except _USER_ERRORS as err:
+        _fail(err)
+        return
+    table = Table("summary", "value", title=f"{summary['name']}: {summary['mode']} ({summary['init']})")
+    for key in ("final_accuracy", "best_accuracy", "scratch_final_accuracy", "transfer_gain", "bytes_down_total",
+                "bytes_up_total", "travelling_params", "total_params", "wall_seconds"):
+        if key in summary:
+            value = summary[key]
+            table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    console.print(table)
+    console.print(f"run folder: {summary['out_dir']}")
+
+
+@app.command()
+def pretrain(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Pre-train the backbone on the scenario's source data (cached; a no-op when cached)."""
+    from fedtl.models.pretrain import ensure_pretrained, pretrained_path
+
+    try:
+        cfg = _load(config, set_)
+    except _USER_ERRORS as err:
+        _fail(err)
+        return
+    cached = pretrained_path(cfg).is_file()
+    path = ensure_pretrained(cfg)
+    console.print(f"{'cached' if cached else 'pre-trained'}: {path}")
+
+
+@app.command("config")
+def show_config(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Print the resolved config as TOML (or, with no file, the defaults and every key)."""
+    try:
+        cfg = _load(config, set_)
+    except _USER_ERRORS as err:
+        _fail(err)
+        return
+    console.print(cfg.to_toml(), markup=False, highlight=False)
+    if config is None and not set_:
+        console.print(f"# keys: {', '.join(all_keys())}", markup=False, highlight=False)
+
+
+def main() -> None:
+    """Entry point of the ``fedtl`` script."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""Local fine-tuning of a TransferModel on one client's labelled images."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from fedtl.config import FinetuneConfig
+from fedtl.data.federated import LabelledImages
+from fedtl.models.transfer import TransferModel
+from fedtl.server.plan import RoundPlan
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a round of local training reports."""
+
+    loss: float
+    examples: int
+    steps: int
+
+
+def train_local(
+    model: TransferModel, data: LabelledImages, plan: RoundPlan, ft: FinetuneConfig, *, seed: int
+) -> TrainResult:
+    """Fine-tune ``model`` in place on ``data`` following ``plan``.
+
+    Parameters
+    ----------
+    model : TransferModel
+        Its trainable set must already be ``plan``'s (``set_trainable``).
+    data : LabelledImages
+        The client's labelled images.
+    plan : RoundPlan
+        Units to train, their learning rates and the number of local epochs.
+    ft : FinetuneConfig
+        Batch size, momentum and weight decay.
+    seed : int
+        Seed of the batch order (vary it per round and client).
+
+    Returns
+    -------
+    TrainResult
+        Mean training loss over all steps, examples seen per epoch, optimiser steps.
+    """
+    if len(data) == 0:
+        raise ValueError("this client holds no labelled images; nothing to train on")
+    opt = torch.optim.SGD(model.param_groups(plan.lrs), momentum=ft.momentum, weight_decay=ft.weight_decay)
+    g = torch.Generator().manual_seed(seed)
+    model.train()
+    total, steps = 0.0, 0
+    for _ in range(plan.local_epochs):
+        for idx in torch.randperm(len(data), generator=g).split(ft.batch_size):
+            opt.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(model(data.x[idx]), data.y[idx])
+            loss.backward()
+            opt.step()
+            total += loss.detach().item()
+            steps += 1
+    return TrainResult(loss=total / steps, examples=len(data), steps=steps)
+
+
+@torch.no_grad()
+def predict(model: TransferModel, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """Logits of ``model`` for images ``x``, in eval mode."""
+    model.eval()
+    return torch.cat([model(xb) for xb in x.split(batch_size)]) if len(x) else torch.empty(0)

@@ -1,0 +1,88 @@
+"""Each client's labelled data and the server's test set, derived deterministically.
+
+Every process (server, each simulated client) derives the same split from the config,
+so no data ever has to be shipped: a client only materialises its own partition.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+from fedtl.config import DataConfig
+from fedtl.data.partition import partition_indices
+from fedtl.data.scenarios import Scenario, load_scenario
+from fedtl.data.styles import apply_style
+
+
+@dataclass(frozen=True)
+class LabelledImages:
+    """Images, labels and the domain style of each image."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    style: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+@lru_cache(maxsize=4)
+def scenario(cfg: DataConfig) -> Scenario:
+    """The scenario of ``cfg``, built once per process."""
+    return load_scenario(cfg)
+
+
+@lru_cache(maxsize=8)
+def _partitions(cfg: DataConfig, num_clients: int, seed: int) -> tuple[np.ndarray, ...]:
+    sc = scenario(cfg)
+    parts = partition_indices(
+        sc.pool_y.numpy(), num_clients, partitioner=cfg.partitioner, alpha=cfg.alpha,
+        min_size=cfg.min_partition_size, seed=seed,
+    )
+    cap = cfg.labelled_per_client
+    return tuple(p[:cap] if cap > 0 else p for p in parts)
+
+
+def client_data(cfg: DataConfig, partition_id: int, num_clients: int, seed: int) -> LabelledImages:
+    """The labelled images client ``partition_id`` holds, in its own domain style.
+
+    Parameters
+    ----------
+    cfg : DataConfig
+        The data section of the experiment.
+    partition_id : int
+        This client's index in ``[0, num_clients)``.
+    num_clients : int
+        Number of clients the target pool is split across.
+    seed : int
+        Seed of the split and of the style's randomness.
+    """
+    if not 0 <= partition_id < num_clients:
+        raise ValueError(f"partition-id {partition_id} is outside [0, {num_clients}): check the node config")
+    sc = scenario(cfg)
+    idx = torch.from_numpy(_partitions(cfg, num_clients, seed)[partition_id])
+    style = sc.styles[partition_id % len(sc.styles)]
+    x = apply_style(style, sc.pool_x[idx], seed=seed * 100_003 + partition_id)
+    return LabelledImages(x, sc.pool_y[idx], (style,) * len(idx))
+
+
+@lru_cache(maxsize=2)
+def server_test_data(cfg: DataConfig) -> LabelledImages:
+    """The server's held-out target test set; image ``j`` is in style ``styles[j % n]``."""
+    sc = scenario(cfg)
+    n = len(sc.styles)
+    x = sc.test_x.clone()
+    for k, style in enumerate(sc.styles):
+        x[k::n] = apply_style(style, sc.test_x[k::n], seed=7919 + k)
+    styles = tuple(sc.styles[j % n] for j in range(len(x)))
+    return LabelledImages(x, sc.test_y, styles)
+
+
+def source_data(cfg: DataConfig) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Clean source images, labels and number of source classes (for pre-training)."""
+    sc = scenario(cfg)
+    return sc.source_x, sc.source_y, sc.source_classes

@@ -1,0 +1,88 @@
+"""Split a labelled pool across clients with flwr-datasets' partitioners.
+
+The pool is handed to flwr-datasets as a Hugging Face ``Dataset`` of (index, label)
+rows, so its partitioners (not a re-implementation) decide who gets what.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+from datasets import Dataset
+from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, Partitioner
+
+from fedtl.registry import Registry
+
+PartitionerFactory = Callable[[int, float, int, int], Partitioner]
+PARTITIONERS: Registry[PartitionerFactory] = Registry("partitioner")
+
+
+class PartitionError(ValueError):
+    """A split that leaves some client without data; the message says how to fix it."""
+
+
+@PARTITIONERS.register("iid")
+def _iid(num_partitions: int, alpha: float, min_size: int, seed: int) -> Partitioner:
+    # IidPartitioner cuts contiguous shards; the pool is shuffled by `seed` before it.
+    return IidPartitioner(num_partitions=num_partitions)
+
+
+@PARTITIONERS.register("dirichlet")
+def _dirichlet(num_partitions: int, alpha: float, min_size: int, seed: int) -> Partitioner:
+    return DirichletPartitioner(
+        num_partitions=num_partitions, partition_by="label", alpha=alpha,
+        min_partition_size=min_size, self_balancing=False, shuffle=True, seed=seed,
+    )
+
+
+def partition_indices(
+    labels: np.ndarray, num_partitions: int, *, partitioner: str, alpha: float, min_size: int, seed: int
+) -> list[np.ndarray]:
+    """Indices into ``labels`` for each partition.
+
+    Parameters
+    ----------
+    labels : np.ndarray
+        Label of every pool item.
+    num_partitions : int
+        Number of clients.
+    partitioner : str
+        A name in ``PARTITIONERS`` (``"iid"``, ``"dirichlet"``).
+    alpha : float
+        Dirichlet concentration (ignored by ``"iid"``); small alpha = strong label skew.
+    min_size : int
+        Smallest partition accepted (Dirichlet resamples until every client has it).
+    seed : int
+        Seed of the split.
+
+    Raises
+    ------
+    PartitionError
+        If a client would get fewer than ``max(min_size, 1)`` items.
+    """
+    if num_partitions > len(labels):
+        raise PartitionError(
+            f"{num_partitions} clients but only {len(labels)} labelled images in the pool: "
+            "lower `clients` or use a larger data set"
+        )
+    rows = np.random.default_rng(seed).permutation(len(labels))
+    ds = Dataset.from_dict({"index": rows.tolist(), "label": labels[rows].tolist()})
+    part = PARTITIONERS.get(partitioner)(num_partitions, alpha, min_size, seed)
+    part.dataset = ds
+    try:
+        parts = [np.asarray(part.load_partition(i)["index"], dtype=np.int64) for i in range(num_partitions)]
+    except ValueError as err:
+        raise PartitionError(
+            f"the {partitioner} partitioner (alpha={alpha}, seed={seed}) could not give each of "
+            f"{num_partitions} clients at least {min_size} images: {err}. Fix: raise data.alpha, "
+            "lower data.min-partition-size or clients, or change seed"
+        ) from None
+    for i, p in enumerate(parts):
+        if len(p) < max(min_size, 1):
+            raise PartitionError(
+                f"client {i} got {len(p)} images from the {partitioner} partitioner (alpha={alpha}, "
+                f"seed={seed}); at least {max(min_size, 1)} are needed. Fix: raise data.alpha, "
+                "lower clients, or change seed"
+            )
+    return parts

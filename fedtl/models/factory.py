@@ -1,0 +1,28 @@
+"""Build the TransferModel of an experiment, identically in every process."""
+
+from __future__ import annotations
+
+import torch
+
+from fedtl.config import ExperimentConfig
+from fedtl.data.federated import scenario
+from fedtl.models.backbones import build_backbone
+from fedtl.models.pretrain import ensure_pretrained, load_pretrained
+from fedtl.models.transfer import TransferModel, state_fingerprint
+
+
+def build_model(cfg: ExperimentConfig) -> TransferModel:
+    """The experiment's model: pre-trained (or seeded random) blocks and a seeded new head.
+
+    Every process that calls this with the same config gets the same tensors, so the
+    server only has to send what trains; ``backbone_fingerprint`` lets clients check it.
+    """
+    sc = scenario(cfg.data)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        model = TransferModel(build_backbone(cfg.model.backbone, sc.in_channels), sc.num_classes)
+    if cfg.init == "pretrained":
+        load_pretrained(model, ensure_pretrained(cfg))
+    blocks = {k: v for k, v in model.state_dict().items() if k.startswith("blocks.")}
+    model.backbone_fingerprint = state_fingerprint(blocks)
+    return model

@@ -1,0 +1,112 @@
+"""Pre-training of a backbone on the scenario's source data, cached on disk by its config.
+
+Deterministic (fixed seed, single-threaded), so every process that needs the backbone
+and finds no cache computes bit-identical weights; the file is written atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import torchvision.transforms.v2 as T
+from safetensors.torch import load_file, save_file
+
+from fedtl.config import ExperimentConfig
+from fedtl.data.federated import source_data
+from fedtl.models.backbones import build_backbone
+from fedtl.models.transfer import TransferModel, state_fingerprint
+
+# Bump when the pre-training recipe changes, so stale caches are not reused.
+RECIPE_VERSION = 1
+
+
+def pretrain_key(cfg: ExperimentConfig) -> dict[str, object]:
+    """Everything the pre-trained weights depend on (and nothing else)."""
+    p = cfg.pretrain
+    return {
+        "recipe": RECIPE_VERSION, "backbone": cfg.model.backbone, "scenario": cfg.data.scenario,
+        "image-size": cfg.data.image_size, "epochs": p.epochs, "lr": p.lr, "batch-size": p.batch_size,
+        "augment": p.augment, "seed": p.seed,
+    }
+
+
+def pretrained_path(cfg: ExperimentConfig) -> Path:
+    """Cache file of the backbone pre-trained for ``cfg``."""
+    key = json.dumps(pretrain_key(cfg), sort_keys=True)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    return Path(cfg.pretrain.cache_dir) / f"{cfg.model.backbone}-{cfg.data.scenario}-{digest}.safetensors"
+
+
+def pretrain(cfg: ExperimentConfig) -> dict[str, torch.Tensor]:
+    """Train the backbone (all blocks + a source head) on the source data; return the blocks' state.
+
+    Parameters
+    ----------
+    cfg : ExperimentConfig
+        Uses ``model.backbone``, ``data`` (scenario, image size) and ``pretrain``.
+    """
+    p = cfg.pretrain
+    x, y, classes = source_data(cfg.data)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one thread: bit-identical results in every process
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(p.seed)
+            model = TransferModel(build_backbone(cfg.model.backbone, x.shape[1]), classes)
+            model.set_trainable(model.block_names)
+            opt = torch.optim.SGD(model.parameters(), lr=p.lr, momentum=0.9, weight_decay=5e-4)
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=p.epochs)
+            augment = T.RandomAffine(degrees=10, translate=(0.1, 0.1), scale=(0.9, 1.1))
+            g = torch.Generator().manual_seed(p.seed)
+            model.train()
+            for _ in range(p.epochs):
+                for idx in torch.randperm(len(y), generator=g).split(p.batch_size):
+                    xb = torch.stack([augment(img) for img in x[idx]]) if p.augment else x[idx]
+                    opt.zero_grad()
+                    F.cross_entropy(model(xb), y[idx]).backward()
+                    opt.step()
+                sched.step()
+    finally:
+        torch.set_num_threads(threads)
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if k.startswith("blocks.")}
+
+
+def ensure_pretrained(cfg: ExperimentConfig) -> Path:
+    """Return the cached pre-trained weights for ``cfg``, pre-training first if there are none."""
+    path = pretrained_path(cfg)
+    if path.is_file():
+        return path
+    state = pretrain(cfg)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"fedtl-pretrain": json.dumps(pretrain_key(cfg), sort_keys=True), "fingerprint": state_fingerprint(state)}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    save_file(state, tmp, metadata=meta)
+    os.replace(tmp, path)  # atomic: concurrent processes never read a half-written file
+    return path
+
+
+def load_pretrained(model: TransferModel, path: Path) -> None:
+    """Load a pre-trained blocks state (safetensors) into ``model``.
+
+    Raises
+    ------
+    ValueError
+        If the file's tensors do not match the model's blocks (names or shapes).
+    """
+    state = load_file(str(path))
+    own = {k: v for k, v in model.state_dict().items() if k.startswith("blocks.")}
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or wrong:
+        raise ValueError(
+            f"pre-trained weights {path} do not fit this backbone: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}, wrong shape {wrong[:5]}. Delete the file to pre-train again."
+        )
+    model.load_state_dict(state, strict=False)

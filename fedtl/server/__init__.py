@@ -1,0 +1,1 @@
+"""Server side: the ServerApp, the per-round plan, central evaluation and the run record."""

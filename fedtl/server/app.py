@@ -1,0 +1,84 @@
+"""The ServerApp: plans each round, runs the strategy, evaluates centrally, records the run."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+
+from fedtl.config import ExperimentConfig
+from fedtl.data.federated import server_test_data
+from fedtl.models.factory import build_model
+from fedtl.server.evaluate import central_evaluate
+from fedtl.server.plan import plan_round
+from fedtl.server.record import RunRecorder
+from fedtl.simulations.plots import plot_accuracy
+from fedtl.strategies.registry import build_strategy
+from fedtl.strategies.transfer import TransferStrategy
+
+
+def run_dir(cfg: ExperimentConfig) -> Path:
+    """The run folder: ``cfg.out``, or ``runs/<name>-<time>`` when unset."""
+    return Path(cfg.out) if cfg.out else Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def run_server(grid: Grid, cfg: ExperimentConfig) -> dict[str, Any]:
+    """Run the whole federated fine-tuning of ``cfg`` on ``grid``; return the run's summary."""
+    recorder = RunRecorder(run_dir(cfg), cfg)
+    model = build_model(cfg)
+    test = server_test_data(cfg.data)
+
+    def plan(rnd: int):  # noqa: ANN202 - a RoundPlan
+        return plan_round(cfg, model.block_names, rnd)
+
+    strategy = TransferStrategy(
+        inner=build_strategy(cfg), plan=plan, keys_of=model.unit_keys, initial_state=model.state_dict(),
+        fingerprint=model.backbone_fingerprint, observer=recorder.on_train,
+    )
+    best = {"accuracy": -1.0}
+
+    def evaluate(rnd: int, arrays: ArrayRecord) -> MetricRecord:
+        state = arrays.to_torch_state_dict()
+        unknown = set(state) - set(model.state_dict())
+        if unknown:
+            raise ValueError(f"global model holds keys this model does not have: {sorted(unknown)[:5]}")
+        model.load_state_dict(state, strict=False)
+        model.set_trainable(plan(max(rnd, 1)).trainable_blocks)
+        metrics = central_evaluate(model, test)
+        row = recorder.end_round(rnd, metrics, travelling_params=model.num_parameters(model.trainable_units))
+        meta = {"round": rnd, "accuracy": row["accuracy"], "backbone_fingerprint": model.backbone_fingerprint}
+        recorder.checkpoint("last", model.state_dict(), **meta)
+        if rnd > 0 and row["accuracy"] > best["accuracy"]:
+            best["accuracy"] = row["accuracy"]
+            recorder.checkpoint("best", model.state_dict(), **meta)
+        return MetricRecord(metrics)
+
+    model.set_trainable(plan(1).trainable_blocks)
+    strategy.start(
+        grid=grid, initial_arrays=ArrayRecord(model.travelling_state()), num_rounds=cfg.rounds,
+        timeout=cfg.strategy.round_timeout, train_config=ConfigRecord(), evaluate_fn=evaluate,
+    )
+    summary = recorder.finish(
+        travelling_params=model.num_parameters(model.trainable_units), total_params=model.num_parameters(),
+        backbone_fingerprint=model.backbone_fingerprint,
+    )
+    plot_accuracy({cfg.init: recorder.rows}, recorder.out / "accuracy.png", title=f"{cfg.name} ({cfg.finetune.mode})")
+    return summary
+
+
+def make_server_app(run_config: Mapping[str, Any] | None = None) -> ServerApp:
+    """A ServerApp for ``run_config`` (a flattened ExperimentConfig); ``None`` reads the Context's."""
+    server = ServerApp()
+
+    @server.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_server(grid, ExperimentConfig.from_run_config(run_config if run_config is not None else context.run_config))
+
+    return server
+
+
+app = make_server_app()

@@ -1,0 +1,56 @@
+"""The per-round plan the server sends: which units train, at which rates, for how long.
+
+It travels in the round's ConfigRecord, so a client needs nothing but the message to
+know what to train; gradual unfreezing is just a plan that grows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from fedtl.config import ExperimentConfig
+from fedtl.models.modes import MODES
+from fedtl.models.transfer import HEAD
+
+_UNITS, _LRS, _EPOCHS = "plan.units", "plan.lrs", "plan.local-epochs"
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """What clients do in one round.
+
+    Attributes
+    ----------
+    lrs : Mapping[str, float]
+        Learning rate of every unit that trains (``"head"`` included), input to output.
+    local_epochs : int
+        Passes over the local data.
+    """
+
+    lrs: Mapping[str, float]
+    local_epochs: int
+
+    @property
+    def trainable_blocks(self) -> tuple[str, ...]:
+        """Blocks that train (the head excluded)."""
+        return tuple(u for u in self.lrs if u != HEAD)
+
+    def to_config(self) -> dict[str, list[str] | list[float] | int]:
+        """Entries for the round's ConfigRecord."""
+        return {_UNITS: list(self.lrs), _LRS: [float(v) for v in self.lrs.values()], _EPOCHS: self.local_epochs}
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, object]) -> RoundPlan:
+        """Read the plan back from a received ConfigRecord."""
+        units, lrs, epochs = config.get(_UNITS), config.get(_LRS), config.get(_EPOCHS)
+        if not (isinstance(units, list) and isinstance(lrs, list) and len(units) == len(lrs) and isinstance(epochs, int)):
+            raise ValueError(f"the round's config carries no valid plan ({_UNITS}, {_LRS}, {_EPOCHS}): is the server fedtl's?")
+        return cls(dict(zip(units, lrs)), epochs)
+
+
+def plan_round(cfg: ExperimentConfig, blocks: Sequence[str], rnd: int) -> RoundPlan:
+    """The plan of round ``rnd`` (1-based) for a model with ``blocks`` (input to output)."""
+    lrs = MODES.get(cfg.finetune.mode)(blocks, rnd, cfg.finetune)
+    order = [*blocks, HEAD]
+    return RoundPlan({u: lrs[u] for u in order if u in lrs}, cfg.finetune.local_epochs)

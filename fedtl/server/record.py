@@ -1,0 +1,112 @@
+"""The run folder: resolved config, one metrics line per round, checkpoints, summary.
+
+Each line and checkpoint is written as soon as the round ends, so a run that fails
+later keeps everything computed so far. Nothing is printed that is not also saved.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from safetensors.torch import save_file
+
+from fedtl.config import ExperimentConfig
+
+SUMMARY_SCHEMA = 1
+# (metrics key, column label, format): the live table, 72 characters wide.
+_COLUMNS = [("round", "round", "{:>5}"), ("accuracy", "accuracy", "{:>8.4f}"), ("loss", "loss", "{:>6.3f}"),
+            ("train_loss", "train-loss", "{:>10.3f}"), ("bytes_down", "bytes-down", "{:>10.0f}"),
+            ("bytes_up", "bytes-up", "{:>9.0f}"), ("clients_ok", "clients", "{:>7.0f}"), ("wall_seconds", "secs", "{:>5.1f}")]
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """The rows of a run folder's ``metrics.jsonl``."""
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class RunRecorder:
+    """Writes one run folder and shows the run's progress.
+
+    Parameters
+    ----------
+    out_dir : Path
+        The run folder (created).
+    cfg : ExperimentConfig
+        Written as ``config.toml``.
+    console : Console, optional
+        Where the per-round table and progress bar go.
+    """
+
+    def __init__(self, out_dir: Path, cfg: ExperimentConfig, console: Console | None = None) -> None:
+        self.out = Path(out_dir)
+        (self.out / "checkpoints").mkdir(parents=True, exist_ok=True)
+        (self.out / "config.toml").write_text(cfg.to_toml())
+        self.metrics_path = self.out / "metrics.jsonl"
+        self.metrics_path.write_text("")
+        self.cfg = cfg
+        self.console = console or Console()
+        self.rows: list[dict[str, Any]] = []
+        self._pending: dict[int, dict[str, float]] = {}
+        self._t0 = time.perf_counter()
+        label = f"{cfg.name}: {cfg.finetune.mode}, {cfg.init}"
+        self.console.print(f"[bold]{label}[/] -> {self.out}")
+        self.console.print("  ".join(label.rjust(len(fmt.format(0))) for _, label, fmt in _COLUMNS))
+        self._progress = Progress(TextColumn("rounds"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                                  console=self.console, transient=True)
+        self._task = self._progress.add_task("rounds", total=cfg.rounds)
+        self._progress.start()
+
+    def on_train(self, rnd: int, info: dict[str, float | int]) -> None:
+        """Keep a round's traffic and training figures until its evaluation ends the round."""
+        self._pending[rnd] = info
+
+    def end_round(self, rnd: int, evaluation: dict[str, float], **extra: float) -> dict[str, Any]:
+        """Write round ``rnd``'s line (round 0 = the model before any training) and print it."""
+        base = {"bytes_down": 0, "bytes_up": 0, "clients_ok": 0, "clients_failed": 0}
+        row: dict[str, Any] = {"round": rnd, **base, **self._pending.pop(rnd, {}), **evaluation, **extra,
+                               "wall_seconds": time.perf_counter() - self._t0}
+        self.rows.append(row)
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        cells = [fmt.format(row[key]) if key in row else " " * len(fmt.format(0)) for key, _, fmt in _COLUMNS]
+        self._progress.console.print("  ".join(cells))
+        self._progress.update(self._task, completed=rnd)
+        return row
+
+    def checkpoint(self, name: str, state: dict[str, torch.Tensor], **meta: Any) -> Path:
+        """Save a full model state as ``checkpoints/<name>.safetensors`` with metadata."""
+        path = self.out / "checkpoints" / f"{name}.safetensors"
+        tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
+        save_file(tensors, str(path), metadata={k: json.dumps(v) for k, v in meta.items()})
+        return path
+
+    def finish(self, **fields: Any) -> dict[str, Any]:
+        """Write ``summary.json`` from the rows and ``fields``; stop the progress display."""
+        self._progress.stop()
+        trained = [r for r in self.rows if r["round"] > 0]
+        last = self.rows[-1]
+        best = max(trained or self.rows, key=lambda r: r["accuracy"])
+        summary = {
+            "schema": SUMMARY_SCHEMA, "name": self.cfg.name, "mode": self.cfg.finetune.mode, "init": self.cfg.init,
+            "backbone": self.cfg.model.backbone, "strategy": self.cfg.strategy.name, "clients": self.cfg.clients,
+            "rounds": last["round"], "final_accuracy": last["accuracy"], "final_loss": last["loss"],
+            "best_accuracy": best["accuracy"], "best_round": best["round"],
+            "final_accuracy_per_style": {k.split("/", 1)[1]: v for k, v in last.items() if k.startswith("accuracy/")},
+            "bytes_down_total": sum(r["bytes_down"] for r in self.rows),
+            "bytes_up_total": sum(r["bytes_up"] for r in self.rows),
+            "wall_seconds": time.perf_counter() - self._t0, "out_dir": str(self.out), **fields,
+        }
+        write_summary(self.out, summary)
+        return summary
+
+
+def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
+    """Write ``summary.json`` (sorted keys, so diffs between runs read well)."""
+    (Path(run_dir) / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")

@@ -1,0 +1,1 @@
+"""Simulations: running experiments on Flower's Ray simulation runtime, and their plots."""

@@ -1,0 +1,96 @@
+"""Run an experiment on Flower's simulation runtime (Ray), and the from-scratch comparison."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from fedtl.clients.app import make_client_app
+from fedtl.config import ExperimentConfig
+from fedtl.models.pretrain import ensure_pretrained
+from fedtl.server.app import make_server_app, run_dir
+from fedtl.server.record import read_metrics, write_summary
+from fedtl.simulations.plots import plot_accuracy
+
+# Keep Flower and Ray on loopback and off the internet (see README, "Offline").
+OFFLINE_ENV = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "RAY_USAGE_STATS_ENABLED": "0",
+}
+
+
+class RunFolderError(FileExistsError):
+    """The run folder already holds a run."""
+
+
+def offline_environment() -> None:
+    """Set the variables that keep Flower and Ray offline, unless the user set them."""
+    for key, value in OFFLINE_ENV.items():
+        os.environ.setdefault(key, value)
+    base = Path(tempfile.gettempdir())
+    os.environ.setdefault("FLWR_HOME", str(base / "fedtl-flwr-home"))
+    os.environ.setdefault("RAY_TMPDIR", str(base / "fedtl-ray"))
+
+
+def prepare_run_dir(cfg: ExperimentConfig, *, overwrite: bool = False) -> ExperimentConfig:
+    """Fix the run folder as an absolute path; refuse to overwrite a finished or started run."""
+    out = run_dir(cfg).resolve()
+    if not overwrite and ((out / "metrics.jsonl").exists() or (out / "summary.json").exists()):
+        raise RunFolderError(f"{out} already holds a run; pass --overwrite to replace it, or another --out")
+    return cfg.replace(out=str(out))
+
+
+def simulate(cfg: ExperimentConfig, *, overwrite: bool = False) -> dict[str, Any]:
+    """Run ``cfg`` with ``cfg.clients`` virtual clients on Ray; return its summary.
+
+    Parameters
+    ----------
+    cfg : ExperimentConfig
+        The experiment; ``cfg.out`` (or ``runs/<name>-<time>``) receives the run folder.
+    overwrite : bool, default False
+        Replace a run already in that folder.
+    """
+    from flwr.simulation import run_simulation  # heavy import: only when a run starts
+
+    offline_environment()
+    cfg = prepare_run_dir(cfg, overwrite=overwrite)
+    if cfg.init == "pretrained":
+        ensure_pretrained(cfg)  # once here, rather than racing in every client process
+    rc = cfg.to_run_config()
+    resources = {"num_cpus": cfg.simulation.num_cpus, "num_gpus": cfg.simulation.num_gpus}
+    run_simulation(
+        server_app=make_server_app(rc), client_app=make_client_app(rc), num_supernodes=cfg.clients,
+        backend_config={"client_resources": resources},
+    )
+    summary_path = Path(cfg.out) / "summary.json"
+    if not summary_path.is_file():
+        raise RuntimeError(f"the simulation ended without writing {summary_path}; see the log above")
+    return json.loads(summary_path.read_text())
+
+
+def simulate_with_scratch(cfg: ExperimentConfig, *, overwrite: bool = False) -> dict[str, Any]:
+    """Run ``cfg`` and its from-scratch baseline; add the transfer gain to the summary.
+
+    The baseline (``ExperimentConfig.as_scratch``) goes to ``<run>/scratch``. The run's
+    ``summary.json`` gains ``scratch_final_accuracy``, ``scratch_best_accuracy`` and
+    ``transfer_gain`` (final accuracy pre-trained minus scratch, after the same rounds).
+    """
+    cfg = prepare_run_dir(cfg, overwrite=overwrite)
+    summary = simulate(cfg, overwrite=overwrite)
+    scratch_cfg = cfg.as_scratch().replace(out=str(Path(cfg.out) / "scratch"))
+    scratch = simulate(scratch_cfg, overwrite=overwrite)
+    summary.update(
+        scratch_final_accuracy=scratch["final_accuracy"], scratch_best_accuracy=scratch["best_accuracy"],
+        transfer_gain=summary["final_accuracy"] - scratch["final_accuracy"],
+    )
+    write_summary(Path(cfg.out), summary)
+    plot_accuracy(
+        {"pre-trained": read_metrics(Path(cfg.out)), "scratch": read_metrics(Path(scratch_cfg.out))},
+        Path(cfg.out) / "accuracy.png", title=f"{cfg.name} ({cfg.finetune.mode}): transfer gain {summary['transfer_gain']:+.3f}",
+    )
+    return summary

@@ -1,0 +1,121 @@
+"""End to end on real Flower + Ray: every mode, the run folder, the CLI, the transfer gain."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fedtl.config import load_config
+from fedtl.models.factory import build_model
+from fedtl.models.modes import MODES
+from fedtl.server.plan import plan_round
+from fedtl.server.record import read_metrics
+from fedtl.simulations.simulate import simulate, simulate_with_scratch
+from tests.conftest import CACHE, ROOT, make_config
+
+pytestmark = pytest.mark.e2e
+
+SUMMARY_KEYS = {"final_accuracy", "best_accuracy", "rounds", "bytes_up_total", "bytes_down_total",
+                "travelling_params", "total_params", "wall_seconds"}
+
+
+@pytest.mark.parametrize("mode", MODES.names())
+def test_every_mode_three_clients_two_rounds(mode: str, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    cfg = make_config(f"mode={mode}", "clients=3", "rounds=2", "unfreeze-every=1", f"out={str(out)!r}")
+    summary = simulate(cfg)
+
+    for name in ("config.toml", "metrics.jsonl", "summary.json", "accuracy.png", "checkpoints/last.safetensors",
+                 "checkpoints/best.safetensors"):
+        assert (out / name).is_file(), name
+    assert SUMMARY_KEYS <= set(summary)
+    rows = read_metrics(out)
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert all(r["clients_ok"] == 3 and r["clients_failed"] == 0 for r in rows[1:])
+    assert all(r["bytes_down"] == r["bytes_up"] > 0 for r in rows[1:])  # the same keys travel both ways
+    assert rows[2]["accuracy"] > rows[0]["accuracy"]  # the new head starts at chance
+
+    # What did not train in the last round is exactly the pre-trained backbone.
+    reference = build_model(cfg)
+    trained = set(reference.unit_keys(plan_round(cfg, reference.block_names, 2).lrs))
+    final = load_file(str(out / "checkpoints" / "last.safetensors"))
+    for key, value in reference.state_dict().items():
+        if key not in trained:
+            assert torch.equal(final[key], value), f"{key} changed but does not train in {mode}"
+    bytes_per_client = rows[1]["bytes_down"] / 3
+    assert bytes_per_client >= 4 * rows[1]["travelling_params"]  # float32: at least 4 bytes a parameter
+    if mode == "gradual-unfreezing":
+        assert rows[2]["travelling_params"] > rows[1]["travelling_params"]
+        assert rows[2]["bytes_down"] > rows[1]["bytes_down"]
+    if mode == "feature-extraction":
+        assert summary["travelling_params"] == reference.num_parameters(["head"])
+
+
+def test_default_study_beats_scratch(tmp_path: Path) -> None:
+    """The default study, unchanged but for its run folder and weights cache.
+
+    `make bench` (benchmarks/transfer_gain.py) measured the gain of feature extraction
+    over scratch at +0.115 +- 0.029 over seeds 0-2, the smallest +0.081; the 0.05 margin
+    leaves room for platform differences in floating point.
+    """
+    cfg = load_config(ROOT / "experiments" / "digits.toml",
+                      [f"pretrain.cache-dir={str(CACHE)!r}", f"out={str(tmp_path / 'demo')!r}"])
+    summary = simulate_with_scratch(cfg)
+    assert summary["rounds"] == 20
+    assert summary["transfer_gain"] == pytest.approx(summary["final_accuracy"] - summary["scratch_final_accuracy"])
+    assert summary["transfer_gain"] >= 0.05, summary
+    assert summary["final_accuracy"] >= 0.85
+    assert json.loads((tmp_path / "demo" / "summary.json").read_text())["transfer_gain"] == summary["transfer_gain"]
+    assert len(read_metrics(tmp_path / "demo" / "scratch")) == 21
+
+
+def _fedtl(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "fedtl.cli", *args], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "COLUMNS": "120"}, timeout=300)
+
+
+def test_cli_simulate_writes_where_asked_and_refuses_to_overwrite(tmp_path: Path) -> None:
+    out = tmp_path / "cli-run"
+    args = ["simulate", "--config", "experiments/digits.toml", "--set", "rounds=1", "--set", "clients=2",
+            "--set", f"pretrain.cache-dir={str(CACHE)!r}", "--set", "pretrain.epochs=2", "--out", str(out)]
+    done = _fedtl(*args)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "accuracy" in done.stdout and f"run folder: {out}" in done.stdout
+    assert (out / "summary.json").is_file()
+    again = _fedtl(*args)
+    assert again.returncode == 2 and "already holds a run; pass --overwrite" in again.stdout
+
+
+def test_cli_bad_config_is_one_clear_error() -> None:
+    done = _fedtl("simulate", "--set", "moed=full")
+    assert done.returncode == 2
+    assert "unknown config key 'moed'. Did you mean" in done.stdout and "finetune.mode" in done.stdout
+    assert "Traceback" not in done.stdout + done.stderr
+
+
+def test_flwr_run_runs_the_same_apps_from_pyproject(tmp_path: Path) -> None:
+    """`flwr run .` (Flower's own CLI, local simulation) reads [tool.flwr.app] and runs fedtl's apps."""
+    home, out = tmp_path / "flwr-home", tmp_path / "flwr-run"
+    env = {**os.environ, "FLWR_HOME": str(home), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    run_config = (f"rounds=1 clients=3 strategy.min-available-nodes=3 pretrain.epochs=2 "
+                  f"pretrain.cache-dir='{CACHE}' out='{out}'")
+    try:
+        done = subprocess.run(
+            ["flwr", "run", ".", "--stream", "--federation-config", "num-supernodes=3", "--run-config", run_config],
+            capture_output=True, text=True, cwd=ROOT, env=env, timeout=300,
+        )
+    finally:
+        # flwr starts a detached SuperLink that outlives it; its command line names our FLWR_HOME.
+        subprocess.run(["pkill", "-f", str(home)], check=False)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    assert (ROOT / "pyproject.toml").read_text().count("[tool.flwr.federations]") == 0  # flwr did not rewrite it
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rounds"] == 1 and summary["clients"] == 3
+    assert read_metrics(out)[1]["clients_ok"] == 3

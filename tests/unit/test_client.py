@@ -1,0 +1,44 @@
+"""The ClientApp's training handler, called with real Flower messages."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+
+from fedtl.clients.app import BackboneMismatchError, handle_train
+from fedtl.models.factory import build_model
+from fedtl.server.plan import plan_round
+from tests.conftest import make_config
+
+
+def _instruction(cfg, fingerprint: str, rnd: int = 1) -> Message:
+    model = build_model(cfg)
+    plan = plan_round(cfg, model.block_names, rnd)
+    model.set_trainable(plan.trainable_blocks)
+    config = ConfigRecord({**plan.to_config(), "backbone-fingerprint": fingerprint, "server-round": rnd})
+    content = RecordDict({"arrays": ArrayRecord(model.travelling_state()), "config": config})
+    return Message(content=content, dst_node_id=1, message_type="train")
+
+
+def _context() -> Context:
+    return Context(run_id=1, node_id=1, node_config={"partition-id": 2, "num-partitions": 5}, state=RecordDict(),
+                   run_config={})
+
+
+def test_client_trains_and_replies_only_travelling_tensors(task_identity: None) -> None:
+    cfg = make_config("mode=gradual-unfreezing", "clients=5")
+    fingerprint = build_model(cfg).backbone_fingerprint
+    reply = handle_train(_instruction(cfg, fingerprint), _context(), cfg)
+    sent = reply.content["arrays"].to_torch_state_dict()
+    assert set(sent) == {k for k in build_model(cfg).state_dict() if k.startswith(("blocks.conv3.", "head."))}
+    assert reply.content["metrics"]["num-examples"] == 20
+    original = build_model(cfg).state_dict()
+    assert any(not torch.equal(sent[k], original[k]) for k in sent)
+
+
+def test_client_refuses_a_different_backbone(task_identity: None) -> None:
+    cfg = make_config("clients=5")
+    mine = build_model(cfg).backbone_fingerprint
+    with pytest.raises(BackboneMismatchError, match=f"server 0123456789abcdef, this node {mine}"):
+        handle_train(_instruction(cfg, "0123456789abcdef"), _context(), cfg)

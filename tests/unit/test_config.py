@@ -1,0 +1,122 @@
+"""ExperimentConfig: round trips and every validation error."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from fedtl.config import ConfigError, ExperimentConfig, apply_overrides, from_dict, load_config
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_defaults_round_trip_through_run_config() -> None:
+    cfg = ExperimentConfig()
+    flat = cfg.to_run_config()
+    assert flat["finetune.mode"] == "feature-extraction" and flat["data.labelled-per-client"] == 20
+    assert ExperimentConfig.from_run_config(flat) == cfg
+
+
+def test_changed_values_round_trip_through_run_config_and_toml() -> None:
+    cfg = load_config(None, ["mode=discriminative", "rounds=3", "data.alpha=0.1", "pretrain.augment=false", "finetune.lr=1"])
+    assert ExperimentConfig.from_run_config(cfg.to_run_config()) == cfg
+    assert from_dict(tomllib.loads(cfg.to_toml())) == cfg
+    assert cfg.finetune.lr == 1.0 and isinstance(cfg.finetune.lr, float)
+
+
+def test_unknown_key_lists_close_matches() -> None:
+    with pytest.raises(ConfigError, match=r"unknown config key 'finetune.mdoe'.*finetune.mode"):
+        from_dict({"finetune": {"mdoe": "full"}})
+    with pytest.raises(ConfigError, match=r"'round'.*rounds"):
+        from_dict({"round": 3})
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"rounds": "ten"}, r"'rounds' must be int, got str"),
+        ({"rounds": True}, r"'rounds' must be int, got bool"),
+        ({"pretrain": {"augment": 1}}, r"'pretrain.augment' must be bool, got int"),
+        ({"finetune": {"lr": "0.1"}}, r"'finetune.lr' must be float, got str"),
+        ({"finetune": 3}, r"'finetune' must be a table"),
+    ],
+)
+def test_wrong_type_names_the_key_and_type(raw: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        from_dict(raw)
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"rounds": 0}, r"'rounds' = 0 is out of range; allowed: \[1, 100000\]"),
+        ({"data": {"alpha": 0.0}}, r"'data.alpha' = 0.0 is out of range; allowed: \(0.0, inf\]"),
+        ({"finetune": {"momentum": 1.5}}, r"'finetune.momentum' = 1.5 is out of range; allowed: \[0.0, 1.0\]"),
+        ({"finetune": {"lr": float("nan")}}, r"'finetune.lr' must be finite"),
+    ],
+)
+def test_out_of_range_names_the_allowed_range(raw: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        from_dict(raw)
+
+
+def test_choices_come_from_the_registries() -> None:
+    with pytest.raises(ConfigError, match=r"'finetune.mode' = 'fulll' is not allowed. Did you mean 'full'"):
+        from_dict({"finetune": {"mode": "fulll"}})
+    with pytest.raises(ConfigError, match=r"Allowed: .*small-cnn"):
+        from_dict({"model": {"backbone": "vgg"}})
+    with pytest.raises(ConfigError, match=r"Allowed: pretrained, scratch"):
+        from_dict({"init": "random"})
+
+
+def test_cross_field_check() -> None:
+    with pytest.raises(ConfigError, match=r"min-available-nodes = 5 exceeds clients = 3"):
+        from_dict({"clients": 3, "strategy": {"min-available-nodes": 5}})
+
+
+def test_set_accepts_full_and_unique_leaf_keys() -> None:
+    raw = apply_overrides({}, ["mode=discriminative", "data.partitioner=dirichlet", "rounds=20", 'name="x y"'])
+    assert raw == {"finetune": {"mode": "discriminative"}, "data": {"partitioner": "dirichlet"}, "rounds": 20,
+                   "name": "x y"}
+
+
+def test_set_errors() -> None:
+    with pytest.raises(ConfigError, match=r"'lr' is ambiguous: use one of finetune.lr, pretrain.lr"):
+        apply_overrides({}, ["lr=0.1"])
+    with pytest.raises(ConfigError, match=r"not of the form key=value"):
+        apply_overrides({}, ["rounds"])
+    with pytest.raises(ConfigError, match=r"unknown config key 'moed'.*finetune.mode"):
+        apply_overrides({}, ["moed=full"])
+
+
+def test_load_config_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"does not exist"):
+        load_config(tmp_path / "missing.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("rounds = [")
+    with pytest.raises(ConfigError, match=r"not valid TOML"):
+        load_config(bad)
+
+
+def test_load_config_makes_the_cache_dir_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert load_config().pretrain.cache_dir == str(tmp_path / ".fedtl-cache")
+
+
+def test_scratch_variant() -> None:
+    s = ExperimentConfig().as_scratch()
+    assert (s.init, s.finetune.mode, s.finetune.backbone_lr_scale) == ("scratch", "full", 1.0)
+
+
+def test_pyproject_flower_config_is_the_defaults() -> None:
+    """`flwr run .` must run the same default study as `fedtl simulate`."""
+    table = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    assert from_dict(table) == ExperimentConfig()
+    assert table == ExperimentConfig().to_dict()  # every key present, none extra
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "experiments").glob("*.toml")), ids=lambda p: p.name)
+def test_shipped_experiments_load(path: Path) -> None:
+    load_config(path)

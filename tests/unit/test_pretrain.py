@@ -1,0 +1,47 @@
+"""Pre-training: deterministic, cached by its config, and refused when it does not fit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from fedtl.models.factory import build_model
+from fedtl.models.pretrain import ensure_pretrained, load_pretrained, pretrain, pretrained_path
+from fedtl.models.transfer import state_fingerprint
+from tests.conftest import make_config
+
+
+def test_pretraining_is_deterministic(tmp_path: Path) -> None:
+    cfg = make_config("pretrain.epochs=1", f"pretrain.cache-dir={str(tmp_path)!r}")
+    assert state_fingerprint(pretrain(cfg)) == state_fingerprint(pretrain(cfg))
+
+
+def test_cache_is_keyed_by_what_the_weights_depend_on() -> None:
+    cfg = make_config()
+    assert pretrained_path(cfg) == pretrained_path(make_config("rounds=3", "mode=full", "seed=4"))
+    assert pretrained_path(cfg) != pretrained_path(make_config("pretrain.epochs=3"))
+    assert pretrained_path(cfg) != pretrained_path(make_config("data.image-size=12"))
+
+
+def test_pretrained_model_learned_the_source_and_clients_agree(cache_dir: Path) -> None:
+    cfg = make_config()
+    path = ensure_pretrained(cfg)
+    assert path.is_file() and path.parent == cache_dir
+    a, b = build_model(cfg), build_model(cfg)
+    assert a.backbone_fingerprint == b.backbone_fingerprint
+    assert torch.equal(a.head.weight, b.head.weight)  # the seeded head is the same in every process
+    scratch = build_model(cfg.as_scratch())
+    assert scratch.backbone_fingerprint != a.backbone_fingerprint
+    assert build_model(cfg.as_scratch()).backbone_fingerprint == scratch.backbone_fingerprint
+
+
+def test_weights_that_do_not_fit_are_refused(tmp_path: Path, cache_dir: Path) -> None:
+    model = build_model(make_config("init=scratch"))
+    bad = tmp_path / "bad.safetensors"
+    save_file({"blocks.conv1.0.weight": torch.zeros(3, 3), "blocks.extra": torch.zeros(1)}, str(bad))
+    with pytest.raises(ValueError, match=r"do not fit this backbone: missing \['blocks.conv1.0.bias'.*unexpected "
+                                         r"\['blocks.extra'\], wrong shape \['blocks.conv1.0.weight'\]"):
+        load_pretrained(model, bad)

@@ -1,0 +1,108 @@
+"""TransferStrategy around Flower's FedAvg, on hand-made arrays."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+
+from fedtl.server.plan import RoundPlan
+from fedtl.strategies.registry import STRATEGIES, build_strategy
+from fedtl.strategies.transfer import TransferStrategy
+from tests.conftest import make_config
+
+INITIAL = {"blocks.a.w": torch.full((2,), 7.0), "head.w": torch.zeros(2, 2), "head.b": torch.zeros(2)}
+UNIT_KEYS = {"a": ["blocks.a.w"], "head": ["head.w", "head.b"]}
+
+
+def keys_of(units: Iterable[str]) -> list[str]:
+    return [k for u in units for k in UNIT_KEYS[u]]
+
+
+def plan(rnd: int) -> RoundPlan:
+    """Round 1: head only; from round 2 on, block a joins (gradual unfreezing)."""
+    return RoundPlan({"head": 0.1} if rnd == 1 else {"a": 0.01, "head": 0.1}, local_epochs=1)
+
+
+class StaticGrid(Grid):
+    """A Grid with a fixed set of connected nodes: FedAvg's sampling reads only that."""
+
+    def __init__(self, nodes: list[int]) -> None:
+        self.nodes = nodes
+
+    def get_node_ids(self) -> list[int]:
+        return self.nodes
+
+    def _unused(self, *args: object, **kwargs: object) -> None:
+        raise NotImplementedError("configuring a round needs only get_node_ids")
+
+    create_message = pull_messages = push_messages = send_and_receive = set_run = _unused
+    run = property(_unused)
+
+
+def strategy(observed: list | None = None) -> TransferStrategy:
+    return TransferStrategy(
+        build_strategy(make_config("clients=3")), plan=plan, keys_of=keys_of, initial_state=INITIAL,
+        fingerprint="f00d", observer=(lambda r, info: observed.append((r, info))) if observed is not None else None,
+    )
+
+
+def reply(to: Message, arrays: dict[str, np.ndarray], n: int) -> Message:
+    content = RecordDict({"arrays": ArrayRecord({k: torch.as_tensor(v) for k, v in arrays.items()}),
+                          "metrics": MetricRecord({"num-examples": n, "train-loss": float(n)})})
+    return Message(content=content, reply_to=to)
+
+
+def test_fedavg_is_registered() -> None:
+    assert "fedavg" in STRATEGIES
+
+
+def test_configure_train_sends_only_the_plan_and_grows_keys_from_initial_state(task_identity: None) -> None:
+    s = strategy()
+    global_r1 = ArrayRecord({"head.w": torch.ones(2, 2), "head.b": torch.ones(2)})
+    messages = list(s.configure_train(2, global_r1, ConfigRecord(), StaticGrid([11, 12, 13])))
+    assert len(messages) == 3 and {m.metadata.dst_node_id for m in messages} == {11, 12, 13}
+    sent = messages[0].content["arrays"].to_torch_state_dict()
+    assert list(sent) == ["blocks.a.w", "head.w", "head.b"]
+    assert torch.equal(sent["blocks.a.w"], INITIAL["blocks.a.w"])  # newly unfrozen: pre-trained value
+    assert torch.equal(sent["head.w"], torch.ones(2, 2))  # already travelling: the global value
+    config = messages[0].content["config"]
+    assert RoundPlan.from_config(config) == plan(2)
+    assert config["backbone-fingerprint"] == "f00d" and config["server-round"] == 2
+
+
+def test_aggregate_is_the_weighted_mean_of_travelling_keys(task_identity: None) -> None:
+    observed: list = []
+    s = strategy(observed)
+    out = list(s.configure_train(2, ArrayRecord({"head.w": torch.ones(2, 2), "head.b": torch.ones(2)}),
+                                 ConfigRecord(), StaticGrid([1, 2, 3])))
+    rng = np.random.default_rng(0)
+    updates = [{k: rng.normal(size=INITIAL[k].shape).astype(np.float32) for k in keys_of(["a", "head"])}
+               for _ in range(3)]
+    weights = [10, 30, 60]
+    arrays, metrics = s.aggregate_train(2, [reply(m, u, n) for m, u, n in zip(out, updates, weights)])
+    merged = arrays.to_torch_state_dict()
+    for key in keys_of(["a", "head"]):
+        expected = sum(w * u[key] for w, u in zip(weights, updates)) / sum(weights)
+        np.testing.assert_allclose(merged[key].numpy(), expected, rtol=1e-6)
+    assert metrics["train-loss"] == pytest.approx((10 * 10 + 30 * 30 + 60 * 60) / 100)
+    (rnd, info), = observed
+    assert rnd == 2 and info["clients_ok"] == 3 and info["clients_failed"] == 0
+    assert info["bytes_up"] == info["bytes_down"] == 3 * out[0].content["arrays"].count_bytes()
+
+
+def test_updates_with_other_keys_are_refused(task_identity: None) -> None:
+    observed: list = []
+    s = strategy(observed)
+    out = list(s.configure_train(1, ArrayRecord({k: INITIAL[k] for k in keys_of(["head"])}),
+                                 ConfigRecord(), StaticGrid([1, 2])))
+    good = {"head.w": np.ones((2, 2), np.float32), "head.b": np.ones(2, np.float32)}
+    leaky = {**good, "blocks.a.w": np.zeros(2, np.float32)}  # a frozen block that must not travel
+    arrays, _ = s.aggregate_train(1, [reply(out[0], good, 5), reply(out[1], leaky, 5)])
+    assert set(arrays.keys()) == {"head.w", "head.b"}
+    np.testing.assert_array_equal(arrays["head.w"].numpy(), good["head.w"])
+    assert observed[0][1]["clients_ok"] == 1 and observed[0][1]["clients_failed"] == 1
