@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 
 from fedtl.config import ExperimentConfig
@@ -9,6 +11,11 @@ from fedtl.data.federated import scenario
 from fedtl.models.backbones import build_backbone
 from fedtl.models.pretrain import ensure_pretrained, load_pretrained
 from fedtl.models.transfer import TransferModel, state_fingerprint
+
+
+def derived_seed(stream: str, seed: int) -> int:
+    """A seed for one named random stream, independent of other streams of ``seed``."""
+    return int.from_bytes(hashlib.sha256(f"{stream}:{seed}".encode()).digest()[:4], "little")
 
 
 def build_model(cfg: ExperimentConfig) -> TransferModel:
@@ -21,6 +28,11 @@ def build_model(cfg: ExperimentConfig) -> TransferModel:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         model = TransferModel(build_backbone(cfg.model.backbone, sc.in_channels), sc.num_classes)
+        # The head draws from its own stream. Drawn after the same backbone draws as the
+        # pre-training head, it would start where that head started: still aligned with
+        # the pre-trained features, it would carry the source task into round 0.
+        torch.manual_seed(derived_seed("head", cfg.seed))
+        model.head.reset_parameters()
     if cfg.init == "pretrained":
         load_pretrained(model, ensure_pretrained(cfg))
     blocks = {k: v for k, v in model.state_dict().items() if k.startswith("blocks.")}

@@ -45,3 +45,13 @@ def test_weights_that_do_not_fit_are_refused(tmp_path: Path, cache_dir: Path) ->
     with pytest.raises(ValueError, match=r"do not fit this backbone: missing \['blocks.conv1.0.bias'.*unexpected "
                                          r"\['blocks.extra'\], wrong shape \['blocks.conv1.0.weight'\]"):
         load_pretrained(model, bad)
+
+
+def test_new_head_starts_at_chance_not_where_pretraining_head_started() -> None:
+    """Round 0 must measure an untrained head: about 1/10 on ten classes, not the source task."""
+    from fedtl.data.federated import server_test_data
+    from fedtl.server.evaluate import central_evaluate
+
+    cfg = make_config()
+    accuracy = central_evaluate(build_model(cfg), server_test_data(cfg.data))["accuracy"]
+    assert accuracy < 0.3
