@@ -5,13 +5,14 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-# Keep Flower and Ray on loopback and off the internet; keep their files in the checkout.
+# Keep Flower and Ray on loopback and off the internet. Flower's files stay in the checkout;
+# Ray's go to a short path, since its Unix sockets live there and such paths max out at 107 bytes.
 export FLWR_TELEMETRY_ENABLED := 0
 export FLWR_DISABLE_UPDATE_CHECK := 1
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 export RAY_USAGE_STATS_ENABLED := 0
 export FLWR_HOME := $(CURDIR)/.tmp/flwr-home
-export RAY_TMPDIR := $(CURDIR)/.tmp/ray
+export RAY_TMPDIR := /tmp/fedtl-ray
 export PYTHONUNBUFFERED := 1
 
 .PHONY: demo test test-fast bench clean venv

@@ -9,17 +9,19 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from fedtl.config import ConfigError, ExperimentConfig, all_keys, load_config
+from fedtl.config import ConfigError, ExperimentConfig, all_keys, flwr_app_config_table, load_config
 from fedtl.data.partition import PartitionError
 from fedtl.registry import RegistryError
+from fedtl.strategies.transfer import RoundFailedError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Federated transfer learning on Flower.")
 console = Console()
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML config file (default: the built-in default study).")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override a key: --set rounds=20 --set finetune.mode=full.")]
-# Errors a user can fix from the command line: shown as one message, not a traceback.
-_USER_ERRORS = (ConfigError, PartitionError, RegistryError, FileExistsError)
+# Errors a user can fix from the command line, or a run that could not go on: one message,
+# not a traceback (the run folder keeps the rounds already done).
+_USER_ERRORS = (ConfigError, PartitionError, RegistryError, FileExistsError, RoundFailedError)
 
 
 def _load(config: Path | None, sets: list[str] | None, out: Path | None = None) -> ExperimentConfig:
@@ -75,8 +77,15 @@ def pretrain(config: ConfigOpt = None, set_: SetOpt = None) -> None:
 
 
 @app.command("config")
-def show_config(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+def show_config(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    flwr_table: Annotated[bool, typer.Option("--flwr-table", help="Print pyproject's [tool.flwr.app.config] table.")] = False,
+) -> None:
     """Print the resolved config as TOML (or, with no file, the defaults and every key)."""
+    if flwr_table:
+        console.print(flwr_app_config_table(), markup=False, highlight=False)
+        return
     try:
         cfg = _load(config, set_)
     except _USER_ERRORS as err:

@@ -14,7 +14,8 @@ os.environ.update(
     RAY_USAGE_STATS_ENABLED="0",
 )
 os.environ.setdefault("FLWR_HOME", str(TMP / "flwr-home"))
-os.environ.setdefault("RAY_TMPDIR", str(TMP / "ray"))
+# Short: Ray's Unix sockets live under it, and socket paths max out at 107 bytes.
+os.environ.setdefault("RAY_TMPDIR", "/tmp/fedtl-ray")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -8,7 +8,9 @@ travelling tensors.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
+from functools import lru_cache
 from typing import Any
 
 import torch
@@ -19,6 +21,8 @@ from fedtl.clients.trainer import train_local
 from fedtl.config import ExperimentConfig
 from fedtl.data.federated import client_data
 from fedtl.models.factory import build_model
+from fedtl.models.transfer import TransferModel
+from fedtl.seeds import derived_seed
 from fedtl.server.plan import RoundPlan
 
 FINGERPRINT_KEY = "backbone-fingerprint"
@@ -28,11 +32,40 @@ class BackboneMismatchError(RuntimeError):
     """The client's pre-trained weights differ from the server's."""
 
 
+@lru_cache(maxsize=2)
+def base_model(cfg: ExperimentConfig) -> TransferModel:
+    """The run's model as every round starts it, built (weights read, fingerprinted) once per process."""
+    return build_model(cfg)
+
+
 def handle_train(msg: Message, context: Context, cfg: ExperimentConfig) -> Message:
-    """Train this node's partition as the message's plan says; reply the travelling tensors."""
-    torch.set_num_threads(1)  # one CPU per virtual client (SimulationConfig.num_cpus)
+    """Train this node's partition as the message's plan says; reply the travelling tensors.
+
+    Parameters
+    ----------
+    msg : Message
+        A training message from fedtl's ServerApp: ``"arrays"`` (the travelling tensors)
+        and ``"config"`` (the round's plan, server round and backbone fingerprint).
+    context : Context
+        The node's context; ``node_config`` names its partition.
+    cfg : ExperimentConfig
+        The run's config.
+
+    Raises
+    ------
+    BackboneMismatchError
+        If this node's pre-trained weights are not the server's.
+    ValueError
+        If the node's partition does not fit the run's config, or the plan is malformed.
+    """
+    pid, n = int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
+    if n != cfg.clients:
+        raise ValueError(
+            f"this node is partition {pid} of {n} (node config) but the run config says clients = {cfg.clients}: "
+            f"set clients = {n} (e.g. --run-config \"clients={n}\") so the data is split as the nodes are"
+        )
     config = msg.content["config"]
-    model = build_model(cfg)
+    model = copy.deepcopy(base_model(cfg))
     theirs = config.get(FINGERPRINT_KEY)
     if theirs != model.backbone_fingerprint:
         raise BackboneMismatchError(
@@ -43,10 +76,9 @@ def handle_train(msg: Message, context: Context, cfg: ExperimentConfig) -> Messa
     model.set_trainable(plan.trainable_blocks)
     model.load_travelling_state(msg.content["arrays"].to_torch_state_dict())
 
-    pid, n = int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
     data = client_data(cfg.data, pid, n, cfg.seed)
     rnd = int(config["server-round"])
-    result = train_local(model, data, plan, cfg.finetune, seed=cfg.seed * 1_000_003 + rnd * 1009 + pid)
+    result = train_local(model, data, plan, cfg.finetune, seed=derived_seed(f"train:{rnd}:{pid}", cfg.seed))
 
     metrics = MetricRecord({"train-loss": result.loss, "num-examples": result.examples, "steps": result.steps})
     content = RecordDict({"arrays": ArrayRecord(model.travelling_state()), "metrics": metrics})
@@ -64,6 +96,8 @@ def make_client_app(run_config: Mapping[str, Any] | None = None) -> ClientApp:
     @client.train()
     def train(msg: Message, context: Context) -> Message:
         cfg = ExperimentConfig.from_run_config(run_config if run_config is not None else context.run_config)
+        # As many threads as CPUs Ray reserves for this client: clients do not oversubscribe cores.
+        torch.set_num_threads(max(1, int(cfg.simulation.num_cpus)))
         return handle_train(msg, context, cfg)
 
     return client

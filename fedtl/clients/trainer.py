@@ -60,10 +60,3 @@ def train_local(
             total += loss.detach().item()
             steps += 1
     return TrainResult(loss=total / steps, examples=len(data), steps=steps)
-
-
-@torch.no_grad()
-def predict(model: TransferModel, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
-    """Logits of ``model`` for images ``x``, in eval mode."""
-    model.eval()
-    return torch.cat([model(xb) for xb in x.split(batch_size)]) if len(x) else torch.empty(0)

@@ -16,6 +16,7 @@ from fedtl.config import DataConfig
 from fedtl.data.partition import partition_indices
 from fedtl.data.scenarios import Scenario, load_scenario
 from fedtl.data.styles import apply_style
+from fedtl.seeds import derived_seed
 
 
 @dataclass(frozen=True)
@@ -47,8 +48,13 @@ def _partitions(cfg: DataConfig, num_clients: int, seed: int) -> tuple[np.ndarra
     return tuple(p[:cap] if cap > 0 else p for p in parts)
 
 
+def check_partitions(cfg: DataConfig, num_clients: int, seed: int) -> None:
+    """Raise ``PartitionError`` now if the split would leave a client without data."""
+    _partitions(cfg, num_clients, seed)
+
+
 def client_data(cfg: DataConfig, partition_id: int, num_clients: int, seed: int) -> LabelledImages:
-    """The labelled images client ``partition_id`` holds, in its own domain style.
+    """The labelled images client ``partition_id`` holds (at most ``labelled-per-client``), in its style.
 
     Parameters
     ----------
@@ -66,7 +72,7 @@ def client_data(cfg: DataConfig, partition_id: int, num_clients: int, seed: int)
     sc = scenario(cfg)
     idx = torch.from_numpy(_partitions(cfg, num_clients, seed)[partition_id])
     style = sc.styles[partition_id % len(sc.styles)]
-    x = apply_style(style, sc.pool_x[idx], seed=seed * 100_003 + partition_id)
+    x = apply_style(style, sc.pool_x[idx], seed=derived_seed(f"style:{partition_id}", seed))
     return LabelledImages(x, sc.pool_y[idx], (style,) * len(idx))
 
 
@@ -77,7 +83,7 @@ def server_test_data(cfg: DataConfig) -> LabelledImages:
     n = len(sc.styles)
     x = sc.test_x.clone()
     for k, style in enumerate(sc.styles):
-        x[k::n] = apply_style(style, sc.test_x[k::n], seed=7919 + k)
+        x[k::n] = apply_style(style, sc.test_x[k::n], seed=derived_seed(f"test-style:{k}", 0))
     styles = tuple(sc.styles[j % n] for j in range(len(x)))
     return LabelledImages(x, sc.test_y, styles)
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-
 import torch
 
 from fedtl.config import ExperimentConfig
@@ -11,11 +9,7 @@ from fedtl.data.federated import scenario
 from fedtl.models.backbones import build_backbone
 from fedtl.models.pretrain import ensure_pretrained, load_pretrained
 from fedtl.models.transfer import TransferModel, state_fingerprint
-
-
-def derived_seed(stream: str, seed: int) -> int:
-    """A seed for one named random stream, independent of other streams of ``seed``."""
-    return int.from_bytes(hashlib.sha256(f"{stream}:{seed}".encode()).digest()[:4], "little")
+from fedtl.seeds import derived_seed
 
 
 def build_model(cfg: ExperimentConfig) -> TransferModel:

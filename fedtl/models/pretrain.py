@@ -1,7 +1,9 @@
 """Pre-training of a backbone on the scenario's source data, cached on disk by its config.
 
-Deterministic (fixed seed, single-threaded), so every process that needs the backbone
-and finds no cache computes bit-identical weights; the file is written atomically.
+Deterministic (fixed seed, single-threaded): every process that needs the backbone and
+finds no cache computes bit-identical weights, on the same platform and torch build
+(other machines should share the file; clients check its fingerprint). The file is
+written atomically.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ def pretrain(cfg: ExperimentConfig) -> dict[str, torch.Tensor]:
     p = cfg.pretrain
     x, y, classes = source_data(cfg.data)
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # one thread: bit-identical results in every process
+    torch.set_num_threads(1)  # one thread: the same summation order in every process
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(p.seed)

@@ -163,6 +163,12 @@ class TransferModel(nn.Module):
             for k, v in state.items():
                 sd[k].copy_(torch.as_tensor(v).to(sd[k].dtype))
 
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+        """Logits for ``x`` in eval mode, ``batch_size`` (default 512) images at a time."""
+        self.eval()
+        return torch.cat([self(xb) for xb in x.split(batch_size)])
+
     def num_parameters(self, units: Iterable[str] | None = None) -> int:
         """Parameters of ``units`` (all units when ``None``)."""
         names = self.units if units is None else tuple(units)

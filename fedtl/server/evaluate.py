@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fedtl.clients.trainer import predict
 from fedtl.data.federated import LabelledImages
 from fedtl.models.transfer import TransferModel
 
@@ -18,7 +17,7 @@ def central_evaluate(model: TransferModel, data: LabelledImages) -> dict[str, fl
     dict
         ``accuracy``, ``loss`` and ``accuracy/<style>`` for every style in ``data``.
     """
-    logits = predict(model, data.x)
+    logits = model.predict(data.x)
     correct = (logits.argmax(1) == data.y).float()
     out = {"accuracy": float(correct.mean()), "loss": float(F.cross_entropy(logits, data.y))}
     styles = list(data.style)

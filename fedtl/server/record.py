@@ -25,6 +25,13 @@ _COLUMNS = [("round", "round", "{:>5}"), ("accuracy", "accuracy", "{:>8.4f}"), (
             ("bytes_up", "bytes-up", "{:>9.0f}"), ("clients_ok", "clients", "{:>7.0f}"), ("wall_seconds", "secs", "{:>5.1f}")]
 
 
+RUN_FILES = ("config.toml", "metrics.jsonl", "summary.json", "accuracy.png", "checkpoints")
+
+
+class RunFolderError(FileExistsError):
+    """The run folder already holds a run."""
+
+
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     """The rows of a run folder's ``metrics.jsonl``."""
     path = Path(run_dir) / "metrics.jsonl"
@@ -37,7 +44,7 @@ class RunRecorder:
     Parameters
     ----------
     out_dir : Path
-        The run folder (created).
+        The run folder (created). One that already holds a run is refused.
     cfg : ExperimentConfig
         Written as ``config.toml``.
     console : Console, optional
@@ -46,6 +53,8 @@ class RunRecorder:
 
     def __init__(self, out_dir: Path, cfg: ExperimentConfig, console: Console | None = None) -> None:
         self.out = Path(out_dir)
+        if (self.out / "metrics.jsonl").exists() or (self.out / "summary.json").exists():
+            raise RunFolderError(f"{self.out} already holds a run; choose another folder (--out / out) or remove it")
         (self.out / "checkpoints").mkdir(parents=True, exist_ok=True)
         (self.out / "config.toml").write_text(cfg.to_toml())
         self.metrics_path = self.out / "metrics.jsonl"

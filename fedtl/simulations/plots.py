@@ -1,4 +1,4 @@
-"""Plots of runs (matplotlib, headless)."""
+"""Plots of runs, drawn with matplotlib's object API (no pyplot state, no GUI backend)."""
 
 from __future__ import annotations
 
@@ -6,10 +6,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")  # headless: runs on servers and in CI with no display
-import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure
 
 
 def plot_accuracy(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: Path, *, title: str = "") -> Path:
@@ -21,8 +18,11 @@ def plot_accuracy(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: Path, *
         Label -> metrics rows (each with ``round`` and ``accuracy``).
     path : Path
         Where the PNG goes.
+    title : str, default ""
+        Figure title.
     """
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    fig = Figure(figsize=(6, 4), dpi=120)
+    ax = fig.subplots()
     for label, rows in runs.items():
         ax.plot([r["round"] for r in rows], [r["accuracy"] for r in rows], marker="o", markersize=3, label=label)
     ax.set_xlabel("round")
@@ -34,5 +34,4 @@ def plot_accuracy(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: Path, *
         ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
     return Path(path)

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -12,36 +11,25 @@ from fedtl.clients.app import make_client_app
 from fedtl.config import ExperimentConfig
 from fedtl.models.pretrain import ensure_pretrained
 from fedtl.server.app import make_server_app, run_dir
-from fedtl.server.record import read_metrics, write_summary
+from fedtl.data.federated import check_partitions
+from fedtl.server.record import RUN_FILES, RunFolderError, read_metrics, write_summary
 from fedtl.simulations.plots import plot_accuracy
 
-# Keep Flower and Ray on loopback and off the internet (see README, "Offline").
-OFFLINE_ENV = {
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
-    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-    "RAY_USAGE_STATS_ENABLED": "0",
-}
-
-
-class RunFolderError(FileExistsError):
-    """The run folder already holds a run."""
-
-
-def offline_environment() -> None:
-    """Set the variables that keep Flower and Ray offline, unless the user set them."""
-    for key, value in OFFLINE_ENV.items():
-        os.environ.setdefault(key, value)
-    base = Path(tempfile.gettempdir())
-    os.environ.setdefault("FLWR_HOME", str(base / "fedtl-flwr-home"))
-    os.environ.setdefault("RAY_TMPDIR", str(base / "fedtl-ray"))
-
-
 def prepare_run_dir(cfg: ExperimentConfig, *, overwrite: bool = False) -> ExperimentConfig:
-    """Fix the run folder as an absolute path; refuse to overwrite a finished or started run."""
+    """Fix the run folder as an absolute path; refuse a folder holding a run unless ``overwrite``.
+
+    With ``overwrite``, only the files a run writes are removed (other files stay).
+    """
     out = run_dir(cfg).resolve()
-    if not overwrite and ((out / "metrics.jsonl").exists() or (out / "summary.json").exists()):
-        raise RunFolderError(f"{out} already holds a run; pass --overwrite to replace it, or another --out")
+    if (out / "metrics.jsonl").exists() or (out / "summary.json").exists():
+        if not overwrite:
+            raise RunFolderError(f"{out} already holds a run; pass --overwrite to replace it, or another --out")
+        for name in (*RUN_FILES, "scratch"):
+            target = out / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
     return cfg.replace(out=str(out))
 
 
@@ -57,8 +45,8 @@ def simulate(cfg: ExperimentConfig, *, overwrite: bool = False) -> dict[str, Any
     """
     from flwr.simulation import run_simulation  # heavy import: only when a run starts
 
-    offline_environment()
     cfg = prepare_run_dir(cfg, overwrite=overwrite)
+    check_partitions(cfg.data, cfg.clients, cfg.seed)  # here, rather than as an error in every client
     if cfg.init == "pretrained":
         ensure_pretrained(cfg)  # once here, rather than racing in every client process
     rc = cfg.to_run_config()

@@ -5,8 +5,9 @@ Like Flower's DP wrappers, it holds a strategy and adds behaviour around it:
   into the training config;
 - the ArrayRecord sent holds exactly this round's travelling keys; keys that join the
   set (gradual unfreezing) start from the server's pre-trained values;
-- replies whose keys are not exactly the travelling keys are refused before merging;
-- the real bytes sent and received are measured and reported to an observer.
+- a reply is merged only if it carries exactly the tensors sent, with the same shapes
+  and dtypes and finite values; a round in which no reply is merged stops the run;
+- the bytes sent and received are measured and reported to an observer.
 """
 
 from __future__ import annotations
@@ -24,6 +25,41 @@ from flwr.serverapp.strategy import Strategy
 from fedtl.server.plan import RoundPlan
 
 RoundObserver = Callable[[int, dict[str, float | int]], None]
+_Spec = dict[str, tuple[tuple[int, ...], str]]
+
+
+class RoundFailedError(RuntimeError):
+    """No client update could be merged in a round."""
+
+
+def reply_problem(msg: Message, expected: _Spec) -> str | None:
+    """Why the reply ``msg`` cannot be merged, or ``None`` if it can.
+
+    Parameters
+    ----------
+    msg : Message
+        A reply to a training message.
+    expected : dict
+        Key -> (shape, dtype) of every tensor that was sent.
+    """
+    if msg.has_error():
+        # Simulation wraps the client's exception in Ray's traceback; its last line says what happened.
+        lines = [line.strip() for line in msg.error.reason.splitlines() if line.strip()]
+        return f"error reply: {(lines[-1] if lines else msg.error.reason)[:300]}"
+    if "arrays" not in msg.content.array_records:
+        return "no 'arrays' ArrayRecord in the reply"
+    arrays = msg.content["arrays"]
+    got = set(arrays.keys())
+    if got != set(expected):
+        return f"keys differ: missing {sorted(set(expected) - got)[:5]}, unexpected {sorted(got - set(expected))[:5]}"
+    for key, (shape, dtype) in expected.items():
+        a = arrays[key]
+        if tuple(a.shape) != shape or a.dtype != dtype:
+            return f"{key} is {a.dtype}{list(a.shape)}, expected {dtype}{list(shape)}"
+        values = a.numpy()
+        if values.dtype.kind == "f" and not np.isfinite(values).all():
+            return f"{key} holds NaN or infinite values"
+    return None
 
 
 class TransferStrategy(Strategy):
@@ -38,12 +74,12 @@ class TransferStrategy(Strategy):
     keys_of : Callable[[Iterable[str]], list[str]]
         State-dict keys of a set of units (``TransferModel.unit_keys``).
     initial_state : Mapping[str, torch.Tensor]
-        Every unit's starting tensors (pre-trained blocks, new head): where a key that
-        joins the travelling set starts.
+        Every unit's starting tensors (pre-trained blocks, new head), copied here: where
+        a key that joins the travelling set starts.
     fingerprint : str
         Fingerprint of the pre-trained backbone; clients refuse to train on a mismatch.
     observer : RoundObserver, optional
-        Called after each aggregation with the round's traffic and training figures.
+        Called after each aggregation with the round's traffic and client counts.
     """
 
     def __init__(
@@ -53,11 +89,10 @@ class TransferStrategy(Strategy):
         self.inner = inner
         self.plan = plan
         self.keys_of = keys_of
-        self.initial = {k: v.detach().cpu().numpy() for k, v in initial_state.items()}
+        self.initial = {k: v.detach().cpu().numpy().copy() for k, v in initial_state.items()}
         self.fingerprint = fingerprint
         self.observer = observer
-        self._expected: dict[int, list[str]] = {}
-        self._bytes_down: dict[int, int] = {}
+        self._sent: dict[int, tuple[_Spec, int, int]] = {}  # round -> (spec, messages, bytes)
 
     def summary(self) -> None:
         log(INFO, "\t├──> TransferStrategy: only travelling tensors are sent and merged")
@@ -65,9 +100,8 @@ class TransferStrategy(Strategy):
 
     def travelling_arrays(self, server_round: int, arrays: ArrayRecord) -> ArrayRecord:
         """The ArrayRecord of round ``server_round``: current values, new keys from ``initial_state``."""
-        keys = self.keys_of(self.plan(server_round).lrs)
         out = ArrayRecord()
-        for k in keys:
+        for k in self.keys_of(self.plan(server_round).lrs):
             out[k] = arrays[k] if k in arrays else Array(np.ascontiguousarray(self.initial[k]))
         return out
 
@@ -78,31 +112,34 @@ class TransferStrategy(Strategy):
         record = self.travelling_arrays(server_round, arrays)
         cfg = ConfigRecord({**config, **plan.to_config(), "backbone-fingerprint": self.fingerprint})
         messages = list(self.inner.configure_train(server_round, record, cfg, grid))
-        self._expected[server_round] = list(record.keys())
-        self._bytes_down[server_round] = sum(m.content["arrays"].count_bytes() for m in messages)
+        spec = {k: (tuple(a.shape), a.dtype) for k, a in record.items()}
+        self._sent[server_round] = (spec, len(messages), sum(m.content["arrays"].count_bytes() for m in messages))
         return messages
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
-        expected = set(self._expected.get(server_round, []))
-        accepted: list[Message] = []
+        spec, sent, bytes_down = self._sent.pop(server_round)
+        accepted, problems = [], []
         for msg in replies:
-            if not msg.has_error() and set(msg.content["arrays"].keys()) != expected:
-                got = set(msg.content["arrays"].keys())
-                log(WARNING, "Refused update from node %s: missing keys %s, unexpected keys %s",
-                    msg.metadata.src_node_id, sorted(expected - got)[:5], sorted(got - expected)[:5])
-                continue
-            accepted.append(msg)
-        ok = [m for m in accepted if not m.has_error()]
+            problem = reply_problem(msg, spec)
+            if problem is None:
+                accepted.append(msg)
+            else:
+                problems.append(f"node {msg.metadata.src_node_id}: {problem}")
+                log(WARNING, "Round %s: not merging the update of %s", server_round, problems[-1])
+        if sent and not accepted:
+            reasons = "; ".join(problems[:3]) or f"no replies within the round timeout ({sent} sent)"
+            raise RoundFailedError(f"round {server_round}: no client update could be merged. {reasons}")
         arrays, metrics = self.inner.aggregate_train(server_round, accepted)
         if self.observer is not None:
+            received = [m for m in replies if not m.has_error() and "arrays" in m.content.array_records]
             info: dict[str, float | int] = {
-                "bytes_down": self._bytes_down.get(server_round, 0),
-                "bytes_up": sum(m.content["arrays"].count_bytes() for m in ok),
-                "clients_ok": len(ok),
-                "clients_failed": len(replies) - len(ok),
+                "bytes_down": bytes_down,
+                "bytes_up": sum(m.content["arrays"].count_bytes() for m in received),
+                "clients_ok": len(accepted),
+                "clients_failed": sent - len(accepted),  # error replies, refused updates and timeouts
             }
             if metrics is not None and "train-loss" in metrics:
                 info["train_loss"] = float(metrics["train-loss"])

@@ -17,7 +17,9 @@ from fedtl.models.factory import build_model
 from fedtl.models.modes import MODES
 from fedtl.server.plan import plan_round
 from fedtl.server.record import read_metrics
-from fedtl.simulations.simulate import simulate, simulate_with_scratch
+from fedtl.server.app import make_server_app
+from fedtl.simulations.simulate import prepare_run_dir, simulate, simulate_with_scratch
+from fedtl.strategies.transfer import RoundFailedError
 from tests.conftest import CACHE, ROOT, make_config
 
 pytestmark = pytest.mark.e2e
@@ -98,6 +100,25 @@ def test_cli_bad_config_is_one_clear_error() -> None:
     assert done.returncode == 2
     assert "unknown config key 'moed'. Did you mean" in done.stdout and "finetune.mode" in done.stdout
     assert "Traceback" not in done.stdout + done.stderr
+    too_many = _fedtl("simulate", "--set", "clients=1000")  # refused before any client starts
+    assert too_many.returncode == 2 and "1000 clients but only" in too_many.stdout
+
+
+def test_a_run_whose_clients_all_fail_stops_with_their_reason(tmp_path: Path) -> None:
+    from flwr.clientapp import ClientApp
+    from flwr.simulation import run_simulation
+
+    broken = ClientApp()
+
+    @broken.train()
+    def train(msg, context):  # noqa: ANN001, ANN202 - Flower's signature
+        raise OSError("disk on fire")
+
+    cfg = prepare_run_dir(make_config("clients=2", "rounds=3", f"out={str(tmp_path / 'run')!r}"))
+    with pytest.raises(RoundFailedError, match=r"round 1: no client update could be merged.*disk on fire"):
+        run_simulation(make_server_app(cfg.to_run_config()), broken, num_supernodes=2,
+                       backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
+    assert [r["round"] for r in read_metrics(tmp_path / "run")] == [0]  # what was computed is kept
 
 
 def test_flwr_run_runs_the_same_apps_from_pyproject(tmp_path: Path) -> None:

@@ -34,7 +34,8 @@ def test_client_trains_and_replies_only_travelling_tensors(task_identity: None) 
     assert set(sent) == {k for k in build_model(cfg).state_dict() if k.startswith(("blocks.conv3.", "head."))}
     assert reply.content["metrics"]["num-examples"] == 20
     original = build_model(cfg).state_dict()
-    assert any(not torch.equal(sent[k], original[k]) for k in sent)
+    for key in sent:  # the unfrozen top block trained, not only the head
+        assert not torch.equal(sent[key], original[key]), key
 
 
 def test_client_refuses_a_different_backbone(task_identity: None) -> None:
@@ -42,3 +43,9 @@ def test_client_refuses_a_different_backbone(task_identity: None) -> None:
     mine = build_model(cfg).backbone_fingerprint
     with pytest.raises(BackboneMismatchError, match=f"server 0123456789abcdef, this node {mine}"):
         handle_train(_instruction(cfg, "0123456789abcdef"), _context(), cfg)
+
+
+def test_client_refuses_a_split_other_than_the_runs(task_identity: None) -> None:
+    cfg = make_config("clients=4")
+    with pytest.raises(ValueError, match=r"partition 2 of 5 \(node config\) but the run config says clients = 4"):
+        handle_train(_instruction(cfg, build_model(cfg).backbone_fingerprint), _context(), cfg)

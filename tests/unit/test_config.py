@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from fedtl.config import ConfigError, ExperimentConfig, apply_overrides, from_dict, load_config
+from fedtl.config import ConfigError, ExperimentConfig, FinetuneConfig, apply_overrides, from_dict, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -120,3 +120,13 @@ def test_pyproject_flower_config_is_the_defaults() -> None:
 @pytest.mark.parametrize("path", sorted((ROOT / "experiments").glob("*.toml")), ids=lambda p: p.name)
 def test_shipped_experiments_load(path: Path) -> None:
     load_config(path)
+
+
+def test_configs_built_in_code_are_validated_too() -> None:
+    with pytest.raises(ConfigError, match=r"'finetune.lr' = -1.0 is out of range"):
+        FinetuneConfig(lr=-1)
+    with pytest.raises(ConfigError, match=r"'rounds' = 0 is out of range"):
+        ExperimentConfig().replace(rounds=0)
+    with pytest.raises(ConfigError, match=r"'finetune' must be a FinetuneConfig"):
+        ExperimentConfig(finetune={"lr": 0.1})  # type: ignore[arg-type]
+    assert FinetuneConfig(lr=1).lr == 1.0 and isinstance(FinetuneConfig(lr=1).lr, float)

@@ -26,7 +26,7 @@ def test_cache_is_keyed_by_what_the_weights_depend_on() -> None:
     assert pretrained_path(cfg) != pretrained_path(make_config("data.image-size=12"))
 
 
-def test_pretrained_model_learned_the_source_and_clients_agree(cache_dir: Path) -> None:
+def test_cached_weights_give_every_build_the_same_model(cache_dir: Path) -> None:
     cfg = make_config()
     path = ensure_pretrained(cfg)
     assert path.is_file() and path.parent == cache_dir

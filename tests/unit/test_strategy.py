@@ -7,12 +7,12 @@ from collections.abc import Iterable
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
 from fedtl.server.plan import RoundPlan
-from fedtl.strategies.registry import STRATEGIES, build_strategy
-from fedtl.strategies.transfer import TransferStrategy
+from fedtl.strategies.registry import build_strategy
+from fedtl.strategies.transfer import RoundFailedError, TransferStrategy
 from tests.conftest import make_config
 
 INITIAL = {"blocks.a.w": torch.full((2,), 7.0), "head.w": torch.zeros(2, 2), "head.b": torch.zeros(2)}
@@ -55,10 +55,6 @@ def reply(to: Message, arrays: dict[str, np.ndarray], n: int) -> Message:
     content = RecordDict({"arrays": ArrayRecord({k: torch.as_tensor(v) for k, v in arrays.items()}),
                           "metrics": MetricRecord({"num-examples": n, "train-loss": float(n)})})
     return Message(content=content, reply_to=to)
-
-
-def test_fedavg_is_registered() -> None:
-    assert "fedavg" in STRATEGIES
 
 
 def test_configure_train_sends_only_the_plan_and_grows_keys_from_initial_state(task_identity: None) -> None:
@@ -106,3 +102,45 @@ def test_updates_with_other_keys_are_refused(task_identity: None) -> None:
     assert set(arrays.keys()) == {"head.w", "head.b"}
     np.testing.assert_array_equal(arrays["head.w"].numpy(), good["head.w"])
     assert observed[0][1]["clients_ok"] == 1 and observed[0][1]["clients_failed"] == 1
+
+
+@pytest.mark.parametrize(
+    ("update", "problem"),
+    [
+        ({"head.w": np.ones((2, 3), np.float32), "head.b": np.ones(2, np.float32)}, "head.w is float32[2, 3]"),
+        ({"head.w": np.ones((2, 2), np.float64), "head.b": np.ones(2, np.float32)}, "head.w is float64[2, 2]"),
+        ({"head.w": np.full((2, 2), np.nan, np.float32), "head.b": np.ones(2, np.float32)}, "NaN or infinite"),
+    ],
+)
+def test_malformed_updates_are_not_merged(task_identity: None, caplog: pytest.LogCaptureFixture,
+                                          update: dict, problem: str) -> None:
+    observed: list = []
+    s = strategy(observed)
+    out = list(s.configure_train(1, ArrayRecord({k: INITIAL[k] for k in keys_of(["head"])}),
+                                 ConfigRecord(), StaticGrid([1, 2])))
+    good = {"head.w": np.full((2, 2), 3.0, np.float32), "head.b": np.ones(2, np.float32)}
+    arrays, _ = s.aggregate_train(1, [reply(out[0], good, 5), reply(out[1], update, 5)])
+    np.testing.assert_array_equal(arrays["head.w"].numpy(), good["head.w"])  # only the good one merged
+    assert observed[0][1]["clients_failed"] == 1
+    assert problem in caplog.text
+
+
+def test_a_round_with_nothing_to_merge_stops_the_run(task_identity: None) -> None:
+    s = strategy()
+    out = list(s.configure_train(1, ArrayRecord({k: INITIAL[k] for k in keys_of(["head"])}),
+                                 ConfigRecord(), StaticGrid([1, 2, 3])))
+    failed = Message(Error(code=0, reason="disk on fire"), reply_to=out[0])
+    no_arrays = Message(RecordDict({"metrics": MetricRecord({"num-examples": 3})}), reply_to=out[1])
+    with pytest.raises(RoundFailedError, match=r"round 1: no client update could be merged.*disk on fire.*"
+                                               r"no 'arrays' ArrayRecord"):
+        s.aggregate_train(1, [failed, no_arrays])  # the third node never answered
+
+
+def test_timeouts_count_as_failed(task_identity: None) -> None:
+    observed: list = []
+    s = strategy(observed)
+    out = list(s.configure_train(1, ArrayRecord({k: INITIAL[k] for k in keys_of(["head"])}),
+                                 ConfigRecord(), StaticGrid([1, 2, 3])))
+    good = {"head.w": np.ones((2, 2), np.float32), "head.b": np.ones(2, np.float32)}
+    s.aggregate_train(1, [reply(out[0], good, 5)])
+    assert observed[0][1]["clients_ok"] == 1 and observed[0][1]["clients_failed"] == 2

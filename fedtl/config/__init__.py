@@ -1,0 +1,19 @@
+"""The experiment config: a tree of validated frozen dataclasses (see ``schema.py``)."""
+
+from fedtl.config.fields import ConfigError, Scalar
+from fedtl.config.load import all_keys, apply_overrides, flwr_app_config_table, from_dict, load_config, resolve_key
+from fedtl.config.schema import (
+    DataConfig,
+    ExperimentConfig,
+    FinetuneConfig,
+    ModelConfig,
+    PretrainConfig,
+    SimulationConfig,
+    StrategyConfig,
+)
+
+__all__ = [
+    "ConfigError", "DataConfig", "ExperimentConfig", "FinetuneConfig", "ModelConfig", "PretrainConfig", "Scalar",
+    "SimulationConfig", "StrategyConfig", "all_keys", "apply_overrides", "flwr_app_config_table", "from_dict",
+    "load_config", "resolve_key",
+]

@@ -1,0 +1,46 @@
+"""The run folder: written round by round, never silently overwritten."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fedtl.config import ExperimentConfig
+from fedtl.server.record import RunFolderError, RunRecorder, read_metrics
+from fedtl.simulations.simulate import prepare_run_dir
+
+
+def test_rows_checkpoints_and_summary(tmp_path: Path) -> None:
+    rec = RunRecorder(tmp_path / "run", ExperimentConfig(rounds=2))
+    rec.end_round(0, {"accuracy": 0.1, "loss": 2.3})
+    rec.on_train(1, {"bytes_down": 100, "bytes_up": 90, "clients_ok": 2, "clients_failed": 1, "train_loss": 1.5})
+    rec.end_round(1, {"accuracy": 0.6, "loss": 1.0, "accuracy/blur": 0.5})
+    rec.on_train(2, {"bytes_down": 100, "bytes_up": 100, "clients_ok": 3, "clients_failed": 0})
+    rec.end_round(2, {"accuracy": 0.5, "loss": 1.1, "accuracy/blur": 0.4})
+    rec.checkpoint("last", {"w": torch.ones(2)}, round=2)
+    summary = rec.finish(total_params=7)
+
+    rows = read_metrics(tmp_path / "run")  # lines were written as the rounds ended
+    assert [r["round"] for r in rows] == [0, 1, 2] and rows[1]["train_loss"] == 1.5
+    assert summary["bytes_down_total"] == 200 and summary["bytes_up_total"] == 190
+    assert (summary["final_accuracy"], summary["best_accuracy"], summary["best_round"]) == (0.5, 0.6, 1)
+    assert summary["final_accuracy_per_style"] == {"blur": 0.4}
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["total_params"] == 7
+    assert load_file(str(tmp_path / "run" / "checkpoints" / "last.safetensors"))["w"].tolist() == [1.0, 1.0]
+    with pytest.raises(RunFolderError, match="already holds a run"):
+        RunRecorder(tmp_path / "run", ExperimentConfig())
+
+
+def test_overwrite_removes_only_what_a_run_writes(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    RunRecorder(run, ExperimentConfig()).end_round(0, {"accuracy": 0.1, "loss": 2.0})
+    (run / "notes.txt").write_text("mine")
+    cfg = ExperimentConfig(out=str(run))
+    with pytest.raises(RunFolderError, match="pass --overwrite"):
+        prepare_run_dir(cfg)
+    prepare_run_dir(cfg, overwrite=True)
+    assert not (run / "metrics.jsonl").exists() and (run / "notes.txt").read_text() == "mine"
