@@ -14,6 +14,10 @@ export RAY_USAGE_STATS_ENABLED := 0
 export FLWR_HOME := $(CURDIR)/.tmp/flwr-home
 export RAY_TMPDIR := /tmp/fedtl-ray
 export PYTHONUNBUFFERED := 1
+# The install skips byte-compiling (below); Python caches each module's bytecode on its first
+# import instead, which a PYTHONDONTWRITEBYTECODE inherited from the shell would forbid, making
+# every process (each Ray worker too) compile torch again.
+unexport PYTHONDONTWRITEBYTECODE
 
 .PHONY: demo test test-fast bench clean venv
 

@@ -12,6 +12,7 @@ Like Flower's DP wrappers, it holds a strategy and adds behaviour around it:
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterable, Mapping
 from logging import INFO, WARNING
 
@@ -60,6 +61,16 @@ def reply_problem(msg: Message, expected: _Spec) -> str | None:
         if values.dtype.kind == "f" and not np.isfinite(values).all():
             return f"{key} holds NaN or infinite values"
     return None
+
+
+def content_key(msg: Message) -> str:
+    """A key of a reply's tensors, for ordering replies by content rather than arrival."""
+    arrays = msg.content["arrays"]
+    h = hashlib.sha256()
+    for key in sorted(arrays.keys()):
+        h.update(key.encode())
+        h.update(arrays[key].data)
+    return h.hexdigest()
 
 
 class TransferStrategy(Strategy):
@@ -132,6 +143,9 @@ class TransferStrategy(Strategy):
         if sent and not accepted:
             reasons = "; ".join(problems[:3]) or f"no replies within the round timeout ({sent} sent)"
             raise RoundFailedError(f"round {server_round}: no client update could be merged. {reasons}")
+        # Float sums depend on their order, and replies arrive (and Flower samples nodes) in
+        # random order: merging in content order makes a run with a given seed reproducible.
+        accepted.sort(key=content_key)
         arrays, metrics = self.inner.aggregate_train(server_round, accepted)
         if self.observer is not None:
             received = [m for m in replies if not m.has_error() and "arrays" in m.content.array_records]

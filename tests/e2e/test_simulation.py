@@ -140,3 +140,13 @@ def test_flwr_run_runs_the_same_apps_from_pyproject(tmp_path: Path) -> None:
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rounds"] == 1 and summary["clients"] == 3
     assert read_metrics(out)[1]["clients_ok"] == 3
+
+
+def test_a_run_is_reproducible(tmp_path: Path) -> None:
+    """Same config and seed, same numbers: reply order (random in Flower) must not matter."""
+    runs = []
+    for name in ("a", "b"):
+        cfg = make_config("mode=full", "clients=4", "rounds=3", f"out={str(tmp_path / name)!r}")
+        simulate(cfg)
+        runs.append([(r["accuracy"], r["loss"], r.get("train_loss")) for r in read_metrics(tmp_path / name)])
+    assert runs[0] == runs[1]
