@@ -40,7 +40,7 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest tests -m "not e2e"
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/transfer_gain.py
+	$(BIN)/python benchmarks/transfer_gain.py $(ARGS)
 
 clean:
 	rm -rf .tmp runs .fedtl-cache

@@ -28,7 +28,7 @@ class DataConfig(Validated):
     scenario: str = field(default="digits-domain-shift", metadata=one_of("fedtl.data.scenarios:SCENARIOS"))
     partitioner: str = field(default="iid", metadata=one_of("fedtl.data.partition:PARTITIONERS"))
     alpha: float = field(default=0.5, metadata=in_range(0.0, None, lo_open=True))
-    labelled_per_client: int = field(default=20, metadata=in_range(0))
+    labelled_per_client: int = field(default=10, metadata=in_range(0))
     min_partition_size: int = field(default=2, metadata=in_range(0))
     test_fraction: float = field(default=0.3, metadata=in_range(0.0, 0.9, lo_open=True))
     image_size: int = field(default=16, metadata=in_range(8, 512))

@@ -58,10 +58,13 @@ def run_server(grid: Grid, cfg: ExperimentConfig) -> dict[str, Any]:
         return MetricRecord(metrics)
 
     model.set_trainable(plan(1).trainable_blocks)
-    strategy.start(
-        grid=grid, initial_arrays=ArrayRecord(model.travelling_state()), num_rounds=cfg.rounds,
-        timeout=cfg.strategy.round_timeout, train_config=ConfigRecord(), evaluate_fn=evaluate,
-    )
+    try:
+        strategy.start(
+            grid=grid, initial_arrays=ArrayRecord(model.travelling_state()), num_rounds=cfg.rounds,
+            timeout=cfg.strategy.round_timeout, train_config=ConfigRecord(), evaluate_fn=evaluate,
+        )
+    finally:
+        recorder.close()  # a failed run leaves the terminal and Flower's log as they were
     summary = recorder.finish(
         travelling_params=model.num_parameters(model.trainable_units), total_params=model.num_parameters(),
         backbone_fingerprint=model.backbone_fingerprint,

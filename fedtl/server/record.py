@@ -7,6 +7,8 @@ later keeps everything computed so far. Nothing is printed that is not also save
 from __future__ import annotations
 
 import json
+import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -62,15 +64,26 @@ class RunRecorder:
         self.cfg = cfg
         self.console = console or Console()
         self.rows: list[dict[str, Any]] = []
-        self._pending: dict[int, dict[str, float]] = {}
+        self._pending: dict[int, dict[str, float | int]] = {}
         self._t0 = time.perf_counter()
-        label = f"{cfg.name}: {cfg.finetune.mode}, {cfg.init}"
-        self.console.print(f"[bold]{label}[/] -> {self.out}")
+        title = f"{cfg.name}: {cfg.finetune.mode}, {cfg.init}"
+        self.console.print(f"[bold]{title}[/] -> {self.out}")
         self.console.print("  ".join(label.rjust(len(fmt.format(0))) for _, label, fmt in _COLUMNS))
         self._progress = Progress(TextColumn("rounds"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                                   console=self.console, transient=True)
         self._task = self._progress.add_task("rounds", total=cfg.rounds)
         self._progress.start()
+        self._rerouted = self._route_flower_log_above_the_bar()
+
+    @staticmethod
+    def _route_flower_log_above_the_bar() -> list[tuple[logging.StreamHandler, Any]]:
+        # On a terminal the live bar swaps sys.stderr for a proxy that prints above it, but
+        # Flower's log handler kept the stream it was made with and would write through the
+        # bar. Point it at the proxy while the bar lives; nothing is dropped.
+        if sys.stderr is sys.__stderr__:  # no live bar (not a terminal): nothing to do
+            return []
+        return [(h, h.setStream(sys.stderr)) for h in logging.getLogger("flwr").handlers
+                if isinstance(h, logging.StreamHandler) and h.stream is sys.__stderr__]
 
     def on_train(self, rnd: int, info: dict[str, float | int]) -> None:
         """Keep a round's traffic and training figures until its evaluation ends the round."""
@@ -96,9 +109,16 @@ class RunRecorder:
         save_file(tensors, str(path), metadata={k: json.dumps(v) for k, v in meta.items()})
         return path
 
+    def close(self) -> None:
+        """Stop the progress display and give Flower's log its stream back (idempotent)."""
+        for handler, original in self._rerouted:
+            handler.setStream(original)
+        self._rerouted = []
+        self._progress.stop()
+
     def finish(self, **fields: Any) -> dict[str, Any]:
         """Write ``summary.json`` from the rows and ``fields``; stop the progress display."""
-        self._progress.stop()
+        self.close()
         trained = [r for r in self.rows if r["round"] > 0]
         last = self.rows[-1]
         best = max(trained or self.rows, key=lambda r: r["accuracy"])

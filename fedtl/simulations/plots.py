@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 
 def plot_accuracy(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: Path, *, title: str = "") -> Path:
@@ -25,6 +26,7 @@ def plot_accuracy(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: Path, *
     ax = fig.subplots()
     for label, rows in runs.items():
         ax.plot([r["round"] for r in rows], [r["accuracy"] for r in rows], marker="o", markersize=3, label=label)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("round")
     ax.set_ylabel("test accuracy (all styles)")
     ax.set_ylim(0, 1)

@@ -64,16 +64,16 @@ def test_default_study_beats_scratch(tmp_path: Path) -> None:
     """The default study, unchanged but for its run folder and weights cache.
 
     `make bench` (benchmarks/transfer_gain.py) measured the gain of feature extraction
-    over scratch at +0.115 +- 0.029 over seeds 0-2, the smallest +0.081; the 0.05 margin
-    leaves room for platform differences in floating point.
+    over scratch at +0.241 +- 0.011 over seeds 0-2, the smallest +0.230 (seed 0: +0.252;
+    runs are reproducible). The 0.15 margin sits well below every measured seed.
     """
     cfg = load_config(ROOT / "experiments" / "digits.toml",
                       [f"pretrain.cache-dir={str(CACHE)!r}", f"out={str(tmp_path / 'demo')!r}"])
     summary = simulate_with_scratch(cfg)
     assert summary["rounds"] == 20
     assert summary["transfer_gain"] == pytest.approx(summary["final_accuracy"] - summary["scratch_final_accuracy"])
-    assert summary["transfer_gain"] >= 0.05, summary
-    assert summary["final_accuracy"] >= 0.85
+    assert summary["transfer_gain"] >= 0.15, summary
+    assert summary["final_accuracy"] >= 0.8
     assert json.loads((tmp_path / "demo" / "summary.json").read_text())["transfer_gain"] == summary["transfer_gain"]
     assert len(read_metrics(tmp_path / "demo" / "scratch")) == 21
 

@@ -32,7 +32,7 @@ def test_client_trains_and_replies_only_travelling_tensors(task_identity: None) 
     reply = handle_train(_instruction(cfg, fingerprint), _context(), cfg)
     sent = reply.content["arrays"].to_torch_state_dict()
     assert set(sent) == {k for k in build_model(cfg).state_dict() if k.startswith(("blocks.conv3.", "head."))}
-    assert reply.content["metrics"]["num-examples"] == 20
+    assert reply.content["metrics"]["num-examples"] == 10
     original = build_model(cfg).state_dict()
     for key in sent:  # the unfrozen top block trained, not only the head
         assert not torch.equal(sent[key], original[key]), key

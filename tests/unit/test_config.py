@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_defaults_round_trip_through_run_config() -> None:
     cfg = ExperimentConfig()
     flat = cfg.to_run_config()
-    assert flat["finetune.mode"] == "feature-extraction" and flat["data.labelled-per-client"] == 20
+    assert flat["finetune.mode"] == "feature-extraction" and flat["data.labelled-per-client"] == 10
     assert ExperimentConfig.from_run_config(flat) == cfg
 
 

@@ -67,7 +67,9 @@ def test_dirichlet_partition_is_skewed_and_seeded() -> None:
 
 def test_impossible_partition_names_seed_alpha_and_fix() -> None:
     labels = np.arange(40) % 10
-    with pytest.raises(PartitionError, match=r"alpha=0.05, seed=3.*Fix: raise data.alpha"):
+    # flwr-datasets warns at each of its ten resampling tries, then gives up; we name the fix.
+    with pytest.warns(UserWarning, match="min_partition_size"), \
+            pytest.raises(PartitionError, match=r"alpha=0.05, seed=3.*Fix: raise data.alpha"):
         partition_indices(labels, 8, partitioner="dirichlet", alpha=0.05, min_size=5, seed=3)
     with pytest.raises(PartitionError, match=r"50 clients but only 40 labelled images"):
         partition_indices(labels, 50, partitioner="iid", alpha=1.0, min_size=1, seed=0)
