@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 from rich.console import Console
@@ -29,7 +29,7 @@ def _load(config: Path | None, sets: list[str] | None, out: Path | None = None) 
     return cfg.replace(out=str(out)) if out is not None else cfg
 
 
-def _fail(err: Exception) -> None:
+def _fail(err: Exception) -> NoReturn:
     console.print(f"[bold red]error:[/] {err}")
     raise typer.Exit(2)
 
@@ -50,7 +50,6 @@ def simulate(
         summary = simulate_with_scratch(cfg, overwrite=overwrite) if compare_scratch else run(cfg, overwrite=overwrite)
     except _USER_ERRORS as err:
         _fail(err)
-        return
     table = Table("summary", "value", title=f"{summary['name']}: {summary['mode']} ({summary['init']})")
     for key in ("final_accuracy", "best_accuracy", "scratch_final_accuracy", "transfer_gain", "bytes_down_total",
                 "bytes_up_total", "travelling_params", "total_params", "wall_seconds"):
@@ -70,7 +69,6 @@ def pretrain(config: ConfigOpt = None, set_: SetOpt = None) -> None:
         cfg = _load(config, set_)
     except _USER_ERRORS as err:
         _fail(err)
-        return
     cached = pretrained_path(cfg).is_file()
     path = ensure_pretrained(cfg)
     console.print(f"{'cached' if cached else 'pre-trained'}: {path}")
@@ -90,7 +88,6 @@ def show_config(
         cfg = _load(config, set_)
     except _USER_ERRORS as err:
         _fail(err)
-        return
     console.print(cfg.to_toml(), markup=False, highlight=False)
     if config is None and not set_:
         console.print(f"# keys: {', '.join(all_keys())}", markup=False, highlight=False)

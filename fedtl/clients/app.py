@@ -23,9 +23,7 @@ from fedtl.data.federated import client_data
 from fedtl.models.factory import build_model
 from fedtl.models.transfer import TransferModel
 from fedtl.seeds import derived_seed
-from fedtl.server.plan import RoundPlan
-
-FINGERPRINT_KEY = "backbone-fingerprint"
+from fedtl.server.plan import FINGERPRINT_KEY, RoundPlan
 
 
 class BackboneMismatchError(RuntimeError):

@@ -53,6 +53,7 @@ def check_partitions(cfg: DataConfig, num_clients: int, seed: int) -> None:
     _partitions(cfg, num_clients, seed)
 
 
+@lru_cache(maxsize=2)
 def client_data(cfg: DataConfig, partition_id: int, num_clients: int, seed: int) -> LabelledImages:
     """The labelled images client ``partition_id`` holds (at most ``labelled-per-client``), in its style.
 
@@ -66,6 +67,11 @@ def client_data(cfg: DataConfig, partition_id: int, num_clients: int, seed: int)
         Number of clients the target pool is split across.
     seed : int
         Seed of the split and of the style's randomness.
+
+    Notes
+    -----
+    Cached per process: a client styles its images once, not every round. Do not
+    modify the returned tensors in place.
     """
     if not 0 <= partition_id < num_clients:
         raise ValueError(f"partition-id {partition_id} is outside [0, {num_clients}): check the node config")

@@ -14,7 +14,7 @@ from fedtl.config import ExperimentConfig
 from fedtl.data.federated import server_test_data
 from fedtl.models.factory import build_model
 from fedtl.server.evaluate import central_evaluate
-from fedtl.server.plan import plan_round
+from fedtl.server.plan import RoundPlan, plan_round
 from fedtl.server.record import RunRecorder
 from fedtl.simulations.plots import plot_accuracy
 from fedtl.strategies.registry import build_strategy
@@ -32,7 +32,7 @@ def run_server(grid: Grid, cfg: ExperimentConfig) -> dict[str, Any]:
     model = build_model(cfg)
     test = server_test_data(cfg.data)
 
-    def plan(rnd: int):  # noqa: ANN202 - a RoundPlan
+    def plan(rnd: int) -> RoundPlan:
         return plan_round(cfg, model.block_names, rnd)
 
     strategy = TransferStrategy(

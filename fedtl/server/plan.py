@@ -14,6 +14,8 @@ from fedtl.models.modes import MODES
 from fedtl.models.transfer import HEAD
 
 _UNITS, _LRS, _EPOCHS = "plan.units", "plan.lrs", "plan.local-epochs"
+# The round's ConfigRecord also carries the server's backbone fingerprint under this key.
+FINGERPRINT_KEY = "backbone-fingerprint"
 
 
 @dataclass(frozen=True)

@@ -9,11 +9,12 @@ from typing import Any
 
 from fedtl.clients.app import make_client_app
 from fedtl.config import ExperimentConfig
+from fedtl.data.federated import check_partitions
 from fedtl.models.pretrain import ensure_pretrained
 from fedtl.server.app import make_server_app, run_dir
-from fedtl.data.federated import check_partitions
 from fedtl.server.record import RUN_FILES, RunFolderError, read_metrics, write_summary
 from fedtl.simulations.plots import plot_accuracy
+
 
 def prepare_run_dir(cfg: ExperimentConfig, *, overwrite: bool = False) -> ExperimentConfig:
     """Fix the run folder as an absolute path; refuse a folder holding a run unless ``overwrite``.

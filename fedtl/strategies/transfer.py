@@ -23,7 +23,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedtl.server.plan import RoundPlan
+from fedtl.server.plan import FINGERPRINT_KEY, RoundPlan
 
 RoundObserver = Callable[[int, dict[str, float | int]], None]
 _Spec = dict[str, tuple[tuple[int, ...], str]]
@@ -121,7 +121,7 @@ class TransferStrategy(Strategy):
     ) -> Iterable[Message]:
         plan = self.plan(server_round)
         record = self.travelling_arrays(server_round, arrays)
-        cfg = ConfigRecord({**config, **plan.to_config(), "backbone-fingerprint": self.fingerprint})
+        cfg = ConfigRecord({**config, **plan.to_config(), FINGERPRINT_KEY: self.fingerprint})
         messages = list(self.inner.configure_train(server_round, record, cfg, grid))
         spec = {k: (tuple(a.shape), a.dtype) for k, a in record.items()}
         self._sent[server_round] = (spec, len(messages), sum(m.content["arrays"].count_bytes() for m in messages))
