@@ -34,6 +34,11 @@ class RunFolderError(FileExistsError):
     """The run folder already holds a run."""
 
 
+def holds_run(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds a run (started or finished)."""
+    return (Path(run_dir) / "metrics.jsonl").exists() or (Path(run_dir) / "summary.json").exists()
+
+
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     """The rows of a run folder's ``metrics.jsonl``."""
     path = Path(run_dir) / "metrics.jsonl"
@@ -55,7 +60,7 @@ class RunRecorder:
 
     def __init__(self, out_dir: Path, cfg: ExperimentConfig, console: Console | None = None) -> None:
         self.out = Path(out_dir)
-        if (self.out / "metrics.jsonl").exists() or (self.out / "summary.json").exists():
+        if holds_run(self.out):
             raise RunFolderError(f"{self.out} already holds a run; choose another folder (--out / out) or remove it")
         (self.out / "checkpoints").mkdir(parents=True, exist_ok=True)
         (self.out / "config.toml").write_text(cfg.to_toml())

@@ -12,7 +12,7 @@ from fedtl.config import ExperimentConfig
 from fedtl.data.federated import check_partitions
 from fedtl.models.pretrain import ensure_pretrained
 from fedtl.server.app import make_server_app, run_dir
-from fedtl.server.record import RUN_FILES, RunFolderError, read_metrics, write_summary
+from fedtl.server.record import RUN_FILES, RunFolderError, holds_run, read_metrics, write_summary
 from fedtl.simulations.plots import plot_accuracy
 
 
@@ -22,7 +22,7 @@ def prepare_run_dir(cfg: ExperimentConfig, *, overwrite: bool = False) -> Experi
     With ``overwrite``, only the files a run writes are removed (other files stay).
     """
     out = run_dir(cfg).resolve()
-    if (out / "metrics.jsonl").exists() or (out / "summary.json").exists():
+    if holds_run(out):
         if not overwrite:
             raise RunFolderError(f"{out} already holds a run; pass --overwrite to replace it, or another --out")
         for name in (*RUN_FILES, "scratch"):
@@ -69,17 +69,17 @@ def simulate_with_scratch(cfg: ExperimentConfig, *, overwrite: bool = False) -> 
     ``summary.json`` gains ``scratch_final_accuracy``, ``scratch_best_accuracy`` and
     ``transfer_gain`` (final accuracy pre-trained minus scratch, after the same rounds).
     """
-    cfg = prepare_run_dir(cfg, overwrite=overwrite)
-    summary = simulate(cfg, overwrite=overwrite)
-    scratch_cfg = cfg.as_scratch().replace(out=str(Path(cfg.out) / "scratch"))
+    summary = simulate(cfg, overwrite=overwrite)  # with overwrite, this also clears <run>/scratch
+    out = Path(summary["out_dir"])
+    scratch_cfg = cfg.as_scratch().replace(out=str(out / "scratch"))
     scratch = simulate(scratch_cfg, overwrite=overwrite)
     summary.update(
         scratch_final_accuracy=scratch["final_accuracy"], scratch_best_accuracy=scratch["best_accuracy"],
         transfer_gain=summary["final_accuracy"] - scratch["final_accuracy"],
     )
-    write_summary(Path(cfg.out), summary)
+    write_summary(out, summary)
     plot_accuracy(
-        {"pre-trained": read_metrics(Path(cfg.out)), "scratch": read_metrics(Path(scratch_cfg.out))},
-        Path(cfg.out) / "accuracy.png", title=f"{cfg.name} ({cfg.finetune.mode}): transfer gain {summary['transfer_gain']:+.3f}",
+        {"pre-trained": read_metrics(out), "scratch": read_metrics(out / "scratch")},
+        out / "accuracy.png", title=f"{cfg.name} ({cfg.finetune.mode}): transfer gain {summary['transfer_gain']:+.3f}",
     )
     return summary
