@@ -19,7 +19,7 @@ export PYTHONUNBUFFERED := 1
 # every process (each Ray worker too) compile torch again.
 unexport PYTHONDONTWRITEBYTECODE
 
-.PHONY: demo test test-fast bench clean venv
+.PHONY: demo test test-fast bench bench-privacy clean venv
 
 venv: $(STAMP)
 
@@ -41,6 +41,9 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/transfer_gain.py $(ARGS)
+
+bench-privacy: $(STAMP)
+	$(BIN)/python benchmarks/privacy.py $(ARGS)
 
 clean:
 	rm -rf .tmp runs .fedtl-cache

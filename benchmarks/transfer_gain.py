@@ -40,7 +40,7 @@ def main() -> None:
         scratch = cfg.as_scratch().replace(out=str(args.out / f"scratch-s{seed}"))
         results.setdefault("scratch", {})[seed] = simulate(scratch, overwrite=True)["final_accuracy"]
         for mode in MODES.names():
-            run = load_config(ROOT / "experiments" / "digits.toml", [*args.sets, f"mode={mode}", f"seed={seed}"])
+            run = load_config(ROOT / "experiments" / "digits.toml", [*args.sets, f"finetune.mode={mode}", f"seed={seed}"])
             run = run.replace(out=str(args.out / f"{mode}-s{seed}"))
             results.setdefault(mode, {})[seed] = simulate(run, overwrite=True)["final_accuracy"]
 

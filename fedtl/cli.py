@@ -57,6 +57,9 @@ def simulate(
             value = summary[key]
             table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
     console.print(table)
+    console.print(f"privacy: {summary['privacy']['guarantee']}")
+    if summary.get("stopped_early"):
+        console.print(f"[yellow]{summary['stopped_early']}[/]")
     console.print(f"run folder: {summary['out_dir']}")
 
 

@@ -14,16 +14,18 @@ from functools import lru_cache
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import ClientAppCallable
 
-from fedtl.clients.trainer import train_local
+from fedtl.clients.dp_sgd import BudgetSpentError
 from fedtl.config import ExperimentConfig
 from fedtl.data.federated import client_data
 from fedtl.models.factory import build_model
 from fedtl.models.transfer import TransferModel
+from fedtl.privacy import privacy_mode
 from fedtl.seeds import derived_seed
-from fedtl.server.plan import FINGERPRINT_KEY, RoundPlan
+from fedtl.server.plan import DECLINED, FINGERPRINT_KEY, UNIT_WEIGHT, RoundPlan
 
 
 class BackboneMismatchError(RuntimeError):
@@ -48,6 +50,12 @@ def handle_train(msg: Message, context: Context, cfg: ExperimentConfig) -> Messa
         The node's context; ``node_config`` names its partition.
     cfg : ExperimentConfig
         The run's config.
+
+    Returns
+    -------
+    Message
+        The travelling tensors and metrics; or, from a client that declines (its privacy
+        budget is spent), metrics and a ``"declined"`` ConfigRecord with the reason.
 
     Raises
     ------
@@ -76,9 +84,18 @@ def handle_train(msg: Message, context: Context, cfg: ExperimentConfig) -> Messa
 
     data = client_data(cfg.data, pid, n, cfg.seed)
     rnd = int(config["server-round"])
-    result = train_local(model, data, plan, cfg.finetune, seed=derived_seed(f"train:{rnd}:{pid}", cfg.seed))
+    try:
+        result, extra = privacy_mode(cfg).local_round(
+            model, data, plan, cfg, context, derived_seed(f"train:{rnd}:{pid}", cfg.seed))
+    except BudgetSpentError as spent:
+        # Not a failure: the client declines, says why, and the round goes on without it.
+        metrics = MetricRecord({**spent.metrics, "partition-id": pid})
+        return Message(RecordDict({"metrics": metrics, DECLINED: ConfigRecord({"reason": str(spent)})}), reply_to=msg)
 
-    metrics = MetricRecord({"train-loss": result.loss, "num-examples": result.examples, "steps": result.steps})
+    metrics = MetricRecord({
+        "train-loss": result.loss, "num-examples": result.examples, UNIT_WEIGHT: 1, "steps": result.steps,
+        "partition-id": pid, **extra,
+    })
     content = RecordDict({"arrays": ArrayRecord(model.travelling_state()), "metrics": metrics})
     return Message(content=content, reply_to=msg)
 
@@ -89,11 +106,20 @@ def make_client_app(run_config: Mapping[str, Any] | None = None) -> ClientApp:
     ``None`` reads it from the run's Context, as under ``flwr run``; ``fedtl simulate``
     passes it here because Flower's ``run_simulation`` carries no run config.
     """
-    client = ClientApp()
+    def config_of(context: Context) -> ExperimentConfig:
+        return ExperimentConfig.from_run_config(run_config if run_config is not None else context.run_config)
+
+    def privacy_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+        # The mode's own Flower mod (client-side clipping for client-level DP), chosen per run.
+        cfg = config_of(context)
+        mod = privacy_mode(cfg).client_mod(cfg)
+        return call_next(msg, context) if mod is None else mod(msg, context, call_next)
+
+    client = ClientApp(mods=[privacy_mod])
 
     @client.train()
     def train(msg: Message, context: Context) -> Message:
-        cfg = ExperimentConfig.from_run_config(run_config if run_config is not None else context.run_config)
+        cfg = config_of(context)
         # As many threads as CPUs Ray reserves for this client: clients do not oversubscribe cores.
         torch.set_num_threads(max(1, int(cfg.simulation.num_cpus)))
         return handle_train(msg, context, cfg)

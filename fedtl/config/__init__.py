@@ -8,12 +8,13 @@ from fedtl.config.schema import (
     FinetuneConfig,
     ModelConfig,
     PretrainConfig,
+    PrivacyConfig,
     SimulationConfig,
     StrategyConfig,
 )
 
 __all__ = [
-    "ConfigError", "DataConfig", "ExperimentConfig", "FinetuneConfig", "ModelConfig", "PretrainConfig", "Scalar",
-    "SimulationConfig", "StrategyConfig", "all_keys", "apply_overrides", "flwr_app_config_table", "from_dict",
+    "ConfigError", "DataConfig", "ExperimentConfig", "FinetuneConfig", "ModelConfig", "PretrainConfig", "PrivacyConfig",
+    "Scalar", "SimulationConfig", "StrategyConfig", "all_keys", "apply_overrides", "flwr_app_config_table", "from_dict",
     "load_config", "resolve_key",
 ]

@@ -41,6 +41,9 @@ class ModelConfig(Validated):
     SECTION = "model."
 
     backbone: str = field(default="small-cnn", metadata=one_of("fedtl.models.backbones:BACKBONES"))
+    # "group" swaps every BatchNorm for GroupNorm (Opacus's ModuleValidator.fix) before
+    # pre-training, so normalisation layers can train under DP-SGD.
+    norm: str = field(default="native", metadata=one_of("fedtl.models.backbones:NORMS"))
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,40 @@ class StrategyConfig(Validated):
     min_train_nodes: int = field(default=2, metadata=in_range(1))
     min_available_nodes: int = field(default=2, metadata=in_range(1))
     round_timeout: float = field(default=3600.0, metadata=in_range(1.0))
+    # How client updates are weighted: by examples (FedAvg), uniformly, or "auto":
+    # uniform under client-level DP (its noise is calibrated to equal weights), else examples.
+    weighting: str = field(default="auto", metadata=one_of(("auto", "examples", "uniform")))
+
+
+@dataclass(frozen=True)
+class PrivacyConfig(Validated):
+    """Differential privacy: per-sample DP-SGD on each client, or client-level DP on the server."""
+
+    SECTION = "privacy."
+
+    mode: str = field(default="off", metadata=one_of("fedtl.privacy:PRIVACY_MODES"))
+    noise_multiplier: float = field(default=1.0, metadata=in_range(0.0, 1000.0, lo_open=True))
+    # > 0: calibrate the noise so the whole planned run spends exactly this (it is also the budget).
+    target_epsilon: float = field(default=0.0, metadata=in_range(0.0))
+    # > 0: a client (dp-sgd) or the server (client-level) stops before spending more. 0: the target, if set.
+    max_epsilon: float = field(default=0.0, metadata=in_range(0.0))
+    delta: float = field(default=1e-5, metadata=in_range(0.0, 0.1, lo_open=True))
+    # dp-sgd: per-sample gradient norm bound; client-level: bound on each client's update norm.
+    max_grad_norm: float = field(default=1.0, metadata=in_range(0.0, None, lo_open=True))
+    accountant: str = field(default="rdp", metadata=one_of(("rdp", "prv", "gdp")))
+    # Opacus's per-sample gradient engine; "ghost" is ghost clipping (no per-sample gradients stored).
+    # Not "functorch": its vmap fails on the empty batches Poisson sampling draws.
+    grad_sample_mode: str = field(default="hooks", metadata=one_of(("hooks", "ghost")))
+    # client-level: Flower's wrapper family.
+    clipping: str = field(default="fixed", metadata=one_of(("fixed", "adaptive")))
+    clip_on: str = field(default="server", metadata=one_of(("server", "client")))
+    target_quantile: float = field(default=0.5, metadata=in_range(0.0, 1.0))
+    clip_lr: float = field(default=0.2, metadata=in_range(0.0, None, lo_open=True))
+
+    @property
+    def budget(self) -> float | None:
+        """The epsilon nobody may exceed: ``max-epsilon``, else ``target-epsilon``, else none."""
+        return self.max_epsilon or self.target_epsilon or None
 
 
 @dataclass(frozen=True)
@@ -111,6 +148,7 @@ class ExperimentConfig(Validated):
     model: ModelConfig = field(default_factory=ModelConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
 
@@ -126,6 +164,22 @@ class ExperimentConfig(Validated):
                 f"strategy.min-train-nodes = {self.strategy.min_train_nodes} exceeds clients = {self.clients}. "
                 "Lower it or add clients."
             )
+        p = self.privacy
+        if p.max_epsilon and p.target_epsilon and p.max_epsilon < p.target_epsilon:
+            raise ConfigError(
+                f"privacy.max-epsilon = {p.max_epsilon} is below privacy.target-epsilon = {p.target_epsilon}: the run "
+                "could not finish its plan. Raise max-epsilon or lower target-epsilon (or leave max-epsilon at 0)."
+            )
+        if p.mode == "client-level" and self.strategy.weighting == "examples":
+            raise ConfigError(
+                "client-level DP calibrates its noise to equal client weights, but strategy.weighting = \"examples\": "
+                "set strategy.weighting = \"uniform\" (or \"auto\")"
+            )
+
+    @property
+    def sampled_clients(self) -> int:
+        """Clients the strategy samples each round when all are available (Flower's rule)."""
+        return min(self.clients, max(int(self.clients * self.strategy.fraction_train), self.strategy.min_train_nodes))
 
     # -- conversions -------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from opacus.validators import ModuleValidator
 from torch import nn
 
 from fedtl.registry import Registry
@@ -34,7 +35,22 @@ class Backbone:
 BackboneFactory = Callable[[int], Backbone]
 BACKBONES: Registry[BackboneFactory] = Registry("backbone")
 
+NormConversion = Callable[[nn.Module], nn.Module]
+NORMS: Registry[NormConversion] = Registry("normalisation")
+NORMS.register("native")(lambda block: block)
 
-def build_backbone(name: str, in_channels: int) -> Backbone:
-    """Build the registered backbone ``name`` for images with ``in_channels`` channels."""
-    return BACKBONES.get(name)(in_channels)
+
+@NORMS.register("group")
+def group_norm(block: nn.Module) -> nn.Module:
+    """Every BatchNorm replaced by a GroupNorm (Opacus's ModuleValidator.fix), so it can train under DP."""
+    return ModuleValidator.fix(block)
+
+
+def build_backbone(name: str, in_channels: int, norm: str = "native") -> Backbone:
+    """Build the registered backbone ``name`` for images with ``in_channels`` channels.
+
+    ``norm`` (default ``"native"``) names a conversion of its normalisation layers (``NORMS``).
+    """
+    backbone = BACKBONES.get(name)(in_channels)
+    convert = NORMS.get(norm)
+    return Backbone([(n, convert(b)) for n, b in backbone.blocks], backbone.feature_dim)

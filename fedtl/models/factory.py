@@ -21,7 +21,7 @@ def build_model(cfg: ExperimentConfig) -> TransferModel:
     sc = scenario(cfg.data)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        model = TransferModel(build_backbone(cfg.model.backbone, sc.in_channels), sc.num_classes)
+        model = TransferModel(build_backbone(cfg.model.backbone, sc.in_channels, cfg.model.norm), sc.num_classes)
         # The head draws from its own stream. Drawn after the same backbone draws as the
         # pre-training head, it would start where that head started: still aligned with
         # the pre-trained features, it would carry the source task into round 0.

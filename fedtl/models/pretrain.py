@@ -32,7 +32,7 @@ def pretrain_key(cfg: ExperimentConfig) -> dict[str, object]:
     """Everything the pre-trained weights depend on (and nothing else)."""
     p = cfg.pretrain
     return {
-        "recipe": RECIPE_VERSION, "backbone": cfg.model.backbone, "scenario": cfg.data.scenario,
+        "recipe": RECIPE_VERSION, "backbone": cfg.model.backbone, "norm": cfg.model.norm, "scenario": cfg.data.scenario,
         "image-size": cfg.data.image_size, "epochs": p.epochs, "lr": p.lr, "batch-size": p.batch_size,
         "augment": p.augment, "seed": p.seed,
     }
@@ -60,7 +60,7 @@ def pretrain(cfg: ExperimentConfig) -> dict[str, torch.Tensor]:
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(p.seed)
-            model = TransferModel(build_backbone(cfg.model.backbone, x.shape[1]), classes)
+            model = TransferModel(build_backbone(cfg.model.backbone, x.shape[1], cfg.model.norm), classes)
             model.set_trainable(model.block_names)
             opt = torch.optim.SGD(model.parameters(), lr=p.lr, momentum=0.9, weight_decay=5e-4)
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=p.epochs)

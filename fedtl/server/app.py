@@ -4,21 +4,30 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
+from logging import WARNING
 from pathlib import Path
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
-from flwr.serverapp import Grid, ServerApp
+from flwr.common.logger import log
+from flwr.serverapp import Grid, RdpAccountant, ServerApp
+from flwr.serverapp.exception import PrivacyBudgetExhausted
+from flwr.serverapp.strategy import Strategy
 
 from fedtl.config import ExperimentConfig
 from fedtl.data.federated import server_test_data
 from fedtl.models.factory import build_model
+from fedtl.models.transfer import TransferModel
+from fedtl.privacy import privacy_mode
 from fedtl.server.evaluate import central_evaluate
+from fedtl.server.ledger import PrivacyLedger
 from fedtl.server.plan import RoundPlan, plan_round
 from fedtl.server.record import RunRecorder
 from fedtl.simulations.plots import plot_accuracy
 from fedtl.strategies.registry import build_strategy
-from fedtl.strategies.transfer import TransferStrategy
+from fedtl.strategies.transfer import RoundReport, RunStoppedError, TransferStrategy
+
+NO_PRIVACY = "no differential privacy: client updates are sent as trained (privacy.mode = \"off\")"
 
 
 def run_dir(cfg: ExperimentConfig) -> Path:
@@ -26,18 +35,41 @@ def run_dir(cfg: ExperimentConfig) -> Path:
     return Path(cfg.out) if cfg.out else Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+def private_strategy(cfg: ExperimentConfig, model: TransferModel) -> tuple[Strategy, RdpAccountant | None]:
+    """The run's Flower strategy inside its privacy mode's wrapper, after the mode has checked every round's plan.
+
+    Raises
+    ------
+    ConfigError, DPConfigError
+        If the privacy mode refuses the model, the plans or its settings.
+    """
+    privacy = privacy_mode(cfg)
+    privacy.check_plans(model, [plan_round(cfg, model.block_names, r) for r in range(1, cfg.rounds + 1)])
+    return privacy.wrap(build_strategy(cfg), cfg)
+
+
 def run_server(grid: Grid, cfg: ExperimentConfig) -> dict[str, Any]:
     """Run the whole federated fine-tuning of ``cfg`` on ``grid``; return the run's summary."""
-    recorder = RunRecorder(run_dir(cfg), cfg)
     model = build_model(cfg)
     test = server_test_data(cfg.data)
 
     def plan(rnd: int) -> RoundPlan:
         return plan_round(cfg, model.block_names, rnd)
 
+    # Everything that can refuse the config does so before the run folder is written.
+    privacy = privacy_mode(cfg)
+    inner, accountant = private_strategy(cfg, model)
+    recorder = RunRecorder(run_dir(cfg), cfg)
+    ledger = PrivacyLedger(recorder.out, cfg, privacy.level, accountant) if privacy.level != "none" else None
+
+    def observe(report: RoundReport) -> None:
+        recorder.on_train(report.round, report.totals)
+        if ledger is not None:
+            ledger.on_round(report)
+
     strategy = TransferStrategy(
-        inner=build_strategy(cfg), plan=plan, keys_of=model.unit_keys, initial_state=model.state_dict(),
-        fingerprint=model.backbone_fingerprint, observer=recorder.on_train,
+        inner=inner, plan=plan, keys_of=model.unit_keys, initial_state=model.state_dict(),
+        fingerprint=model.backbone_fingerprint, observer=observe,
     )
     best = {"accuracy": -1.0}
 
@@ -49,7 +81,8 @@ def run_server(grid: Grid, cfg: ExperimentConfig) -> dict[str, Any]:
         model.load_state_dict(state, strict=False)
         model.set_trainable(plan(max(rnd, 1)).trainable_blocks)
         metrics = central_evaluate(model, test)
-        row = recorder.end_round(rnd, metrics, travelling_params=model.num_parameters(model.trainable_units))
+        extra = {"epsilon": ledger.epsilon} if ledger is not None else {}
+        row = recorder.end_round(rnd, metrics, travelling_params=model.num_parameters(model.trainable_units), **extra)
         meta = {"round": rnd, "accuracy": row["accuracy"], "backbone_fingerprint": model.backbone_fingerprint}
         recorder.checkpoint("last", model.state_dict(), **meta)
         if rnd > 0 and row["accuracy"] > best["accuracy"]:
@@ -58,18 +91,26 @@ def run_server(grid: Grid, cfg: ExperimentConfig) -> dict[str, Any]:
         return MetricRecord(metrics)
 
     model.set_trainable(plan(1).trainable_blocks)
+    stopped = None
     try:
         strategy.start(
             grid=grid, initial_arrays=ArrayRecord(model.travelling_state()), num_rounds=cfg.rounds,
             timeout=cfg.strategy.round_timeout, train_config=ConfigRecord(), evaluate_fn=evaluate,
         )
+    except (RunStoppedError, PrivacyBudgetExhausted) as err:
+        # The budget ends the run, not an error: everything up to the last round is kept.
+        stopped = f"stopped before round {cfg.rounds} ended: {err}"
+        log(WARNING, "%s", stopped)
     finally:
         recorder.close()  # a failed run leaves the terminal and Flower's log as they were
     summary = recorder.finish(
         travelling_params=model.num_parameters(model.trainable_units), total_params=model.num_parameters(),
-        backbone_fingerprint=model.backbone_fingerprint,
+        backbone_fingerprint=model.backbone_fingerprint, stopped_early=stopped,
+        privacy=ledger.summary() if ledger is not None else {"mode": "off", "guarantee": NO_PRIVACY},
     )
     plot_accuracy({cfg.init: recorder.rows}, recorder.out / "accuracy.png", title=f"{cfg.name} ({cfg.finetune.mode})")
+    if ledger is not None:
+        ledger.plot(recorder.rows)
     return summary
 
 

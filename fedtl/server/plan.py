@@ -16,6 +16,10 @@ from fedtl.models.transfer import HEAD
 _UNITS, _LRS, _EPOCHS = "plan.units", "plan.lrs", "plan.local-epochs"
 # The round's ConfigRecord also carries the server's backbone fingerprint under this key.
 FINGERPRINT_KEY = "backbone-fingerprint"
+# A reply with a ConfigRecord under this key declines the round (with a "reason").
+DECLINED = "declined"
+# Every reply's metrics carry this weight of 1, for strategies that weight clients equally.
+UNIT_WEIGHT = "unit-weight"
 
 
 @dataclass(frozen=True)

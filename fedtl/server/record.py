@@ -21,13 +21,15 @@ from safetensors.torch import save_file
 from fedtl.config import ExperimentConfig
 
 SUMMARY_SCHEMA = 1
-# (metrics key, column label, format): the live table, 72 characters wide.
+# (metrics key, column label, format): the live table, 81 characters wide (epsilon blank without DP).
 _COLUMNS = [("round", "round", "{:>5}"), ("accuracy", "accuracy", "{:>8.4f}"), ("loss", "loss", "{:>6.3f}"),
             ("train_loss", "train-loss", "{:>10.3f}"), ("bytes_down", "bytes-down", "{:>10.0f}"),
-            ("bytes_up", "bytes-up", "{:>9.0f}"), ("clients_ok", "clients", "{:>7.0f}"), ("wall_seconds", "secs", "{:>5.1f}")]
+            ("bytes_up", "bytes-up", "{:>9.0f}"), ("clients_ok", "clients", "{:>7.0f}"), ("epsilon", "epsilon", "{:>7.3g}"),
+            ("wall_seconds", "secs", "{:>5.1f}")]
 
 
-RUN_FILES = ("config.toml", "metrics.jsonl", "summary.json", "accuracy.png", "checkpoints")
+RUN_FILES = ("config.toml", "metrics.jsonl", "summary.json", "accuracy.png", "checkpoints", "privacy.jsonl",
+             "privacy.png")
 
 
 class RunFolderError(FileExistsError):

@@ -37,3 +37,41 @@ def plot_accuracy(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: Path, *
     fig.tight_layout()
     fig.savefig(path)
     return Path(path)
+
+
+def plot_privacy(curves: Mapping[str, Sequence[tuple[int, float]]], accuracy: Sequence[tuple[float, float]],
+                 path: Path, *, title: str = "") -> Path:
+    """Privacy spent: epsilon per round (one line per client), and accuracy against epsilon along the run.
+
+    Parameters
+    ----------
+    curves : Mapping[str, Sequence[tuple[int, float]]]
+        Client (or ``"all"`` for client-level DP) -> (round, cumulative epsilon) points.
+    accuracy : Sequence[tuple[float, float]]
+        (max epsilon over clients, test accuracy) after each round.
+    path : Path
+        Where the PNG goes.
+    title : str, default ""
+        Figure title.
+    """
+    fig = Figure(figsize=(10, 4), dpi=120)
+    left, right = fig.subplots(1, 2)
+    for label, points in curves.items():
+        left.plot([r for r, _ in points], [e for _, e in points], marker="o", markersize=2, linewidth=1,
+                  label=f"client {label}" if label != "all" else "all clients")
+    left.xaxis.set_major_locator(MaxNLocator(integer=True))
+    left.set_xlabel("round")
+    left.set_ylabel("cumulative epsilon")
+    if 0 < len(curves) <= 10:
+        left.legend(fontsize="small")
+    right.plot([e for e, _ in accuracy], [a for _, a in accuracy], marker="o", markersize=3)
+    right.set_xlabel("epsilon spent (max over clients)")
+    right.set_ylabel("test accuracy (all styles)")
+    right.set_ylim(0, 1)
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path)
+    return Path(path)

@@ -11,7 +11,8 @@ from fedtl.clients.app import make_client_app
 from fedtl.config import ExperimentConfig
 from fedtl.data.federated import check_partitions
 from fedtl.models.pretrain import ensure_pretrained
-from fedtl.server.app import make_server_app, run_dir
+from fedtl.models.factory import build_model
+from fedtl.server.app import make_server_app, private_strategy, run_dir
 from fedtl.server.record import RUN_FILES, RunFolderError, holds_run, read_metrics, write_summary
 from fedtl.simulations.plots import plot_accuracy
 
@@ -48,6 +49,9 @@ def simulate(cfg: ExperimentConfig, *, overwrite: bool = False) -> dict[str, Any
 
     cfg = prepare_run_dir(cfg, overwrite=overwrite)
     check_partitions(cfg.data, cfg.clients, cfg.seed)  # here, rather than as an error in every client
+    # A privacy set-up the mode refuses fails here, with its own message, before any pre-training
+    # (the check needs the model's structure, not its weights).
+    private_strategy(cfg, build_model(cfg.replace(init="scratch")))
     if cfg.init == "pretrained":
         ensure_pretrained(cfg)  # once here, rather than racing in every client process
     rc = cfg.to_run_config()

@@ -7,6 +7,8 @@ Like Flower's DP wrappers, it holds a strategy and adds behaviour around it:
   set (gradual unfreezing) start from the server's pre-trained values;
 - a reply is merged only if it carries exactly the tensors sent, with the same shapes
   and dtypes and finite values; a round in which no reply is merged stops the run;
+- a client may decline a round (its privacy budget is spent): it is counted, not
+  merged, and the round goes on; a round every sampled client declines ends the run;
 - the bytes sent and received are measured and reported to an observer.
 """
 
@@ -14,7 +16,9 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from logging import INFO, WARNING
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,14 +27,47 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedtl.server.plan import FINGERPRINT_KEY, RoundPlan
+from fedtl.server.plan import DECLINED, FINGERPRINT_KEY, RoundPlan
 
-RoundObserver = Callable[[int, dict[str, float | int]], None]
 _Spec = dict[str, tuple[tuple[int, ...], str]]
 
 
 class RoundFailedError(RuntimeError):
     """No client update could be merged in a round."""
+
+
+class RunStoppedError(RuntimeError):
+    """Every client sampled in a round declined to train (e.g. all privacy budgets are spent)."""
+
+
+@dataclass
+class RoundReport:
+    """What a round's training exchanged, for the run's records.
+
+    Attributes
+    ----------
+    round : int
+        The server round.
+    totals : dict
+        ``bytes_down``, ``bytes_up``, ``clients_ok`` (merged), ``clients_failed`` (error
+        replies, refused updates, timeouts), ``clients_declined`` and ``train_loss``.
+    clients : list of dict
+        The metrics of every reply that carried any, with its ``node-id``.
+    """
+
+    round: int
+    totals: dict[str, float | int]
+    clients: list[dict[str, Any]] = field(default_factory=list)
+
+
+RoundObserver = Callable[[RoundReport], None]
+
+
+def declined_reason(msg: Message) -> str | None:
+    """The reason a reply declines the round, or ``None`` if it does not."""
+    if msg.has_error() or DECLINED not in msg.content.config_records:
+        return None
+    return str(msg.content.config_records[DECLINED].get("reason", "no reason given"))
 
 
 def reply_problem(msg: Message, expected: _Spec) -> str | None:
@@ -90,7 +127,7 @@ class TransferStrategy(Strategy):
     fingerprint : str
         Fingerprint of the pre-trained backbone; clients refuse to train on a mismatch.
     observer : RoundObserver, optional
-        Called after each aggregation with the round's traffic and client counts.
+        Called after each aggregation with the round's ``RoundReport``.
     """
 
     def __init__(
@@ -132,14 +169,23 @@ class TransferStrategy(Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         spec, sent, bytes_down = self._sent.pop(server_round)
-        accepted, problems = [], []
+        accepted, declined, problems = [], [], []
         for msg in replies:
-            problem = reply_problem(msg, spec)
-            if problem is None:
+            reason = declined_reason(msg)
+            problem = None if reason is not None else reply_problem(msg, spec)
+            if reason is not None:
+                declined.append(msg)
+                log(INFO, "Round %s: node %s declines: %s", server_round, msg.metadata.src_node_id, reason)
+            elif problem is None:
                 accepted.append(msg)
             else:
                 problems.append(f"node {msg.metadata.src_node_id}: {problem}")
                 log(WARNING, "Round %s: not merging the update of %s", server_round, problems[-1])
+        if declined and len(declined) == sent:
+            if self.observer is not None:  # the ledger still learns who declined, and why
+                self.observer(self._report(server_round, replies, [], len(declined), sent, bytes_down, None))
+            raise RunStoppedError(f"round {server_round}: every sampled client declined to train "
+                                  f"({declined_reason(declined[0])})")
         if sent and not accepted:
             reasons = "; ".join(problems[:3]) or f"no replies within the round timeout ({sent} sent)"
             raise RoundFailedError(f"round {server_round}: no client update could be merged. {reasons}")
@@ -148,17 +194,26 @@ class TransferStrategy(Strategy):
         accepted.sort(key=content_key)
         arrays, metrics = self.inner.aggregate_train(server_round, accepted)
         if self.observer is not None:
-            received = [m for m in replies if not m.has_error() and "arrays" in m.content.array_records]
-            info: dict[str, float | int] = {
-                "bytes_down": bytes_down,
-                "bytes_up": sum(m.content["arrays"].count_bytes() for m in received),
-                "clients_ok": len(accepted),
-                "clients_failed": sent - len(accepted),  # error replies, refused updates and timeouts
-            }
-            if metrics is not None and "train-loss" in metrics:
-                info["train_loss"] = float(metrics["train-loss"])
-            self.observer(server_round, info)
+            self.observer(self._report(server_round, replies, accepted, len(declined), sent, bytes_down, metrics))
         return arrays, metrics
+
+    @staticmethod
+    def _report(server_round: int, replies: list[Message], accepted: list[Message], declined: int, sent: int,
+                bytes_down: int, metrics: MetricRecord | None) -> RoundReport:
+        received = [m for m in replies if not m.has_error() and "arrays" in m.content.array_records]
+        totals: dict[str, float | int] = {
+            "bytes_down": bytes_down,
+            "bytes_up": sum(m.content["arrays"].count_bytes() for m in received),
+            "clients_ok": len(accepted),
+            "clients_failed": sent - len(accepted) - declined,  # error replies, refused updates and timeouts
+            "clients_declined": declined,
+        }
+        if metrics is not None and "train-loss" in metrics:
+            totals["train_loss"] = float(metrics["train-loss"])
+        clients = [{"node-id": m.metadata.src_node_id, "declined": declined_reason(m) is not None,
+                    **dict(m.content.metric_records["metrics"])}
+                   for m in replies if not m.has_error() and "metrics" in m.content.metric_records]
+        return RoundReport(server_round, totals, clients)
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

@@ -31,7 +31,7 @@ SUMMARY_KEYS = {"final_accuracy", "best_accuracy", "rounds", "bytes_up_total", "
 @pytest.mark.parametrize("mode", MODES.names())
 def test_every_mode_three_clients_two_rounds(mode: str, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    cfg = make_config(f"mode={mode}", "clients=3", "rounds=2", "unfreeze-every=1", f"out={str(out)!r}")
+    cfg = make_config(f"finetune.mode={mode}", "clients=3", "rounds=2", "unfreeze-every=1", f"out={str(out)!r}")
     summary = simulate(cfg)
 
     for name in ("config.toml", "metrics.jsonl", "summary.json", "accuracy.png", "checkpoints/last.safetensors",
@@ -146,7 +146,7 @@ def test_a_run_is_reproducible(tmp_path: Path) -> None:
     """Same config and seed, same numbers: reply order (random in Flower) must not matter."""
     runs = []
     for name in ("a", "b"):
-        cfg = make_config("mode=full", "clients=4", "rounds=3", f"out={str(tmp_path / name)!r}")
+        cfg = make_config("finetune.mode=full", "clients=4", "rounds=3", f"out={str(tmp_path / name)!r}")
         simulate(cfg)
         runs.append([(r["accuracy"], r["loss"], r.get("train_loss")) for r in read_metrics(tmp_path / name)])
     assert runs[0] == runs[1]

@@ -27,7 +27,7 @@ def _context() -> Context:
 
 
 def test_client_trains_and_replies_only_travelling_tensors(task_identity: None) -> None:
-    cfg = make_config("mode=gradual-unfreezing", "clients=5")
+    cfg = make_config("finetune.mode=gradual-unfreezing", "clients=5")
     fingerprint = build_model(cfg).backbone_fingerprint
     reply = handle_train(_instruction(cfg, fingerprint), _context(), cfg)
     sent = reply.content["arrays"].to_torch_state_dict()

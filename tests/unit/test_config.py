@@ -20,7 +20,7 @@ def test_defaults_round_trip_through_run_config() -> None:
 
 
 def test_changed_values_round_trip_through_run_config_and_toml() -> None:
-    cfg = load_config(None, ["mode=discriminative", "rounds=3", "data.alpha=0.1", "pretrain.augment=false", "finetune.lr=1"])
+    cfg = load_config(None, ["finetune.mode=discriminative", "rounds=3", "data.alpha=0.1", "pretrain.augment=false", "finetune.lr=1"])
     assert ExperimentConfig.from_run_config(cfg.to_run_config()) == cfg
     assert from_dict(tomllib.loads(cfg.to_toml())) == cfg
     assert cfg.finetune.lr == 1.0 and isinstance(cfg.finetune.lr, float)
@@ -77,7 +77,7 @@ def test_cross_field_check() -> None:
 
 
 def test_set_accepts_full_and_unique_leaf_keys() -> None:
-    raw = apply_overrides({}, ["mode=discriminative", "data.partitioner=dirichlet", "rounds=20", 'name="x y"'])
+    raw = apply_overrides({}, ["finetune.mode=discriminative", "data.partitioner=dirichlet", "rounds=20", 'name="x y"'])
     assert raw == {"finetune": {"mode": "discriminative"}, "data": {"partitioner": "dirichlet"}, "rounds": 20,
                    "name": "x y"}
 

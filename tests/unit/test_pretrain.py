@@ -21,7 +21,7 @@ def test_pretraining_is_deterministic(tmp_path: Path) -> None:
 
 def test_cache_is_keyed_by_what_the_weights_depend_on() -> None:
     cfg = make_config()
-    assert pretrained_path(cfg) == pretrained_path(make_config("rounds=3", "mode=full", "seed=4"))
+    assert pretrained_path(cfg) == pretrained_path(make_config("rounds=3", "finetune.mode=full", "seed=4"))
     assert pretrained_path(cfg) != pretrained_path(make_config("pretrain.epochs=3"))
     assert pretrained_path(cfg) != pretrained_path(make_config("data.image-size=12"))
 

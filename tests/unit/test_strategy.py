@@ -9,10 +9,11 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
 
 from fedtl.server.plan import RoundPlan
 from fedtl.strategies.registry import build_strategy
-from fedtl.strategies.transfer import RoundFailedError, TransferStrategy
+from fedtl.strategies.transfer import RoundFailedError, RunStoppedError, TransferStrategy
 from tests.conftest import make_config
 
 INITIAL = {"blocks.a.w": torch.full((2,), 7.0), "head.w": torch.zeros(2, 2), "head.b": torch.zeros(2)}
@@ -44,11 +45,18 @@ class StaticGrid(Grid):
     run = property(_unused)
 
 
-def strategy(observed: list | None = None) -> TransferStrategy:
+def strategy(observed: list | None = None, inner: Strategy | None = None) -> TransferStrategy:
     return TransferStrategy(
-        build_strategy(make_config("clients=3")), plan=plan, keys_of=keys_of, initial_state=INITIAL,
-        fingerprint="f00d", observer=(lambda r, info: observed.append((r, info))) if observed is not None else None,
+        inner or build_strategy(make_config("clients=3")), plan=plan, keys_of=keys_of, initial_state=INITIAL,
+        fingerprint="f00d",
+        observer=(lambda report: observed.append((report.round, report.totals))) if observed is not None else None,
     )
+
+
+def configure_round_one(s: TransferStrategy, nodes: list[int]) -> list[Message]:
+    """Round 1's training messages (the head travels, at its initial values) to ``nodes``."""
+    return list(s.configure_train(1, ArrayRecord({k: INITIAL[k] for k in keys_of(["head"])}), ConfigRecord(),
+                                  StaticGrid(nodes)))
 
 
 def reply(to: Message, arrays: dict[str, np.ndarray], n: int) -> Message:
@@ -94,8 +102,7 @@ def test_aggregate_is_the_weighted_mean_of_travelling_keys(task_identity: None) 
 def test_updates_with_other_keys_are_refused(task_identity: None) -> None:
     observed: list = []
     s = strategy(observed)
-    out = list(s.configure_train(1, ArrayRecord({k: INITIAL[k] for k in keys_of(["head"])}),
-                                 ConfigRecord(), StaticGrid([1, 2])))
+    out = configure_round_one(s, [1, 2])
     good = {"head.w": np.ones((2, 2), np.float32), "head.b": np.ones(2, np.float32)}
     leaky = {**good, "blocks.a.w": np.zeros(2, np.float32)}  # a frozen block that must not travel
     arrays, _ = s.aggregate_train(1, [reply(out[0], good, 5), reply(out[1], leaky, 5)])
@@ -116,8 +123,7 @@ def test_malformed_updates_are_not_merged(task_identity: None, caplog: pytest.Lo
                                           update: dict, problem: str) -> None:
     observed: list = []
     s = strategy(observed)
-    out = list(s.configure_train(1, ArrayRecord({k: INITIAL[k] for k in keys_of(["head"])}),
-                                 ConfigRecord(), StaticGrid([1, 2])))
+    out = configure_round_one(s, [1, 2])
     good = {"head.w": np.full((2, 2), 3.0, np.float32), "head.b": np.ones(2, np.float32)}
     arrays, _ = s.aggregate_train(1, [reply(out[0], good, 5), reply(out[1], update, 5)])
     np.testing.assert_array_equal(arrays["head.w"].numpy(), good["head.w"])  # only the good one merged
@@ -127,8 +133,7 @@ def test_malformed_updates_are_not_merged(task_identity: None, caplog: pytest.Lo
 
 def test_a_round_with_nothing_to_merge_stops_the_run(task_identity: None) -> None:
     s = strategy()
-    out = list(s.configure_train(1, ArrayRecord({k: INITIAL[k] for k in keys_of(["head"])}),
-                                 ConfigRecord(), StaticGrid([1, 2, 3])))
+    out = configure_round_one(s, [1, 2, 3])
     failed = Message(Error(code=0, reason="disk on fire"), reply_to=out[0])
     no_arrays = Message(RecordDict({"metrics": MetricRecord({"num-examples": 3})}), reply_to=out[1])
     with pytest.raises(RoundFailedError, match=r"round 1: no client update could be merged.*disk on fire.*"
@@ -139,8 +144,45 @@ def test_a_round_with_nothing_to_merge_stops_the_run(task_identity: None) -> Non
 def test_timeouts_count_as_failed(task_identity: None) -> None:
     observed: list = []
     s = strategy(observed)
-    out = list(s.configure_train(1, ArrayRecord({k: INITIAL[k] for k in keys_of(["head"])}),
-                                 ConfigRecord(), StaticGrid([1, 2, 3])))
+    out = configure_round_one(s, [1, 2, 3])
     good = {"head.w": np.ones((2, 2), np.float32), "head.b": np.ones(2, np.float32)}
     s.aggregate_train(1, [reply(out[0], good, 5)])
     assert observed[0][1]["clients_ok"] == 1 and observed[0][1]["clients_failed"] == 2
+
+
+def declining(to: Message, reason: str) -> Message:
+    """A reply that declines the round, as a client whose privacy budget is spent sends it."""
+    content = RecordDict({"metrics": MetricRecord({"privacy.epsilon": 3.0}),
+                          "declined": ConfigRecord({"reason": reason})})
+    return Message(content=content, reply_to=to)
+
+
+def test_declined_clients_are_counted_apart_and_the_round_goes_on(task_identity: None) -> None:
+    observed: list = []
+    s = strategy(observed)
+    out = configure_round_one(s, [1, 2, 3])
+    good = {"head.w": np.ones((2, 2), np.float32), "head.b": np.ones(2, np.float32)}
+    arrays, _ = s.aggregate_train(1, [reply(out[0], good, 5), declining(out[1], "budget spent")])
+    np.testing.assert_array_equal(arrays["head.w"].numpy(), good["head.w"])
+    totals = observed[0][1]
+    assert (totals["clients_ok"], totals["clients_declined"], totals["clients_failed"]) == (1, 1, 1)
+
+
+def test_a_round_every_client_declines_ends_the_run(task_identity: None) -> None:
+    observed: list = []
+    s = strategy(observed)
+    out = configure_round_one(s, [1, 2])
+    with pytest.raises(RunStoppedError, match="every sampled client declined to train \\(budget spent"):
+        s.aggregate_train(1, [declining(m, "budget spent") for m in out])
+    assert observed[0][1]["clients_declined"] == 2  # recorded before the run ends
+
+
+def test_epsilons_and_ids_are_never_averaged_over_clients(task_identity: None) -> None:
+    s = strategy()
+    out = configure_round_one(s, [1, 2])
+    good = {"head.w": np.ones((2, 2), np.float32), "head.b": np.ones(2, np.float32)}
+    replies = [reply(m, good, 5) for m in out]
+    for i, r in enumerate(replies):
+        r.content["metrics"]["privacy.epsilon"], r.content["metrics"]["partition-id"] = 2.0 + i, i
+    _, metrics = s.aggregate_train(1, replies)
+    assert set(metrics.keys()) == {"train-loss"}

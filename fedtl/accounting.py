@@ -1,0 +1,115 @@
+"""Privacy accounting for whole runs: Opacus accountants per client, Flower's for client-level DP.
+
+Sample-level (DP-SGD): a client's spend is one Opacus accountant's over *every* step
+it took in the run. The accountant's state is its history of ``(noise multiplier,
+sample rate, steps)``, which the client keeps between rounds; a fresh accountant per
+round would report one round's epsilon, not the run's.
+
+Client-level: one Flower ``RdpAccountant`` on the server composes a Gaussian release
+per aggregated round (no sampling amplification: Flower samples a fixed number of
+clients, not by Poisson sampling).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from flwr.serverapp import RdpAccountant
+from flwr.supercore.privacy_accounting import (
+    GaussianPrivacyEvent,
+    NeighboringRelation,
+    PrivacyConfig,
+    SamplingMethod,
+)
+from opacus.accountants import create_accountant
+from opacus.accountants.utils import get_noise_multiplier
+
+History = list[tuple[float, float, int]]
+"""An Opacus accountant's history: ``(noise multiplier, sample rate, steps)`` per stretch."""
+
+
+# -- sample level (DP-SGD) -------------------------------------------------------------
+def poisson_schedule(num_examples: int, batch_size: int) -> tuple[float, int]:
+    """Sample rate and steps per epoch of Opacus's Poisson sampling over ``num_examples``.
+
+    Mirrors ``DPDataLoader.from_data_loader``: ``q = 1 / len(loader)`` with
+    ``len(loader) = ceil(n / batch)``, and an epoch is ``int(1 / q)`` steps.
+    """
+    if num_examples < 1:
+        raise ValueError("DP-SGD needs at least one example")
+    q = 1 / math.ceil(num_examples / batch_size)
+    return q, int(1 / q)
+
+
+def compose(history: Sequence[tuple[float, float, int]], sigma: float, q: float, steps: int) -> History:
+    """``history`` followed by ``steps`` steps at ``(sigma, q)``, merged as Opacus's accountants merge."""
+    out = [(float(s), float(r), int(n)) for s, r, n in history]
+    if steps <= 0:
+        return out
+    if out and out[-1][:2] == (sigma, q):
+        out[-1] = (sigma, q, out[-1][2] + steps)
+    else:
+        out.append((float(sigma), float(q), int(steps)))
+    return out
+
+
+def sample_epsilon(history: Sequence[tuple[float, float, int]], *, accountant: str, delta: float) -> float:
+    """The epsilon (at ``delta``) of every step in ``history``, by Opacus's ``accountant`` (rdp | prv | gdp)."""
+    if not history:
+        return 0.0
+    acc = create_accountant(mechanism=accountant)
+    acc.history = [tuple(h) for h in history]
+    return float(acc.get_epsilon(delta=delta))
+
+
+def calibrate_sample_noise(target_epsilon: float, *, delta: float, sample_rate: float, steps: int,
+                           accountant: str) -> float:
+    """Smallest noise multiplier (to Opacus's tolerance) whose ``steps`` steps spend at most ``target_epsilon``.
+
+    Raises
+    ------
+    ValueError
+        If no noise level reaches the target (Opacus: "The privacy budget is too low").
+    """
+    return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
+                                      steps=steps, accountant=accountant))
+
+
+# -- client level ----------------------------------------------------------------------
+def client_level_accountant(population: int, delta: float, max_epsilon: float | None) -> RdpAccountant:
+    """Flower's RDP accountant for releases of ``population`` clients' clipped, noised mean update."""
+    return RdpAccountant(PrivacyConfig(
+        target_delta=delta, population_size=population, neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+        sampling_method=SamplingMethod.NO_AMPLIFICATION, max_epsilon=max_epsilon,
+    ))
+
+
+def client_level_epsilon(sigma: float, *, releases: int, sampled: int, population: int, delta: float) -> float:
+    """Epsilon of ``releases`` client-level Gaussian releases at noise multiplier ``sigma``."""
+    acc = client_level_accountant(population, delta, None)
+    acc.compose(GaussianPrivacyEvent(noise_multiplier=sigma, sample_size=sampled, population_size=population),
+                count=releases)
+    return acc.get_epsilon(delta)
+
+
+def calibrate_client_noise(target_epsilon: float, *, releases: int, sampled: int, population: int, delta: float,
+                           tolerance: float = 0.01) -> float:
+    """Smallest noise multiplier whose ``releases`` releases spend at most ``target_epsilon`` (Flower's RDP).
+
+    Opacus's ``get_noise_multiplier`` does this search for its own accountants only;
+    this is the same bisection over Flower's accountant, so the server's budget check
+    (by the same accountant) agrees with the calibration.
+    """
+    def eps(sigma: float) -> float:
+        return client_level_epsilon(sigma, releases=releases, sampled=sampled, population=population, delta=delta)
+
+    low, high = 0.0, 1.0
+    while eps(high) > target_epsilon:
+        low, high = high, high * 2
+        if high > 1e6:
+            raise ValueError(f"no noise multiplier reaches epsilon = {target_epsilon} over {releases} rounds")
+    while target_epsilon - eps(high) > tolerance and high - low > 1e-9:
+        mid = (low + high) / 2
+        low, high = (mid, high) if eps(mid) > target_epsilon else (low, mid)
+    return high

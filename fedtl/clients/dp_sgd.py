@@ -1,0 +1,276 @@
+"""Sample-level DP on a client: DP-SGD with Opacus, accounted over the whole run.
+
+Each round Opacus wraps the model afresh (the trainable set may change between rounds,
+as under gradual unfreezing), but the accountant is restored from the client's
+``PrivacyState``, so the epsilon reported is the client's total spend so far.
+
+Why the trainable set may change without breaking the accounting: a DP-SGD step
+releases one noised sum of per-sample gradients clipped to ``max-grad-norm`` as a
+whole vector, whatever parameters it spans; its privacy cost depends only on the noise
+multiplier and the sample rate. Frozen blocks are public (pre-trained) and run in eval
+mode, so no example influences them.
+
+The noise comes from fresh operating-system entropy, never from the run's seed: the
+server knows that seed and could regenerate (and subtract) seeded noise.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from flwr.app import ConfigRecord, Context
+from opacus import PrivacyEngine
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils.data import DataLoader, TensorDataset
+
+from fedtl.accounting import History, calibrate_sample_noise, compose, poisson_schedule, sample_epsilon
+from fedtl.clients.trainer import TrainResult
+from fedtl.config import ConfigError, ExperimentConfig, PrivacyConfig
+from fedtl.data.federated import LabelledImages
+from fedtl.models.transfer import HEAD, TransferModel
+from fedtl.server.plan import RoundPlan
+
+STATE_KEY = "fedtl.privacy"
+
+
+class DPConfigError(ConfigError):
+    """The model or plan cannot be trained with DP-SGD as configured."""
+
+
+class BudgetSpentError(RuntimeError):
+    """Training this round would take the client past its privacy budget.
+
+    ``metrics`` holds the client's spend so far, for its reply.
+    """
+
+    def __init__(self, message: str, metrics: dict[str, float | int]) -> None:
+        super().__init__(message)
+        self.metrics = metrics
+
+
+@dataclass
+class PrivacyState:
+    """What a client keeps between rounds: its noise level and accountant history."""
+
+    noise_multiplier: float
+    sample_rate: float
+    history: History = field(default_factory=list)
+
+    def to_record(self) -> ConfigRecord:
+        """As a ConfigRecord for the node's ``context.state``."""
+        return ConfigRecord({
+            "noise-multiplier": self.noise_multiplier, "sample-rate": self.sample_rate,
+            "history.sigma": [h[0] for h in self.history], "history.rate": [h[1] for h in self.history],
+            "history.steps": [h[2] for h in self.history],
+        })
+
+    @classmethod
+    def from_record(cls, record: ConfigRecord) -> PrivacyState:
+        """Inverse of ``to_record``."""
+        sig, rate, steps = (list(record[k]) for k in ("history.sigma", "history.rate", "history.steps"))
+        return cls(float(record["noise-multiplier"]), float(record["sample-rate"]),
+                   [(float(s), float(r), int(n)) for s, r, n in zip(sig, rate, steps, strict=True)])
+
+    @property
+    def steps(self) -> int:
+        """DP-SGD steps taken so far."""
+        return sum(n for _, _, n in self.history)
+
+
+def _state_file(context: Context) -> Path | None:
+    # Deployment: a node that names a state folder keeps its spend on its own disk, so a
+    # restarted SuperNode still knows what it has spent in this run.
+    folder = context.node_config.get("state-dir")
+    return Path(str(folder)) / f"run-{context.run_id}-privacy.json" if folder else None
+
+
+def load_state(context: Context) -> PrivacyState | None:
+    """The client's privacy state from ``context.state`` (or its state file), ``None`` before round one."""
+    if STATE_KEY in context.state.config_records:
+        return PrivacyState.from_record(context.state.config_records[STATE_KEY])
+    path = _state_file(context)
+    if path is not None and path.exists():
+        raw = json.loads(path.read_text())
+        return PrivacyState(raw["noise_multiplier"], raw["sample_rate"], [tuple(h) for h in raw["history"]])
+    return None
+
+
+def save_state(context: Context, state: PrivacyState) -> None:
+    """Keep ``state`` in ``context.state`` (and the node's state file, when it has one)."""
+    context.state.config_records[STATE_KEY] = state.to_record()
+    path = _state_file(context)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"noise_multiplier": state.noise_multiplier, "sample_rate": state.sample_rate,
+                                   "history": state.history}))
+        tmp.replace(path)
+
+
+def check_dp_trainable(model: TransferModel, units: tuple[str, ...] | list[str]) -> None:
+    """Refuse trainable BatchNorm in ``units``, with the reason and the fixes.
+
+    Raises
+    ------
+    DPConfigError
+        If a BatchNorm layer would train under DP-SGD.
+    """
+    bad = [f"{u}.{name}" if name else u for u in units
+           for name, m in model.unit(u).named_modules()
+           if isinstance(m, _BatchNorm) and any(p.requires_grad for p in m.parameters(recurse=False))]
+    if bad:
+        raise DPConfigError(
+            f"DP-SGD cannot train BatchNorm layers ({', '.join(bad[:4])}{', ...' if len(bad) > 4 else ''}): "
+            "BatchNorm normalises each image with its batch's statistics, so one image's gradient depends on the "
+            "others in its batch and clipping per sample no longer bounds any one image's influence. Fix: keep "
+            "those blocks frozen (e.g. finetune.mode = \"feature-extraction\"), or set model.norm = \"group\" "
+            "(every BatchNorm becomes a GroupNorm, via Opacus's ModuleValidator, before pre-training)."
+        )
+
+
+def check_dp_plans(model: TransferModel, plans: Sequence[RoundPlan]) -> None:
+    """``check_dp_trainable`` for every round's trainable set (gradual unfreezing grows it), before round one."""
+    before = model.trainable_units
+    try:
+        for blocks in dict.fromkeys(plan.trainable_blocks for plan in plans):
+            model.set_trainable(blocks)
+            check_dp_trainable(model, model.trainable_units)
+    finally:
+        model.set_trainable([u for u in before if u != HEAD], head=HEAD in before)
+
+
+def initial_state(cfg: ExperimentConfig, num_examples: int) -> PrivacyState:
+    """The state of a client about to train for the first time: its noise multiplier and sample rate.
+
+    With ``target-epsilon``, the noise is calibrated for the client's whole planned
+    participation: every round (it may be sampled in each) x local epochs x its steps.
+    """
+    p = cfg.privacy
+    q, per_epoch = poisson_schedule(num_examples, cfg.finetune.batch_size)
+    if not p.target_epsilon:
+        return PrivacyState(p.noise_multiplier, q)
+    planned = cfg.rounds * cfg.finetune.local_epochs * per_epoch
+    try:
+        sigma = calibrate_sample_noise(p.target_epsilon, delta=p.delta, sample_rate=q, steps=planned,
+                                       accountant=p.accountant)
+    except ValueError as err:
+        raise DPConfigError(
+            f"no noise multiplier reaches privacy.target-epsilon = {p.target_epsilon} over {planned} steps "
+            f"(sample rate {q:.3g}): raise the target, or lower rounds or local-epochs ({err})"
+        ) from err
+    return PrivacyState(sigma, q)
+
+
+def round_steps(state: PrivacyState, plan: RoundPlan) -> int:
+    """DP-SGD steps one round of ``plan`` takes (Opacus's ``int(1 / q)`` per epoch)."""
+    return plan.local_epochs * int(1 / state.sample_rate)
+
+
+def check_budget(state: PrivacyState, plan: RoundPlan, p: PrivacyConfig) -> None:
+    """Raise ``BudgetSpentError`` if this round would take the client past ``p.budget``."""
+    if p.budget is None:
+        return
+    spent = sample_epsilon(state.history, accountant=p.accountant, delta=p.delta)
+    after = sample_epsilon(compose(state.history, state.noise_multiplier, state.sample_rate, round_steps(state, plan)),
+                           accountant=p.accountant, delta=p.delta)
+    if after > p.budget:
+        raise BudgetSpentError(
+            f"privacy budget spent: epsilon {spent:.4g} so far, {after:.4g} after this round, budget {p.budget:g} "
+            f"(delta {p.delta:g}); this client trains no more in this run", privacy_metrics(state, p),
+        )
+
+
+def privacy_metrics(state: PrivacyState, p: PrivacyConfig) -> dict[str, float | int]:
+    """What a client reports of its spend: cumulative epsilon at delta, steps, noise and sample rate."""
+    return {
+        "privacy.epsilon": sample_epsilon(state.history, accountant=p.accountant, delta=p.delta),
+        "privacy.delta": p.delta, "privacy.steps": state.steps,
+        "privacy.noise-multiplier": state.noise_multiplier, "privacy.sample-rate": state.sample_rate,
+    }
+
+
+def dp_round(
+    model: TransferModel, data: LabelledImages, plan: RoundPlan, cfg: ExperimentConfig, context: Context
+) -> tuple[TrainResult, dict[str, float | int]]:
+    """A client's DP-SGD round: restore its state, check its budget, train, keep the new state.
+
+    Raises
+    ------
+    BudgetSpentError
+        If the round would exceed ``privacy.budget``; nothing is trained.
+    """
+    state = load_state(context) or initial_state(cfg, len(data))
+    check_budget(state, plan, cfg.privacy)
+    result, state = train_private(model, data, plan, cfg, state)
+    save_state(context, state)
+    return result, privacy_metrics(state, cfg.privacy)
+
+
+def train_private(
+    model: TransferModel, data: LabelledImages, plan: RoundPlan, cfg: ExperimentConfig, state: PrivacyState,
+    *, noise_generator: torch.Generator | None = None,
+) -> tuple[TrainResult, PrivacyState]:
+    """One round of DP-SGD on ``data``, continuing the accountant of ``state``.
+
+    Parameters
+    ----------
+    model : TransferModel
+        Its trainable set must already be ``plan``'s; trained in place.
+    data : LabelledImages
+        The client's labelled images (the dataset Opacus samples from).
+    plan : RoundPlan
+        Units, learning rates, local epochs.
+    cfg : ExperimentConfig
+        ``finetune`` (batch size, momentum, weight decay) and ``privacy`` sections.
+    state : PrivacyState
+        The noise multiplier, sample rate and history so far.
+    noise_generator : torch.Generator, optional
+        Source of the noise and the Poisson sampling; default: seeded from ``os.urandom``.
+
+    Returns
+    -------
+    (TrainResult, PrivacyState)
+        The round's training figures and the state with this round's steps added.
+    """
+    p, ft = cfg.privacy, cfg.finetune
+    check_dp_trainable(model, model.trainable_units)
+    if len(data) == 0:
+        raise ValueError("this client holds no labelled images; nothing to train on")
+    q, _ = poisson_schedule(len(data), ft.batch_size)
+    if not math.isclose(q, state.sample_rate):
+        raise DPConfigError(f"this client's data changed size during the run (sample rate {q} != {state.sample_rate})")
+    g = noise_generator or torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
+    opt = torch.optim.SGD(model.param_groups(plan.lrs), momentum=ft.momentum, weight_decay=ft.weight_decay)
+    loader = DataLoader(TensorDataset(data.x, data.y), batch_size=ft.batch_size, generator=g)
+    engine = PrivacyEngine(accountant=p.accountant)
+    engine.accountant.history = list(state.history)
+    model.train()
+    module, optimizer, *criterion, dp_loader = engine.make_private(
+        module=model, optimizer=opt, data_loader=loader, noise_multiplier=state.noise_multiplier,
+        max_grad_norm=p.max_grad_norm, poisson_sampling=True, grad_sample_mode=p.grad_sample_mode,
+        noise_generator=g, criterion=nn.CrossEntropyLoss(),
+    )
+    loss_fn = criterion[0] if criterion else nn.CrossEntropyLoss()  # ghost clipping returns its own criterion
+    total, losses, steps = 0.0, 0, 0
+    try:
+        for _ in range(plan.local_epochs):
+            for x, y in dp_loader:
+                optimizer.zero_grad(set_to_none=True)
+                # An empty Poisson batch still steps: its noise is released (and accounted) all the same.
+                loss = loss_fn(module(x), y)
+                loss.backward()
+                optimizer.step()
+                if len(y):
+                    total, losses = total + float(loss.detach()), losses + 1
+                steps += 1
+    finally:
+        module._close()  # removes Opacus's hooks and per-sample gradients from ``model``
+    new = PrivacyState(state.noise_multiplier, state.sample_rate, [tuple(h) for h in engine.accountant.history])
+    return TrainResult(loss=total / max(losses, 1), examples=len(data), steps=steps), new

@@ -1,0 +1,111 @@
+"""The privacy ledger: every client's reported spend, per round, and the run's guarantee.
+
+Epsilons are never summed or averaged across clients: each client's data has its own
+guarantee, so the run's statement is about the largest one. Each line of
+``privacy.jsonl`` is written as its round ends.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from flwr.serverapp import RdpAccountant
+
+from fedtl.config import ExperimentConfig
+from fedtl.simulations.plots import plot_privacy
+from fedtl.strategies.transfer import RoundReport
+
+LEDGER_FILE = "privacy.jsonl"
+# Reply metric -> ledger column.
+_COLUMNS = {"privacy.epsilon": "epsilon", "privacy.delta": "delta", "privacy.steps": "steps",
+            "privacy.noise-multiplier": "noise_multiplier", "privacy.sample-rate": "sample_rate"}
+
+
+def client_label(metrics: dict[str, Any]) -> str:
+    """A client's name in the ledger: its partition id, else (deployment) its node id."""
+    return str(metrics["partition-id"]) if "partition-id" in metrics else f"node-{metrics['node-id']}"
+
+
+class PrivacyLedger:
+    """Records privacy spent in a run folder.
+
+    Parameters
+    ----------
+    out_dir : Path
+        The run folder; ``privacy.jsonl`` and ``privacy.png`` go there.
+    cfg : ExperimentConfig
+        The run's config (its ``privacy`` section).
+    level : str
+        ``"sample"`` (clients report their own spend) or ``"client"`` (``accountant`` holds it).
+    accountant : RdpAccountant, optional
+        The server's accountant under client-level DP.
+    """
+
+    def __init__(self, out_dir: Path, cfg: ExperimentConfig, level: str,
+                 accountant: RdpAccountant | None = None) -> None:
+        self.out = Path(out_dir)
+        self.path = self.out / LEDGER_FILE
+        self.path.write_text("")
+        self.cfg, self.level, self.accountant = cfg, level, accountant
+        self.latest: dict[str, float] = {}
+        self.curves: dict[str, list[tuple[int, float]]] = {}
+        self.declined: set[str] = set()
+
+    def on_round(self, report: RoundReport) -> None:
+        """Record the spend reported in round ``report.round``."""
+        rows = []
+        if self.accountant is not None:
+            spent = self.accountant.get_privacy_spent()
+            rows.append({"round": report.round, "client": "all", "epsilon": spent.epsilon, "delta": spent.delta,
+                         "releases": spent.num_releases, "noise_multiplier": self.noise_multiplier})
+        for metrics in report.clients:
+            if "privacy.epsilon" in metrics:
+                row = {"round": report.round, "client": client_label(metrics), "node_id": metrics["node-id"],
+                       "declined": metrics["declined"]}
+                rows.append({**row, **{col: metrics[key] for key, col in _COLUMNS.items() if key in metrics}})
+        with self.path.open("a") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+                self.latest[row["client"]] = row["epsilon"]
+                self.curves.setdefault(row["client"], []).append((report.round, row["epsilon"]))
+                if row.get("declined"):
+                    self.declined.add(row["client"])
+
+    @property
+    def noise_multiplier(self) -> float | None:
+        """Client-level: the noise multiplier of the releases composed so far."""
+        comps = self.accountant.state_dict()["compositions"] if self.accountant is not None else []
+        return comps[-1]["event"]["noise_multiplier"] if comps else None  # type: ignore[index]
+
+    @property
+    def epsilon(self) -> float:
+        """The largest epsilon any client (or, client-level, the run) has spent so far."""
+        return max(self.latest.values(), default=0.0)
+
+    def guarantee(self) -> str:
+        """The run's guarantee in one sentence."""
+        p = self.cfg.privacy
+        if self.level == "client":
+            return (f"each client's participation is (ε, δ)-DP at client level for ε ≤ {self.epsilon:.4g}, "
+                    f"δ = {p.delta:g} (Flower's {p.clipping} clipping on the {p.clip_on}, noise multiplier "
+                    f"{self.noise_multiplier or 0:.4g}, Flower's RDP accountant, no sampling amplification)")
+        return (f"each client's data is (ε, δ)-DP at sample level for ε ≤ {self.epsilon:.4g}, δ = {p.delta:g} "
+                f"(DP-SGD with Opacus, {p.accountant.upper()} accountant over every step each client took)")
+
+    def summary(self) -> dict[str, Any]:
+        """The ledger's part of ``summary.json``."""
+        p = self.cfg.privacy
+        return {
+            "mode": p.mode, "level": self.level, "delta": p.delta, "epsilon_max": self.epsilon,
+            "epsilon_per_client": dict(sorted(self.latest.items())), "budget": p.budget,
+            "clients_out_of_budget": sorted(self.declined), "guarantee": self.guarantee(),
+        }
+
+    def plot(self, rows: Sequence[dict[str, Any]]) -> Path:
+        """``privacy.png``: epsilon per round per client, and accuracy against epsilon."""
+        points = [(r["epsilon"], r["accuracy"]) for r in rows if "epsilon" in r]
+        return plot_privacy(self.curves, points, self.out / "privacy.png",
+                            title=f"{self.cfg.name}: {self.cfg.privacy.mode}")
