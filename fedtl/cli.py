@@ -96,6 +96,67 @@ def show_config(
         console.print(f"# keys: {', '.join(all_keys())}", markup=False, highlight=False)
 
 
+@app.command()
+def study(
+    study_file: Annotated[Path, typer.Argument(help="A study file: base config, grid and seeds (experiments/*.toml).")],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Study folder (default: the file's out, or runs/study-<name>).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Rerun every run, replacing those in the folder.")] = False,
+) -> None:
+    """Run a study (every grid point x seed, resumable), then write its report."""
+    import shlex
+    import sys
+
+    from fedtl.simulations.report import build_report
+    from fedtl.simulations.study import load_study, run_study
+
+    try:
+        spec = load_study(study_file)
+        folder = out or Path(spec.out)
+        run_study(spec, folder, command="fedtl " + shlex.join(sys.argv[1:]), overwrite=overwrite, console=console)
+        page = build_report(folder)
+    except _USER_ERRORS as err:
+        _fail(err)
+    console.print(f"report: {page}")
+
+
+@app.command()
+def report(
+    study_dir: Annotated[Path, typer.Argument(help="A study folder (what `fedtl study` wrote).")],
+) -> None:
+    """Rebuild a study's report (HTML, CSV, Markdown) from its saved runs."""
+    from fedtl.simulations.report import build_report
+
+    try:
+        page = build_report(study_dir)
+    except _USER_ERRORS as err:
+        _fail(err)
+    console.print(f"report: {page}")
+
+
+@app.command()
+def compare(
+    run_a: Annotated[Path, typer.Argument(help="A run folder.")],
+    run_b: Annotated[Path, typer.Argument(help="Another run folder.")],
+    plot: Annotated[Path | None, typer.Option("--plot", help="Also write both accuracy curves to this PNG.")] = None,
+) -> None:
+    """Two runs side by side: summary figures and their difference."""
+    from fedtl.server.record import read_metrics
+    from fedtl.simulations.plots import plot_accuracy
+    from fedtl.simulations.results import compare_runs
+
+    try:
+        header, rows = compare_runs(run_a, run_b)
+    except _USER_ERRORS as err:
+        _fail(err)
+    table = Table(*header, title="fedtl compare")
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+    if plot is not None:
+        plot_accuracy({str(run_a): read_metrics(run_a), str(run_b): read_metrics(run_b)}, plot, title="compare")
+        console.print(f"plot: {plot}")
+
+
 def main() -> None:
     """Entry point of the ``fedtl`` script."""
     app()

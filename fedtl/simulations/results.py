@@ -1,0 +1,211 @@
+"""A study's results as one table: one row per configuration, mean ± std over seeds.
+
+Reads only what runs wrote (``summary.json``, ``metrics.jsonl``), so a report can be
+rebuilt at any time from the folders. Also writes the table as CSV and Markdown.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedtl.server.record import read_metrics
+from fedtl.simulations.study import PLAN_FILE, StudyError
+
+
+@dataclass
+class RunResult:
+    """One finished run: its summary, metrics rows and folder (``scratch`` is its baseline's)."""
+
+    label: str
+    seed: int
+    dir: Path
+    summary: dict[str, Any]
+    rows: list[dict[str, Any]]
+    scratch: RunResult | None = None
+
+
+@dataclass
+class StudyResults:
+    """Every finished run of a study, grouped by configuration (in plan order)."""
+
+    name: str
+    command: str
+    out: Path
+    target_accuracy: float
+    configs: dict[str, list[RunResult]] = field(default_factory=dict)
+    missing: list[str] = field(default_factory=list)
+
+
+def _load_run(out: Path, rel: str, label: str, seed: int) -> RunResult | None:
+    folder = out / rel
+    if not (folder / "summary.json").is_file():
+        return None
+    return RunResult(label, seed, folder, json.loads((folder / "summary.json").read_text()), read_metrics(folder))
+
+
+def load_results(study_dir: str | Path) -> StudyResults:
+    """The finished runs of the study in ``study_dir`` (unfinished ones are listed in ``missing``).
+
+    Raises
+    ------
+    StudyError
+        If the folder holds no study plan.
+    """
+    out = Path(study_dir).resolve()
+    plan_path = out / PLAN_FILE
+    if not plan_path.is_file():
+        raise StudyError(f"{out} holds no study ({PLAN_FILE} is missing): run `fedtl study FILE` first")
+    plan = json.loads(plan_path.read_text())
+    res = StudyResults(plan["name"], plan["command"], out, float(plan.get("target_accuracy", 0.0)))
+    for entry in plan["runs"]:
+        run = _load_run(out, entry["dir"], entry["label"], entry["seed"])
+        if run is None:
+            res.missing.append(entry["dir"])
+            continue
+        if entry.get("scratch_dir"):
+            run.scratch = _load_run(out, entry["scratch_dir"], "scratch", entry["seed"])
+            if run.scratch is None:
+                res.missing.append(entry["scratch_dir"])
+        res.configs.setdefault(entry["label"], []).append(run)
+    return res
+
+
+# -- per-run figures -------------------------------------------------------------------
+def bytes_per_round(run: RunResult) -> float:
+    """Mean bytes sent and received per trained round."""
+    trained = [r for r in run.rows if r["round"] > 0]
+    return statistics.mean(r["bytes_down"] + r["bytes_up"] for r in trained) if trained else 0.0
+
+
+def to_target(run: RunResult, target: float) -> dict[str, float]:
+    """Round, seconds and bytes until the test accuracy first reaches ``target`` (NaN if never)."""
+    total = 0.0
+    for r in run.rows:
+        total += r["bytes_down"] + r["bytes_up"]
+        if r["round"] > 0 and r["accuracy"] >= target:
+            return {"round": r["round"], "seconds": r["wall_seconds"], "bytes": total}
+    return {"round": math.nan, "seconds": math.nan, "bytes": math.nan}
+
+
+def epsilon(run: RunResult) -> float:
+    """The run's largest epsilon; infinity without DP."""
+    return float(run.summary.get("privacy", {}).get("epsilon_max", math.inf))
+
+
+def _get(path: str) -> Callable[[RunResult], float]:
+    def read(run: RunResult) -> float:
+        value: Any = run.summary
+        for part in path.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        return float(value) if isinstance(value, (int, float)) else math.nan
+    return read
+
+
+# Column -> (header, per-run value, format). Mean ± std over seeds.
+COLUMNS: dict[str, tuple[str, Callable[[RunResult], float], str]] = {
+    "final_accuracy": ("final accuracy", _get("final_accuracy"), "{:.3f}"),
+    "best_accuracy": ("best accuracy", _get("best_accuracy"), "{:.3f}"),
+    "personalised_accuracy": ("personalised accuracy", _get("clients.personalised_accuracy_mean"), "{:.3f}"),
+    "transfer_gain": ("transfer gain", lambda r: (r.summary["final_accuracy"] - r.scratch.summary["final_accuracy"])
+                      if r.scratch else math.nan, "{:+.3f}"),
+    "client_accuracy_mean": ("client accuracy", _get("clients.accuracy_mean"), "{:.3f}"),
+    "client_accuracy_worst10": ("worst-10 % client accuracy", _get("clients.accuracy_worst10"), "{:.3f}"),
+    "held_out_before": ("held-out accuracy before", _get("held_out.accuracy_before_mean"), "{:.3f}"),
+    "held_out_after": ("held-out accuracy after local fine-tuning", _get("held_out.accuracy_after_mean"), "{:.3f}"),
+    "ece": ("ECE", lambda r: float(r.rows[-1].get("ece", math.nan)), "{:.3f}"),
+    "bytes_per_round": ("bytes per round", bytes_per_round, "{:,.0f}"),
+    "bytes_total": ("bytes in total", lambda r: r.summary["bytes_down_total"] + r.summary["bytes_up_total"],
+                    "{:,.0f}"),
+    "wall_seconds": ("wall time (s)", _get("wall_seconds"), "{:.1f}"),
+    "epsilon": ("epsilon", epsilon, "{:.3g}"),
+}
+
+
+def _cell(values: Sequence[float], fmt: str) -> str:
+    finite = [v for v in values if not math.isnan(v)]
+    if not finite:
+        return "—"
+    if any(math.isinf(v) for v in finite):
+        return "∞"
+    mean = statistics.mean(finite)
+    if len(finite) == 1:
+        return fmt.format(mean)
+    return f"{fmt.format(mean)} ± {fmt.format(statistics.stdev(finite)).lstrip('+')}"
+
+
+def target_accuracy(res: StudyResults) -> float:
+    """The study's target: as configured, else 90 % of the best configuration's mean final accuracy."""
+    if res.target_accuracy > 0:
+        return res.target_accuracy
+    means = [statistics.mean(r.summary["final_accuracy"] for r in runs) for runs in res.configs.values()]
+    return 0.9 * max(means, default=0.0)
+
+
+def table(res: StudyResults) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the results table (columns no run has a value for are left out)."""
+    target = target_accuracy(res)
+    columns = {**COLUMNS,
+               "rounds_to_target": (f"rounds to {target:.3f}", lambda r: to_target(r, target)["round"], "{:.1f}"),
+               "seconds_to_target": (f"seconds to {target:.3f}", lambda r: to_target(r, target)["seconds"], "{:.1f}"),
+               "bytes_to_target": (f"bytes to {target:.3f}", lambda r: to_target(r, target)["bytes"], "{:,.0f}")}
+    values = {key: {label: [get(r) for r in runs] for label, runs in res.configs.items()}
+              for key, (_, get, _) in columns.items()}
+    kept = [k for k in columns if any(not math.isnan(v) for vs in values[k].values() for v in vs)]
+    header = ["configuration", "seeds", *(columns[k][0] for k in kept)]
+    rows = [[label, str(len(runs)), *(_cell(values[k][label], columns[k][2]) for k in kept)]
+            for label, runs in res.configs.items()]
+    return header, rows
+
+
+def write_tables(res: StudyResults, folder: Path) -> tuple[Path, Path]:
+    """``results.csv`` and ``results.md`` in ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    header, rows = table(res)
+    csv_path, md_path = folder / "results.csv", folder / "results.md"
+    with csv_path.open("w", newline="") as f:
+        csv.writer(f).writerows([header, *rows])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    md_path.write_text("\n".join(lines) + "\n")
+    return csv_path, md_path
+
+
+# Summary fields ``fedtl compare`` shows, with their format.
+COMPARED = (("final_accuracy", "{:.4f}"), ("best_accuracy", "{:.4f}"), ("best_round", "{}"), ("rounds", "{}"),
+            ("transfer_gain", "{:+.4f}"), ("bytes_down_total", "{:,}"), ("bytes_up_total", "{:,}"),
+            ("travelling_params", "{:,}"), ("total_params", "{:,}"), ("wall_seconds", "{:.1f}"))
+
+
+def compare_runs(a: str | Path, b: str | Path) -> tuple[list[str], list[list[str]]]:
+    """Two run folders side by side: header and rows (field, run a, run b, b - a).
+
+    Raises
+    ------
+    StudyError
+        If a folder holds no finished run.
+    """
+    summaries = []
+    for folder in (Path(a), Path(b)):
+        if not (folder / "summary.json").is_file():
+            raise StudyError(f"{folder} holds no finished run (no summary.json): give a run folder, e.g. runs/<name>")
+        summaries.append(json.loads((folder / "summary.json").read_text()))
+    first, second = summaries
+    fields = [("mode", "{}"), ("init", "{}"), ("strategy", "{}"), ("backbone", "{}"), ("clients", "{}"), *COMPARED]
+    rows = []
+    for key, fmt in fields:
+        if key not in first and key not in second:
+            continue
+        va, vb = first.get(key), second.get(key)
+        numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (va, vb))
+        delta = fmt.format(vb - va) if numbers and fmt != "{}" else ""
+        rows.append([key, "—" if va is None else fmt.format(va), "—" if vb is None else fmt.format(vb), delta])
+    eps = [s.get("privacy", {}).get("epsilon_max") for s in summaries]
+    rows.append(["epsilon", *("∞" if e is None else f"{e:.4g}" for e in eps), ""])
+    return ["", str(a), str(b), "b - a"], rows

@@ -1,0 +1,277 @@
+"""Studies: a grid of runs over any config keys, with repeats (seeds), run one after another.
+
+A study file names a base config, fixed overrides, a grid and seeds::
+
+    [study]
+    name = "modes"
+    base = "digits.toml"          # relative to the study file; optional (the defaults)
+    seeds = [0, 1, 2]
+    scratch = true                # each run's from-scratch baseline too (the transfer gain)
+    target-accuracy = 0.0         # efficiency: time and bytes to reach it; 0 = 90 % of the best
+
+    [study.set]                   # applied to every run
+    rounds = 10
+
+    [study.grid]                  # the axes: every combination runs, for every seed
+    "finetune.mode" = ["feature-extraction", "full"]
+
+Every run's config is built and validated before the first run starts. The study folder
+holds ``study.toml`` (the file as given), ``plan.json`` (every run, its axes and folder),
+``runs/<label>-s<seed>/`` and ``scratch/<label>-s<seed>/`` (ordinary run folders) and
+``report/``. A rerun skips runs whose folder holds a finished run of the same config, and
+reruns one that was interrupted; a folder holding a different config is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import re
+import time
+import tomllib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+from rich.console import Console
+
+from fedtl.config import ConfigError, ExperimentConfig, load_config, resolve_key
+from fedtl.config.fields import flatten
+from fedtl.server.record import holds_run
+
+_STUDY_KEYS = {"name", "base", "seeds", "scratch", "target-accuracy", "set", "grid", "out"}
+PLAN_FILE = "plan.json"
+
+
+class StudyError(ConfigError):
+    """A study file or folder that cannot be run as asked."""
+
+
+def toml_literal(value: Any) -> str:
+    """``value`` written as a TOML literal (what ``--set key=value`` parses)."""
+    return tomli_w.dumps({"v": value}).split("=", 1)[1].strip()
+
+
+@dataclass(frozen=True)
+class StudySpec:
+    """A parsed study file.
+
+    Attributes
+    ----------
+    name : str
+        The study's name (default: the file's stem).
+    base : Path or None
+        The base config file; ``None``: the defaults.
+    sets : tuple of str
+        ``key=value`` overrides applied to every run, after the base.
+    axes : tuple of (str, tuple)
+        Grid axes in file order: full config key and its values.
+    seeds : tuple of int
+        Repeats of every configuration.
+    scratch : bool
+        Whether each run's from-scratch baseline runs too.
+    target_accuracy : float
+        Accuracy the efficiency figures are measured to; 0 = 90 % of the best configuration's.
+    out : str
+        The study folder (default ``runs/study-<name>``).
+    source : Path
+        The study file; ``text`` its contents.
+    """
+
+    name: str
+    base: Path | None
+    sets: tuple[str, ...]
+    axes: tuple[tuple[str, tuple[Any, ...]], ...]
+    seeds: tuple[int, ...]
+    scratch: bool
+    target_accuracy: float
+    out: str
+    source: Path
+    text: str = field(repr=False)
+
+
+def _fail(path: Path, message: str) -> StudyError:
+    return StudyError(f"study file {str(path)!r}: {message}")
+
+
+def load_study(path: str | Path) -> StudySpec:
+    """Parse and check a study file (see the module docstring for its form).
+
+    Raises
+    ------
+    StudyError
+        If the file is missing, not TOML, or its ``[study]`` table is malformed.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise StudyError(f"study file {str(path)!r} does not exist (e.g. experiments/modes.toml)")
+    text = path.read_text()
+    try:
+        raw = tomllib.loads(text).get("study")
+    except tomllib.TOMLDecodeError as err:
+        raise _fail(path, f"not valid TOML: {err}") from None
+    if not isinstance(raw, dict):
+        raise _fail(path, "no [study] table; a study file names a base config, a grid and seeds")
+    unknown = sorted(set(raw) - _STUDY_KEYS)
+    if unknown:
+        raise _fail(path, f"unknown [study] keys {unknown}; known: {sorted(_STUDY_KEYS)}")
+    seeds = raw.get("seeds", [0])
+    if not (isinstance(seeds, list) and seeds and all(isinstance(s, int) and s >= 0 for s in seeds)):
+        raise _fail(path, f"seeds must be a non-empty list of integers >= 0, not {seeds!r}")
+    axes = []
+    for key, values in flatten(raw.get("grid", {})).items():
+        if not isinstance(values, list) or not values:
+            raise _fail(path, f"grid axis {key!r} must be a non-empty list of values, not {values!r}")
+        axes.append((resolve_key(key), tuple(values)))
+    sets = tuple(f"{resolve_key(k)}={toml_literal(v)}" for k, v in flatten(raw.get("set", {})).items())
+    base = raw.get("base")
+    target = raw.get("target-accuracy", 0.0)
+    if not isinstance(target, (int, float)) or not 0 <= target <= 1:
+        raise _fail(path, f"target-accuracy must be in [0, 1], not {target!r}")
+    name = str(raw.get("name", path.stem))
+    return StudySpec(
+        name=name, base=(path.parent / base) if base else None, sets=sets, axes=tuple(axes),
+        seeds=tuple(seeds), scratch=bool(raw.get("scratch", True)), target_accuracy=float(target),
+        out=str(raw.get("out", f"runs/study-{name}")), source=path, text=text,
+    )
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    """One run of a study: a grid point and a seed."""
+
+    label: str
+    values: dict[str, Any]
+    seed: int
+    cfg: ExperimentConfig
+    scratch: ExperimentConfig | None = None
+
+    @property
+    def config_label(self) -> str:
+        """The configuration without the seed (rows of the report)."""
+        return self.label
+
+
+def _slug(values: dict[str, Any]) -> str:
+    if not values:
+        return "base"
+    parts = [f"{k.rsplit('.', 1)[-1]}-{v}" for k, v in values.items()]
+    return re.sub(r"[^A-Za-z0-9_.=-]+", "_", "_".join(parts))[:120]
+
+
+def _scratch_id(cfg: ExperimentConfig) -> str:
+    body = {k: v for k, v in cfg.to_dict().items() if k not in ("name", "out")}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def plan_study(spec: StudySpec, out: Path) -> list[PlannedRun]:
+    """Every run of ``spec`` with its validated config, run folder and (shared) scratch baseline.
+
+    Raises
+    ------
+    ConfigError
+        If any grid point does not make a valid config (nothing has run yet).
+    """
+    runs = []
+    scratch_dirs: dict[str, Path] = {}
+    keys = [k for k, _ in spec.axes]
+    for combo in itertools.product(*(values for _, values in spec.axes)):
+        values = dict(zip(keys, combo, strict=True))
+        label = ", ".join(f"{k}={v}" for k, v in values.items()) or "base"
+        for seed in spec.seeds:
+            sets = [*spec.sets, *(f"{k}={toml_literal(v)}" for k, v in values.items()), f"seed={seed}"]
+            try:
+                cfg = load_config(spec.base, sets)
+            except ConfigError as err:
+                raise StudyError(f"study {spec.name!r}, run {label} (seed {seed}): {err}") from None
+            cfg = cfg.replace(name=f"{spec.name}/{_slug(values)}", out=str(out / "runs" / f"{_slug(values)}-s{seed}"))
+            scratch = None
+            if spec.scratch and cfg.init == "pretrained":
+                base = cfg.as_scratch()
+                folder = scratch_dirs.setdefault(_scratch_id(base), out / "scratch" / f"{_slug(values)}-s{seed}")
+                scratch = base.replace(name=f"{spec.name}/scratch", out=str(folder))
+            runs.append(PlannedRun(label, values, seed, cfg, scratch))
+    return runs
+
+
+def run_state(cfg: ExperimentConfig) -> str:
+    """``"done"`` (finished, same config), ``"new"``, ``"interrupted"`` (started, no summary).
+
+    Raises
+    ------
+    StudyError
+        If the folder holds a run of another config.
+    """
+    out = Path(cfg.out)
+    if not holds_run(out):
+        return "new"
+    held = (out / "config.toml").read_text() if (out / "config.toml").is_file() else ""
+    if held != cfg.to_toml():
+        raise StudyError(f"{out} holds a run of another config (was the study file changed?): rerun the study with "
+                         "--overwrite to replace its runs, or give it another folder (--out)")
+    return "done" if (out / "summary.json").is_file() else "interrupted"
+
+
+def _eta(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m}m{s:02d}s"
+
+
+def run_study(
+    spec: StudySpec, out: Path, *, command: str, overwrite: bool = False, console: Console | None = None,
+    simulate: Callable[..., dict[str, Any]] | None = None,
+) -> list[PlannedRun]:
+    """Run every run of ``spec`` not already finished in ``out``, then write its plan.
+
+    Parameters
+    ----------
+    spec : StudySpec
+        The study.
+    out : Path
+        The study folder.
+    command : str
+        The command that started the study (recorded for the report).
+    overwrite : bool, default False
+        Rerun every run, replacing what the folder holds.
+    console : Console, optional
+        Where the study's progress lines go.
+    simulate : callable, optional
+        ``simulate(cfg, overwrite=...)``; default the Ray simulation.
+    """
+    if simulate is None:
+        from fedtl.simulations.simulate import simulate
+    console = console or Console()
+    out = Path(out).resolve()
+    runs = plan_study(spec, out)
+    jobs: list[ExperimentConfig] = []
+    for run in runs:
+        jobs.extend(c for c in (run.cfg, run.scratch) if c is not None and c not in jobs)
+    states = {id(c): ("new" if overwrite else run_state(c)) for c in jobs}  # refuses conflicts before any run
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "study.toml").write_text(spec.text)
+    write_plan(out, spec, runs, command)
+    todo = [c for c in jobs if states[id(c)] != "done"]
+    console.print(f"[bold]study {spec.name}[/]: {len(runs)} runs ({len(jobs)} with baselines), "
+                  f"{len(jobs) - len(todo)} already done -> {out}")
+    t0 = time.perf_counter()
+    for i, cfg in enumerate(todo):
+        eta = f" · study ETA {_eta((time.perf_counter() - t0) / i * (len(todo) - i))}" if i else ""
+        console.rule(f"[{i + 1}/{len(todo)}] {cfg.name} seed {cfg.seed}{eta}")
+        simulate(cfg, overwrite=overwrite or states[id(cfg)] == "interrupted")
+    return runs
+
+
+def write_plan(out: Path, spec: StudySpec, runs: Sequence[PlannedRun], command: str) -> Path:
+    """``plan.json``: the study's runs, axes, seeds and the command that made it."""
+    plan = {
+        "name": spec.name, "command": command, "axes": [k for k, _ in spec.axes], "seeds": list(spec.seeds),
+        "target_accuracy": spec.target_accuracy,
+        "runs": [{"label": r.label, "values": r.values, "seed": r.seed, "dir": str(Path(r.cfg.out).relative_to(out)),
+                  "scratch_dir": str(Path(r.scratch.out).relative_to(out)) if r.scratch else None} for r in runs],
+    }
+    path = out / PLAN_FILE
+    path.write_text(json.dumps(plan, indent=2) + "\n")
+    return path

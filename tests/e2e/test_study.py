@@ -1,0 +1,130 @@
+"""Studies end to end: a 2 x 2 grid x 2 seeds on real Flower + Ray, resume, the report in Chromium."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from fedtl.simulations.report import build_report
+from fedtl.simulations.study import StudyError, load_study, run_study
+from tests.conftest import CACHE
+from tests.e2e.test_simulation import _fedtl
+
+pytestmark = pytest.mark.e2e
+
+CHROMIUM = Path("/usr/bin/chromium")
+STUDY = f"""
+[study]
+name = "tiny"
+seeds = [0, 1]
+target-accuracy = 0.2
+
+[study.set]
+clients = 3
+rounds = 2
+"pretrain.epochs" = 2
+"pretrain.cache-dir" = "{CACHE}"
+"data.held-out-clients" = 1
+
+[study.grid]
+"finetune.mode" = ["feature-extraction", "full"]
+"data.partitioner" = ["iid", "dirichlet"]
+"""
+
+
+@pytest.fixture(scope="module")
+def study_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny study, run once for the module's tests."""
+    folder = tmp_path_factory.mktemp("study")
+    (folder / "tiny.toml").write_text(STUDY)
+    done = _fedtl("study", str(folder / "tiny.toml"), "--out", str(folder / "out"))
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    return folder
+
+
+def test_study_runs_every_point_and_seed_and_writes_the_table(study_dir: Path) -> None:
+    out = study_dir / "out"
+    plan = json.loads((out / "plan.json").read_text())
+    assert len(plan["runs"]) == 8 and plan["command"].startswith("fedtl study ")
+    # Scratch baselines are shared by the runs whose baseline is the same config: the mode
+    # does not change it (scratch is always full), the partitioner does.
+    assert len({r["scratch_dir"] for r in plan["runs"]}) == 4
+    rows = list(csv.reader((out / "report" / "results.csv").open()))
+    header, body = rows[0], rows[1:]
+    assert len(body) == 4 and {r[1] for r in body} == {"2"}
+    for column in ("final accuracy", "transfer gain", "worst-10 % client accuracy", "ECE", "bytes per round",
+                   "held-out accuracy after local fine-tuning", "rounds to 0.200"):
+        assert column in header, column
+    md = (out / "report" / "results.md").read_text()
+    assert md.count("\n") == 6 and "finetune.mode=full, data.partitioner=dirichlet" in md
+    for figure in ("curves", "scratch", "bytes", "clients", "domains", "adaptability", "confusion", "saliency"):
+        assert (out / "report" / f"{figure}.png").stat().st_size > 5_000, figure
+
+
+def test_a_rerun_skips_finished_runs_and_redoes_an_interrupted_one(study_dir: Path) -> None:
+    out = study_dir / "out"
+    victim = out / "runs" / "mode-full_partitioner-iid-s1"
+    (victim / "summary.json").unlink()  # as if the run had been killed before its end
+    before = {p: p.stat().st_mtime_ns for p in out.glob("**/summary.json")}
+    ran: list[str] = []
+
+    def simulate(cfg, overwrite: bool = False) -> dict:
+        ran.append(cfg.out)
+        assert overwrite  # the interrupted run's folder is replaced
+        shutil.copy(out / "runs" / "mode-full_partitioner-iid-s0" / "summary.json", Path(cfg.out) / "summary.json")
+        return {}
+
+    spec = load_study(study_dir / "tiny.toml")
+    run_study(spec, out, command="test", console=Console(quiet=True), simulate=simulate)
+    assert ran == [str(victim)]
+    assert all(p.stat().st_mtime_ns == t for p, t in before.items())
+
+
+def test_a_changed_study_is_refused_rather_than_mixed(study_dir: Path) -> None:
+    changed = study_dir / "changed.toml"
+    changed.write_text(STUDY.replace("rounds = 2", "rounds = 3"))
+    with pytest.raises(StudyError, match="holds a run of another config"):
+        run_study(load_study(changed), study_dir / "out", command="test", console=Console(quiet=True),
+                  simulate=lambda cfg, overwrite=False: pytest.fail("nothing may run"))
+
+
+def test_report_renders_in_headless_chromium(study_dir: Path, tmp_path: Path) -> None:
+    if not CHROMIUM.is_file():
+        if os.environ.get("FEDTL_REQUIRE_BROWSER"):
+            pytest.fail("Debian's chromium is missing: `make test` installs it (apt-get install chromium)")
+        pytest.skip("no /usr/bin/chromium (Debian's chromium); `make test` installs it as root")
+    from playwright.sync_api import sync_playwright
+
+    page_path = build_report(study_dir / "out")
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run"])
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.goto(page_path.as_uri())
+        rows = page.locator("table tr").count()
+        images = page.evaluate("Array.from(document.images).map(i => [i.complete, i.naturalWidth])")
+        title = page.locator("h1").inner_text()
+        page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
+        browser.close()
+    assert title == "Study: tiny"
+    assert rows == 1 + 4  # header + one row per configuration
+    assert len(images) >= 8 and all(done and width > 100 for done, width in images)
+    assert (tmp_path / "report.png").stat().st_size > 50_000
+
+
+def test_cli_report_and_compare(study_dir: Path) -> None:
+    out = study_dir / "out"
+    done = _fedtl("report", str(out))
+    assert done.returncode == 0 and "report:" in done.stdout
+    a, b = out / "runs" / "mode-full_partitioner-iid-s0", out / "runs" / "mode-feature-extraction_partitioner-iid-s0"
+    done = _fedtl("compare", str(a), str(b))
+    assert done.returncode == 0 and "final_accuracy" in done.stdout and "travelling_params" in done.stdout
+    missing = _fedtl("report", str(study_dir))
+    assert missing.returncode == 2 and "holds no study" in missing.stdout
