@@ -33,7 +33,14 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/fedtl simulate --config experiments/digits.toml --compare-scratch --out runs/demo --overwrite
 
-test: $(STAMP)
+# The study report is tested in a real browser: Debian's Chromium (apt, as root; CI is root).
+CHROMIUM := /usr/bin/chromium
+$(CHROMIUM):
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	else echo "note: the report test needs Debian's chromium (apt-get install chromium, as root); it will be skipped"; fi
+
+test: $(STAMP) $(CHROMIUM)
 	$(BIN)/python -m pytest tests
 
 test-fast: $(STAMP)

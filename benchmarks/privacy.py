@@ -1,20 +1,16 @@
-"""What differential privacy costs: accuracy per epsilon (pre-trained vs scratch), and DP-SGD's time.
+"""What DP-SGD costs in time: one client's local round, plain SGD vs DP-SGD (Opacus hooks, ghost clipping).
 
-Part 1 runs the real simulation (Flower + Ray) of ``experiments/privacy.toml`` for each
-target epsilon (and without DP), pre-trained (feature extraction) and from scratch
-(full fine-tuning, the same DP-SGD), for each seed.
+The three are timed interleaved in one process, so the machine's noise hits them alike;
+it reports medians and ratios to plain SGD. (What privacy costs in accuracy is a study:
+``fedtl study experiments/privacy-sweep.toml``.)
 
-Part 2 times one client's local round, plain SGD vs DP-SGD (Opacus hooks, ghost
-clipping), interleaved in one process; it reports ratios to plain SGD (medians).
-
-    .venv/bin/python benchmarks/privacy.py [--seeds 0 1] [--epsilons 1 3 8] [--reps 7] [--set key=value ...]
+    .venv/bin/python benchmarks/privacy.py [--reps 7] [--set key=value ...]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import time
 from collections.abc import Callable
@@ -28,38 +24,9 @@ from fedtl.config import ExperimentConfig, load_config
 from fedtl.data.federated import client_data
 from fedtl.models.factory import build_model
 from fedtl.server.plan import plan_round
-from fedtl.simulations.simulate import simulate
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "experiments" / "privacy.toml"
-
-
-def _stat(values: list[float]) -> str:
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.3f} ± {sd:.3f}"
-
-
-def utility(args: argparse.Namespace) -> None:
-    settings = [(f"ε={e:g}", ["privacy.mode=dp-sgd", f"target-epsilon={e}"]) for e in args.epsilons]
-    settings.append(("no DP", ["privacy.mode=off"]))
-    results: dict[str, dict[str, list[float]]] = {}
-    for seed in args.seeds:
-        for label, sets in settings:
-            cfg = load_config(CONFIG, [*args.sets, *sets, f"seed={seed}"])
-            for init, run in (("pre-trained", cfg), ("scratch", cfg.as_scratch())):
-                out = args.out / f"{label.replace('=', '')}-{init}-s{seed}"
-                acc = simulate(run.replace(out=str(out)), overwrite=True)["final_accuracy"]
-                results.setdefault(label, {}).setdefault(init, []).append(acc)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "privacy_utility.json").write_text(json.dumps(results, indent=2))
-    base = load_config(CONFIG, args.sets)
-    print(f"\nFinal test accuracy, {base.rounds} rounds, {base.clients} clients, all labelled images, "
-          f"delta {base.privacy.delta:g}; seeds {args.seeds}\n")
-    print("| privacy | pre-trained (feature extraction) | scratch (full) | transfer gain |")
-    print("|---|---|---|---|")
-    for label, _ in settings:
-        pre, scr = results[label]["pre-trained"], results[label]["scratch"]
-        print(f"| {label} | {_stat(pre)} | {_stat(scr)} | {_stat([a - b for a, b in zip(pre, scr)])} |")
 
 
 def _round_timer(cfg: ExperimentConfig, engine: str | None) -> Callable[[], float]:
@@ -106,17 +73,9 @@ def overhead(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 3.0, 8.0])
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--set", dest="sets", action="append", default=[], help="config override, key=value")
-    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-privacy")
-    parser.add_argument("--only", choices=["utility", "overhead"], default=None)
-    args = parser.parse_args()
-    if args.only != "overhead":
-        utility(args)
-    if args.only != "utility":
-        overhead(args)
+    overhead(parser.parse_args())
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ travelling tensors.
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from functools import lru_cache
 from typing import Any
 
@@ -19,12 +19,14 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable
 
 from fedtl.clients.dp_sgd import BudgetSpentError
+from fedtl.clients.trainer import train_local
 from fedtl.config import ExperimentConfig
-from fedtl.data.federated import client_data
+from fedtl.data.federated import client_data, client_test_data
 from fedtl.models.factory import build_model
 from fedtl.models.transfer import TransferModel
 from fedtl.privacy import privacy_mode
 from fedtl.seeds import derived_seed
+from fedtl.server.evaluate import evaluate_model
 from fedtl.server.plan import DECLINED, FINGERPRINT_KEY, UNIT_WEIGHT, RoundPlan
 
 
@@ -36,6 +38,74 @@ class BackboneMismatchError(RuntimeError):
 def base_model(cfg: ExperimentConfig) -> TransferModel:
     """The run's model as every round starts it, built (weights read, fingerprinted) once per process."""
     return build_model(cfg)
+
+
+def node_partition(context: Context, cfg: ExperimentConfig) -> tuple[int, int]:
+    """This node's partition id and the number of partitions, checked against the run's config."""
+    pid, n = int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
+    if n != cfg.clients:
+        raise ValueError(
+            f"this node is partition {pid} of {n} (node config) but the run config says clients = {cfg.clients}: "
+            f"set clients = {n} (e.g. --run-config \"clients={n}\") so the data is split as the nodes are"
+        )
+    return pid, n
+
+
+def is_held_out(cfg: ExperimentConfig, partition_id: int) -> bool:
+    """Whether this partition is one of the ``data.held-out-clients`` kept out of training (the last ids)."""
+    return partition_id >= cfg.clients - cfg.data.held_out_clients
+
+
+def received_model(msg: Message, cfg: ExperimentConfig) -> tuple[TransferModel, RoundPlan]:
+    """The run's model with the message's travelling tensors loaded, and the message's plan.
+
+    Raises
+    ------
+    BackboneMismatchError
+        If this node's pre-trained weights are not the server's.
+    """
+    config = msg.content["config"]
+    model = copy.deepcopy(base_model(cfg))
+    theirs = config.get(FINGERPRINT_KEY)
+    if theirs != model.backbone_fingerprint:
+        raise BackboneMismatchError(
+            f"backbone fingerprint mismatch: server {theirs}, this node {model.backbone_fingerprint}. "
+            "Both must load the same pre-trained weights (same backbone, pretrain settings and weights file)."
+        )
+    plan = RoundPlan.from_config(config)
+    model.set_trainable(plan.trainable_blocks)
+    model.load_travelling_state(msg.content["arrays"].to_torch_state_dict())
+    return model, plan
+
+
+def handle_evaluate(msg: Message, context: Context, cfg: ExperimentConfig) -> Message:
+    """The received model's accuracy on this node's own test images.
+
+    A held-out node (never trained on) also fine-tunes the model locally, once, as a
+    training round's plan says, and reports its accuracy before (``accuracy-before``)
+    and after (``accuracy``). Only these metrics leave the node; under DP they are not
+    covered by the guarantee (nor are Flower's evaluation metrics).
+    """
+    pid, n = node_partition(context, cfg)
+    model, plan = received_model(msg, cfg)
+    test = client_test_data(cfg.data, pid, n, cfg.seed)
+    held_out = is_held_out(cfg, pid)
+    metrics: dict[str, float | int] = {"partition-id": pid, "held-out": int(held_out), "num-examples": len(test)}
+    if len(test):
+        before = evaluate_model(model, test)
+        if held_out:
+            train_local(model, client_data(cfg.data, pid, n, cfg.seed), plan, cfg.finetune,
+                        seed=derived_seed(f"adapt:{pid}", cfg.seed))
+            metrics["accuracy-before"] = before["accuracy"]
+        metrics.update(evaluate_model(model, test) if held_out else before)
+    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+def handle_query(msg: Message, context: Context, cfg: ExperimentConfig) -> Message:
+    """This node's partition and whether it is held out of training (the server asks once per node)."""
+    pid, _ = node_partition(context, cfg)
+    metrics = MetricRecord({"partition-id": pid, "held-out": int(is_held_out(cfg, pid))})
+    return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 
 
 def handle_train(msg: Message, context: Context, cfg: ExperimentConfig) -> Message:
@@ -64,23 +134,13 @@ def handle_train(msg: Message, context: Context, cfg: ExperimentConfig) -> Messa
     ValueError
         If the node's partition does not fit the run's config, or the plan is malformed.
     """
-    pid, n = int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
-    if n != cfg.clients:
-        raise ValueError(
-            f"this node is partition {pid} of {n} (node config) but the run config says clients = {cfg.clients}: "
-            f"set clients = {n} (e.g. --run-config \"clients={n}\") so the data is split as the nodes are"
-        )
+    pid, n = node_partition(context, cfg)
+    model, plan = received_model(msg, cfg)
+    if is_held_out(cfg, pid):
+        reason = f"partition {pid} is held out of training (data.held-out-clients = {cfg.data.held_out_clients})"
+        return Message(RecordDict({"metrics": MetricRecord({"partition-id": pid}),
+                                   DECLINED: ConfigRecord({"reason": reason})}), reply_to=msg)
     config = msg.content["config"]
-    model = copy.deepcopy(base_model(cfg))
-    theirs = config.get(FINGERPRINT_KEY)
-    if theirs != model.backbone_fingerprint:
-        raise BackboneMismatchError(
-            f"backbone fingerprint mismatch: server {theirs}, this node {model.backbone_fingerprint}. "
-            "Both must load the same pre-trained weights (same backbone, pretrain settings and weights file)."
-        )
-    plan = RoundPlan.from_config(config)
-    model.set_trainable(plan.trainable_blocks)
-    model.load_travelling_state(msg.content["arrays"].to_torch_state_dict())
 
     data = client_data(cfg.data, pid, n, cfg.seed)
     rnd = int(config["server-round"])
@@ -117,12 +177,17 @@ def make_client_app(run_config: Mapping[str, Any] | None = None) -> ClientApp:
 
     client = ClientApp(mods=[privacy_mod])
 
-    @client.train()
-    def train(msg: Message, context: Context) -> Message:
-        cfg = config_of(context)
-        # As many threads as CPUs Ray reserves for this client: clients do not oversubscribe cores.
-        torch.set_num_threads(max(1, int(cfg.simulation.num_cpus)))
-        return handle_train(msg, context, cfg)
+    def handler(handle: Callable[[Message, Context, ExperimentConfig], Message]) -> Callable[[Message, Context], Message]:
+        def run(msg: Message, context: Context) -> Message:
+            cfg = config_of(context)
+            # As many threads as CPUs Ray reserves for this client: clients do not oversubscribe cores.
+            torch.set_num_threads(max(1, int(cfg.simulation.num_cpus)))
+            return handle(msg, context, cfg)
+        return run
+
+    client.train()(handler(handle_train))
+    client.evaluate()(handler(handle_evaluate))
+    client.query()(handler(handle_query))
 
     return client
 

@@ -30,6 +30,10 @@ class DataConfig(Validated):
     alpha: float = field(default=0.5, metadata=in_range(0.0, None, lo_open=True))
     labelled_per_client: int = field(default=10, metadata=in_range(0))
     min_partition_size: int = field(default=2, metadata=in_range(0))
+    # The last share of each client's partition: its own test images, never trained on.
+    client_test_fraction: float = field(default=0.2, metadata=in_range(0.0, 0.9))
+    # Clients (the highest partition ids) kept out of training: the adaptability figures.
+    held_out_clients: int = field(default=0, metadata=in_range(0))
     test_fraction: float = field(default=0.3, metadata=in_range(0.0, 0.9, lo_open=True))
     image_size: int = field(default=16, metadata=in_range(8, 512))
 
@@ -164,6 +168,16 @@ class ExperimentConfig(Validated):
                 f"strategy.min-train-nodes = {self.strategy.min_train_nodes} exceeds clients = {self.clients}. "
                 "Lower it or add clients."
             )
+        training = self.training_clients
+        if training < 1:
+            raise ConfigError(f"data.held-out-clients = {self.data.held_out_clients} leaves no client of {self.clients} "
+                              "to train: hold out fewer clients or add clients")
+        if self.data.held_out_clients and max(self.strategy.min_train_nodes, self.strategy.min_available_nodes) > training:
+            raise ConfigError(
+                f"with data.held-out-clients = {self.data.held_out_clients}, only {training} clients train, fewer than "
+                f"strategy.min-train-nodes / min-available-nodes ({self.strategy.min_train_nodes} / "
+                f"{self.strategy.min_available_nodes}): lower those or hold out fewer clients"
+            )
         p = self.privacy
         if p.max_epsilon and p.target_epsilon and p.max_epsilon < p.target_epsilon:
             raise ConfigError(
@@ -177,9 +191,15 @@ class ExperimentConfig(Validated):
             )
 
     @property
+    def training_clients(self) -> int:
+        """Clients that train: all but the held-out ones."""
+        return self.clients - self.data.held_out_clients
+
+    @property
     def sampled_clients(self) -> int:
-        """Clients the strategy samples each round when all are available (Flower's rule)."""
-        return min(self.clients, max(int(self.clients * self.strategy.fraction_train), self.strategy.min_train_nodes))
+        """Clients the strategy samples each round when all training clients are available (Flower's rule)."""
+        n = self.training_clients
+        return min(n, max(int(n * self.strategy.fraction_train), self.strategy.min_train_nodes))
 
     # -- conversions -------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -38,14 +38,21 @@ def scenario(cfg: DataConfig) -> Scenario:
 
 
 @lru_cache(maxsize=8)
-def _partitions(cfg: DataConfig, num_clients: int, seed: int) -> tuple[np.ndarray, ...]:
+def _partitions(cfg: DataConfig, num_clients: int, seed: int) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
+    # Each partition: its last client-test-fraction is the client's own test split; of the
+    # rest, the client keeps at most labelled-per-client images for training.
     sc = scenario(cfg)
     parts = partition_indices(
         sc.pool_y.numpy(), num_clients, partitioner=cfg.partitioner, alpha=cfg.alpha,
         min_size=cfg.min_partition_size, seed=seed,
     )
-    cap = cfg.labelled_per_client
-    return tuple(p[:cap] if cap > 0 else p for p in parts)
+    out = []
+    for p in parts:
+        n_test = min(int(len(p) * cfg.client_test_fraction), len(p) - 1)
+        train, test = p[:len(p) - n_test], p[len(p) - n_test:]
+        cap = cfg.labelled_per_client
+        out.append((train[:cap] if cap > 0 else train, test))
+    return tuple(out)
 
 
 def check_partitions(cfg: DataConfig, num_clients: int, seed: int) -> None:
@@ -53,9 +60,20 @@ def check_partitions(cfg: DataConfig, num_clients: int, seed: int) -> None:
     _partitions(cfg, num_clients, seed)
 
 
+def _client_images(cfg: DataConfig, partition_id: int, num_clients: int, seed: int, split: int) -> LabelledImages:
+    if not 0 <= partition_id < num_clients:
+        raise ValueError(f"partition-id {partition_id} is outside [0, {num_clients}): check the node config")
+    sc = scenario(cfg)
+    idx = torch.from_numpy(_partitions(cfg, num_clients, seed)[partition_id][split])
+    style = sc.styles[partition_id % len(sc.styles)]
+    stream = "style" if split == 0 else "test-split-style"
+    x = apply_style(style, sc.pool_x[idx], seed=derived_seed(f"{stream}:{partition_id}", seed))
+    return LabelledImages(x, sc.pool_y[idx], (style,) * len(idx))
+
+
 @lru_cache(maxsize=2)
 def client_data(cfg: DataConfig, partition_id: int, num_clients: int, seed: int) -> LabelledImages:
-    """The labelled images client ``partition_id`` holds (at most ``labelled-per-client``), in its style.
+    """The labelled images client ``partition_id`` trains on (at most ``labelled-per-client``), in its style.
 
     Parameters
     ----------
@@ -73,13 +91,17 @@ def client_data(cfg: DataConfig, partition_id: int, num_clients: int, seed: int)
     Cached per process: a client styles its images once, not every round. Do not
     modify the returned tensors in place.
     """
-    if not 0 <= partition_id < num_clients:
-        raise ValueError(f"partition-id {partition_id} is outside [0, {num_clients}): check the node config")
-    sc = scenario(cfg)
-    idx = torch.from_numpy(_partitions(cfg, num_clients, seed)[partition_id])
-    style = sc.styles[partition_id % len(sc.styles)]
-    x = apply_style(style, sc.pool_x[idx], seed=derived_seed(f"style:{partition_id}", seed))
-    return LabelledImages(x, sc.pool_y[idx], (style,) * len(idx))
+    return _client_images(cfg, partition_id, num_clients, seed, 0)
+
+
+@lru_cache(maxsize=2)
+def client_test_data(cfg: DataConfig, partition_id: int, num_clients: int, seed: int) -> LabelledImages:
+    """Client ``partition_id``'s own held-out images (the last ``client-test-fraction`` of its partition).
+
+    They never train; the client's accuracy of a model is measured on them. Same
+    parameters as ``client_data``.
+    """
+    return _client_images(cfg, partition_id, num_clients, seed, 1)
 
 
 @lru_cache(maxsize=2)

@@ -21,6 +21,7 @@ from fedtl.models.transfer import TransferModel
 from fedtl.privacy import privacy_mode
 from fedtl.server.evaluate import central_evaluate
 from fedtl.server.ledger import PrivacyLedger
+from fedtl.server.nodes import TrainingNodes
 from fedtl.server.plan import RoundPlan, plan_round
 from fedtl.server.record import RunRecorder
 from fedtl.simulations.plots import plot_accuracy
@@ -67,9 +68,12 @@ def run_server(grid: Grid, cfg: ExperimentConfig) -> dict[str, Any]:
         if ledger is not None:
             ledger.on_round(report)
 
+    timeout = cfg.strategy.round_timeout
     strategy = TransferStrategy(
         inner=inner, plan=plan, keys_of=model.unit_keys, initial_state=model.state_dict(),
-        fingerprint=model.backbone_fingerprint, observer=observe,
+        fingerprint=model.backbone_fingerprint, observer=observe, final_round=cfg.rounds,
+        on_evaluate=recorder.on_client_evaluation,
+        training_nodes=(lambda g: TrainingNodes(g, timeout)) if cfg.data.held_out_clients else None,
     )
     best = {"accuracy": -1.0}
 
@@ -95,7 +99,7 @@ def run_server(grid: Grid, cfg: ExperimentConfig) -> dict[str, Any]:
     try:
         strategy.start(
             grid=grid, initial_arrays=ArrayRecord(model.travelling_state()), num_rounds=cfg.rounds,
-            timeout=cfg.strategy.round_timeout, train_config=ConfigRecord(), evaluate_fn=evaluate,
+            timeout=timeout, train_config=ConfigRecord(), evaluate_fn=evaluate,
         )
     except (RunStoppedError, PrivacyBudgetExhausted) as err:
         # The budget ends the run, not an error: everything up to the last round is kept.

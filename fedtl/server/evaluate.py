@@ -1,4 +1,8 @@
-"""Central evaluation of the global model on the server's held-out target test set."""
+"""Evaluating a model on labelled images: accuracy, loss, calibration, per domain style.
+
+The server evaluates the global model on its held-out target test set each round; each
+client evaluates the final model on its own test images (``evaluate_model``).
+"""
 
 from __future__ import annotations
 
@@ -8,18 +12,41 @@ import torch.nn.functional as F
 from fedtl.data.federated import LabelledImages
 from fedtl.models.transfer import TransferModel
 
+ECE_BINS = 15
+
+
+def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: int = ECE_BINS) -> float:
+    """Expected calibration error: the example-weighted mean gap between confidence and accuracy.
+
+    Examples are binned by their top probability into ``bins`` equal-width bins of (0, 1]
+    (Guo et al. 2017); each bin contributes |accuracy - mean confidence| x its share.
+    """
+    confidence, predicted = probs.max(1)
+    correct = predicted.eq(labels).float()
+    # Bin b holds confidences in (b / bins, (b + 1) / bins].
+    which = (confidence * bins).ceil().long().clamp(1, bins) - 1
+    ece = 0.0
+    for b in range(bins):
+        mask = which == b
+        if mask.any():
+            ece += float(mask.float().mean() * (correct[mask].mean() - confidence[mask].mean()).abs())
+    return ece
+
+
+def evaluate_model(model: TransferModel, data: LabelledImages) -> dict[str, float]:
+    """``accuracy``, ``loss`` (cross-entropy) and ``ece`` of ``model`` on ``data`` (eval mode)."""
+    logits = model.predict(data.x)
+    return {
+        "accuracy": float((logits.argmax(1) == data.y).float().mean()),
+        "loss": float(F.cross_entropy(logits, data.y)),
+        "ece": expected_calibration_error(logits.softmax(1), data.y),
+    }
+
 
 def central_evaluate(model: TransferModel, data: LabelledImages) -> dict[str, float]:
-    """Accuracy and loss on ``data``, overall and per domain style.
-
-    Returns
-    -------
-    dict
-        ``accuracy``, ``loss`` and ``accuracy/<style>`` for every style in ``data``.
-    """
-    logits = model.predict(data.x)
-    correct = (logits.argmax(1) == data.y).float()
-    out = {"accuracy": float(correct.mean()), "loss": float(F.cross_entropy(logits, data.y))}
+    """``evaluate_model`` on ``data``, plus ``accuracy/<style>`` for every domain style in it."""
+    out = evaluate_model(model, data)
+    correct = (model.predict(data.x).argmax(1) == data.y).float()
     styles = list(data.style)
     for style in dict.fromkeys(styles):
         mask = torch.tensor([s == style for s in styles])

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -29,7 +31,7 @@ _COLUMNS = [("round", "round", "{:>5}"), ("accuracy", "accuracy", "{:>8.4f}"), (
 
 
 RUN_FILES = ("config.toml", "metrics.jsonl", "summary.json", "accuracy.png", "checkpoints", "privacy.jsonl",
-             "privacy.png")
+             "privacy.png", "clients.jsonl")
 
 
 class RunFolderError(FileExistsError):
@@ -72,6 +74,7 @@ class RunRecorder:
         self.console = console or Console()
         self.rows: list[dict[str, Any]] = []
         self._pending: dict[int, dict[str, float | int]] = {}
+        self.client_evaluation: list[dict[str, Any]] = []
         self._t0 = time.perf_counter()
         title = f"{cfg.name}: {cfg.finetune.mode}, {cfg.init}"
         self.console.print(f"[bold]{title}[/] -> {self.out}")
@@ -91,6 +94,13 @@ class RunRecorder:
             return []
         return [(h, h.setStream(sys.stderr)) for h in logging.getLogger("flwr").handlers
                 if isinstance(h, logging.StreamHandler) and h.stream is sys.__stderr__]
+
+    def on_client_evaluation(self, rnd: int, clients: list[dict[str, Any]]) -> None:
+        """Keep (and write to ``clients.jsonl``) every node's evaluation of the final model."""
+        self.client_evaluation = sorted(clients, key=lambda c: (c.get("partition-id", -1), c["node-id"]))
+        with (self.out / "clients.jsonl").open("w") as f:
+            for c in self.client_evaluation:
+                f.write(json.dumps({"round": rnd, **c}) + "\n")
 
     def on_train(self, rnd: int, info: dict[str, float | int]) -> None:
         """Keep a round's traffic and training figures until its evaluation ends the round."""
@@ -137,10 +147,33 @@ class RunRecorder:
             "final_accuracy_per_style": {k.split("/", 1)[1]: v for k, v in last.items() if k.startswith("accuracy/")},
             "bytes_down_total": sum(r["bytes_down"] for r in self.rows),
             "bytes_up_total": sum(r["bytes_up"] for r in self.rows),
-            "wall_seconds": time.perf_counter() - self._t0, "out_dir": str(self.out), **fields,
+            "wall_seconds": time.perf_counter() - self._t0, "out_dir": str(self.out),
+            **client_summary(self.client_evaluation), **fields,
         }
         write_summary(self.out, summary)
         return summary
+
+
+def client_summary(clients: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The ``per_client`` and ``held_out`` sections of a summary, from the nodes' final evaluation.
+
+    ``accuracy_worst10`` is the mean accuracy of the worst 10 % of training clients (at least one).
+    """
+    out: dict[str, dict[str, Any]] = {}
+    label = [c.get("partition-id", f"node-{c['node-id']}") for c in clients]
+    train = [(i, c) for i, c in zip(label, clients) if not c.get("held-out") and "accuracy" in c]
+    if train:
+        acc = [c["accuracy"] for _, c in train]
+        worst = sorted(acc)[:max(1, math.ceil(0.1 * len(acc)))]
+        out["per_client"] = {"ids": [i for i, _ in train], "accuracy": acc, "accuracy_mean": statistics.mean(acc),
+                          "accuracy_std": statistics.pstdev(acc), "accuracy_worst10": statistics.mean(worst)}
+    held = [(i, c) for i, c in zip(label, clients) if c.get("held-out") and "accuracy" in c]
+    if held:
+        before, after = [c["accuracy-before"] for _, c in held], [c["accuracy"] for _, c in held]
+        out["held_out"] = {"ids": [i for i, _ in held], "accuracy_before": before, "accuracy_after": after,
+                           "accuracy_before_mean": statistics.mean(before),
+                           "accuracy_after_mean": statistics.mean(after)}
+    return out
 
 
 def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:

@@ -23,7 +23,7 @@ from fedtl.simulations.results import RunResult, StudyResults, load_results, tab
 
 REPORT_DIR = "report"
 _CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;color:#222}
-table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}
+.wide{overflow-x:auto}table{border-collapse:collapse;font-size:12px}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}
 td:nth-child(2),th:nth-child(2){text-align:left}th{background:#f3f3f3}pre{background:#f7f7f7;padding:1em;
 overflow:auto;font-size:12px}figure{display:inline-block;margin:1em}figcaption{font-size:13px;color:#555;
 max-width:640px}img{max-width:100%}"""
@@ -121,7 +121,7 @@ def build_report(study_dir: str | Path) -> Path:
 <p>Mean ± standard deviation over seeds. Transfer gain: final accuracy minus the from-scratch baseline's, seed by
 seed. Efficiency columns: rounds, seconds and bytes until the test accuracy first reached
 {target_accuracy(res):.3f}. Epsilon: the largest any client spent (∞: no DP).</p>
-{table_html}
+<div class="wide">{table_html}</div>
 <h2>Figures</h2>
 {"".join(f"<figure>{_img(p)}<figcaption>{html.escape(c)}</figcaption></figure>" for p, c in figures)}
 <h2>Runs</h2><ul>{runs_html}</ul>

@@ -97,7 +97,7 @@ def plot_bytes(res: StudyResults, path: Path) -> Path:
 
 def plot_client_spread(res: StudyResults, path: Path) -> Path | None:
     """Each client's accuracy of the final model on its own held-out images, pooled over seeds."""
-    data = {label: [a for r in runs for a in r.summary.get("clients", {}).get("accuracy", [])]
+    data = {label: [a for r in runs for a in r.summary.get("per_client", {}).get("accuracy", [])]
             for label, runs in res.configs.items()}
     if not any(data.values()):
         return None

@@ -112,11 +112,11 @@ def _get(path: str) -> Callable[[RunResult], float]:
 COLUMNS: dict[str, tuple[str, Callable[[RunResult], float], str]] = {
     "final_accuracy": ("final accuracy", _get("final_accuracy"), "{:.3f}"),
     "best_accuracy": ("best accuracy", _get("best_accuracy"), "{:.3f}"),
-    "personalised_accuracy": ("personalised accuracy", _get("clients.personalised_accuracy_mean"), "{:.3f}"),
+    "personalised_accuracy": ("personalised accuracy", _get("per_client.personalised_accuracy_mean"), "{:.3f}"),
     "transfer_gain": ("transfer gain", lambda r: (r.summary["final_accuracy"] - r.scratch.summary["final_accuracy"])
                       if r.scratch else math.nan, "{:+.3f}"),
-    "client_accuracy_mean": ("client accuracy", _get("clients.accuracy_mean"), "{:.3f}"),
-    "client_accuracy_worst10": ("worst-10 % client accuracy", _get("clients.accuracy_worst10"), "{:.3f}"),
+    "client_accuracy_mean": ("client accuracy", _get("per_client.accuracy_mean"), "{:.3f}"),
+    "client_accuracy_worst10": ("worst-10 % client accuracy", _get("per_client.accuracy_worst10"), "{:.3f}"),
     "held_out_before": ("held-out accuracy before", _get("held_out.accuracy_before_mean"), "{:.3f}"),
     "held_out_after": ("held-out accuracy after local fine-tuning", _get("held_out.accuracy_after_mean"), "{:.3f}"),
     "ece": ("ECE", lambda r: float(r.rows[-1].get("ece", math.nan)), "{:.3f}"),

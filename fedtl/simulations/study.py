@@ -15,6 +15,12 @@ A study file names a base config, fixed overrides, a grid and seeds::
     [study.grid]                  # the axes: every combination runs, for every seed
     "finetune.mode" = ["feature-extraction", "full"]
 
+    [[study.case]]                # optional: settings that only go together (each case x the grid)
+    "privacy.mode" = "off"
+    [[study.case]]
+    "privacy.mode" = "dp-sgd"
+    "privacy.target-epsilon" = 3.0
+
 Every run's config is built and validated before the first run starts. The study folder
 holds ``study.toml`` (the file as given), ``plan.json`` (every run, its axes and folder),
 ``runs/<label>-s<seed>/`` and ``scratch/<label>-s<seed>/`` (ordinary run folders) and
@@ -40,9 +46,10 @@ from rich.console import Console
 
 from fedtl.config import ConfigError, ExperimentConfig, load_config, resolve_key
 from fedtl.config.fields import flatten
+from fedtl.data.federated import check_partitions
 from fedtl.server.record import holds_run
 
-_STUDY_KEYS = {"name", "base", "seeds", "scratch", "target-accuracy", "set", "grid", "out"}
+_STUDY_KEYS = {"name", "base", "seeds", "scratch", "target-accuracy", "set", "grid", "case", "out"}
 PLAN_FILE = "plan.json"
 
 
@@ -69,6 +76,8 @@ class StudySpec:
         ``key=value`` overrides applied to every run, after the base.
     axes : tuple of (str, tuple)
         Grid axes in file order: full config key and its values.
+    cases : tuple of dict
+        Sets of settings that go together (full key -> value); every case runs with every grid point.
     seeds : tuple of int
         Repeats of every configuration.
     scratch : bool
@@ -85,6 +94,7 @@ class StudySpec:
     base: Path | None
     sets: tuple[str, ...]
     axes: tuple[tuple[str, tuple[Any, ...]], ...]
+    cases: tuple[dict[str, Any], ...]
     seeds: tuple[int, ...]
     scratch: bool
     target_accuracy: float
@@ -127,13 +137,17 @@ def load_study(path: str | Path) -> StudySpec:
             raise _fail(path, f"grid axis {key!r} must be a non-empty list of values, not {values!r}")
         axes.append((resolve_key(key), tuple(values)))
     sets = tuple(f"{resolve_key(k)}={toml_literal(v)}" for k, v in flatten(raw.get("set", {})).items())
+    cases = raw.get("case", [{}])
+    if not (isinstance(cases, list) and cases and all(isinstance(c, dict) for c in cases)):
+        raise _fail(path, "case must be an array of tables ([[study.case]]), each a set of settings")
+    cases = [{resolve_key(k): v for k, v in flatten(c).items()} for c in cases]
     base = raw.get("base")
     target = raw.get("target-accuracy", 0.0)
     if not isinstance(target, (int, float)) or not 0 <= target <= 1:
         raise _fail(path, f"target-accuracy must be in [0, 1], not {target!r}")
     name = str(raw.get("name", path.stem))
     return StudySpec(
-        name=name, base=(path.parent / base) if base else None, sets=sets, axes=tuple(axes),
+        name=name, base=(path.parent / base) if base else None, sets=sets, axes=tuple(axes), cases=tuple(cases),
         seeds=tuple(seeds), scratch=bool(raw.get("scratch", True)), target_accuracy=float(target),
         out=str(raw.get("out", f"runs/study-{name}")), source=path, text=text,
     )
@@ -141,18 +155,13 @@ def load_study(path: str | Path) -> StudySpec:
 
 @dataclass(frozen=True)
 class PlannedRun:
-    """One run of a study: a grid point and a seed."""
+    """One run of a study: a case and grid point (``values``, named by ``label``) and a seed."""
 
     label: str
     values: dict[str, Any]
     seed: int
     cfg: ExperimentConfig
     scratch: ExperimentConfig | None = None
-
-    @property
-    def config_label(self) -> str:
-        """The configuration without the seed (rows of the report)."""
-        return self.label
 
 
 def _slug(values: dict[str, Any]) -> str:
@@ -178,8 +187,8 @@ def plan_study(spec: StudySpec, out: Path) -> list[PlannedRun]:
     runs = []
     scratch_dirs: dict[str, Path] = {}
     keys = [k for k, _ in spec.axes]
-    for combo in itertools.product(*(values for _, values in spec.axes)):
-        values = dict(zip(keys, combo, strict=True))
+    for case, combo in itertools.product(spec.cases, itertools.product(*(values for _, values in spec.axes))):
+        values = {**case, **dict(zip(keys, combo, strict=True))}
         label = ", ".join(f"{k}={v}" for k, v in values.items()) or "base"
         for seed in spec.seeds:
             sets = [*spec.sets, *(f"{k}={toml_literal(v)}" for k, v in values.items()), f"seed={seed}"]
@@ -249,6 +258,8 @@ def run_study(
     jobs: list[ExperimentConfig] = []
     for run in runs:
         jobs.extend(c for c in (run.cfg, run.scratch) if c is not None and c not in jobs)
+    for cfg in jobs:  # every data split too, before the first run: a bad alpha fails here, not midway
+        check_partitions(cfg.data, cfg.clients, cfg.seed)
     states = {id(c): ("new" if overwrite else run_state(c)) for c in jobs}  # refuses conflicts before any run
     out.mkdir(parents=True, exist_ok=True)
     (out / "study.toml").write_text(spec.text)

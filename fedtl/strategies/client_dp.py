@@ -48,7 +48,7 @@ def client_level_noise(cfg: ExperimentConfig) -> float:
     if not p.target_epsilon:
         return p.noise_multiplier
     return calibrate_client_noise(p.target_epsilon, releases=cfg.rounds, sampled=cfg.sampled_clients,
-                                  population=cfg.clients, delta=p.delta)
+                                  population=cfg.training_clients, delta=p.delta)
 
 
 def wrap_client_level(strategy: Strategy, cfg: ExperimentConfig) -> tuple[Strategy, RdpAccountant]:
@@ -59,7 +59,7 @@ def wrap_client_level(strategy: Strategy, cfg: ExperimentConfig) -> tuple[Strate
     ConfigError
         If Flower's wrapper rejects the settings (its reason is kept).
     """
-    acc = client_level_accountant(cfg.clients, cfg.privacy.delta, cfg.privacy.budget)
+    acc = client_level_accountant(cfg.training_clients, cfg.privacy.delta, cfg.privacy.budget)
     try:
         return CLIENT_DP.get(wrapper_name(cfg))(strategy, cfg, client_level_noise(cfg), acc), acc
     except ValueError as err:

@@ -9,7 +9,9 @@ Like Flower's DP wrappers, it holds a strategy and adds behaviour around it:
   and dtypes and finite values; a round in which no reply is merged stops the run;
 - a client may decline a round (its privacy budget is spent): it is counted, not
   merged, and the round goes on; a round every sampled client declines ends the run;
-- the bytes sent and received are measured and reported to an observer.
+- the bytes sent and received are measured and reported to an observer;
+- training samples only the nodes ``training_nodes`` shows (held-out clients stay out);
+- after the final round every node evaluates the global model on its own test images.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
@@ -128,11 +130,20 @@ class TransferStrategy(Strategy):
         Fingerprint of the pre-trained backbone; clients refuse to train on a mismatch.
     observer : RoundObserver, optional
         Called after each aggregation with the round's ``RoundReport``.
+    final_round : int, optional
+        After this round every node (held-out ones too) evaluates the model on its own
+        test images; ``None``: no client evaluation.
+    on_evaluate : Callable[[int, list[dict]], None], optional
+        Called with the round and every node's evaluation metrics (with ``node-id``).
+    training_nodes : Callable[[Grid], Grid], optional
+        The view of the grid training samples from (``TrainingNodes``); default: all nodes.
     """
 
     def __init__(
         self, inner: Strategy, *, plan: Callable[[int], RoundPlan], keys_of: Callable[[Iterable[str]], list[str]],
         initial_state: Mapping[str, torch.Tensor], fingerprint: str, observer: RoundObserver | None = None,
+        final_round: int | None = None, on_evaluate: Callable[[int, list[dict[str, Any]]], None] | None = None,
+        training_nodes: Callable[[Grid], Grid] | None = None,
     ) -> None:
         self.inner = inner
         self.plan = plan
@@ -140,6 +151,10 @@ class TransferStrategy(Strategy):
         self.initial = {k: v.detach().cpu().numpy().copy() for k, v in initial_state.items()}
         self.fingerprint = fingerprint
         self.observer = observer
+        self.final_round = final_round
+        self.on_evaluate = on_evaluate
+        self.training_nodes = training_nodes
+        self._views: dict[int, Grid] = {}
         self._sent: dict[int, tuple[_Spec, int, int]] = {}  # round -> (spec, messages, bytes)
 
     def summary(self) -> None:
@@ -159,6 +174,8 @@ class TransferStrategy(Strategy):
         plan = self.plan(server_round)
         record = self.travelling_arrays(server_round, arrays)
         cfg = ConfigRecord({**config, **plan.to_config(), FINGERPRINT_KEY: self.fingerprint})
+        if self.training_nodes is not None:
+            grid = self._views.setdefault(id(grid), self.training_nodes(grid))  # one view (and its answers) per grid
         messages = list(self.inner.configure_train(server_round, record, cfg, grid))
         spec = {k: (tuple(a.shape), a.dtype) for k, a in record.items()}
         self._sent[server_round] = (spec, len(messages), sum(m.content["arrays"].count_bytes() for m in messages))
@@ -218,7 +235,20 @@ class TransferStrategy(Strategy):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        return self.inner.configure_evaluate(server_round, arrays, config, grid)
+        """After the final round, the global model to every node for evaluation on its own test images."""
+        if server_round != self.final_round:
+            return []
+        plan = self.plan(server_round)
+        content = ConfigRecord({**config, **plan.to_config(), FINGERPRINT_KEY: self.fingerprint,
+                                "server-round": server_round})
+        record = ArrayRecord({k: arrays[k] for k in self.keys_of(plan.lrs)})
+        return [Message(RecordDict({"arrays": record, "config": content}), dst_node_id=node,
+                        message_type=MessageType.EVALUATE) for node in grid.get_node_ids()]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        return self.inner.aggregate_evaluate(server_round, replies)
+        clients = [{"node-id": m.metadata.src_node_id, **dict(m.content["metrics"])}
+                   for m in replies if not m.has_error() and "metrics" in m.content.metric_records]
+        if self.on_evaluate is not None:
+            self.on_evaluate(server_round, clients)
+        scored = [c["accuracy"] for c in clients if "accuracy" in c and not c.get("held-out")]
+        return MetricRecord({"client-accuracy-mean": float(np.mean(scored))}) if scored else None

@@ -49,3 +49,23 @@ def test_client_refuses_a_split_other_than_the_runs(task_identity: None) -> None
     cfg = make_config("clients=4")
     with pytest.raises(ValueError, match=r"partition 2 of 5 \(node config\) but the run config says clients = 4"):
         handle_train(_instruction(cfg, build_model(cfg).backbone_fingerprint), _context(), cfg)
+
+
+def test_client_evaluates_on_its_own_test_images_and_a_held_out_one_adapts(task_identity: None) -> None:
+    from fedtl.clients.app import handle_evaluate, handle_query
+    from fedtl.data.federated import client_test_data
+
+    cfg = make_config("clients=5", "data.held-out-clients=1")
+    fingerprint = build_model(cfg).backbone_fingerprint
+    reply = handle_evaluate(_instruction(cfg, fingerprint), _context(), cfg)
+    metrics = reply.content["metrics"]
+    assert metrics["held-out"] == 0 and metrics["num-examples"] == len(client_test_data(cfg.data, 2, 5, cfg.seed)) > 0
+    assert 0 <= metrics["accuracy"] <= 1 and "accuracy-before" not in metrics
+    held = Context(run_id=1, node_id=9, node_config={"partition-id": 4, "num-partitions": 5}, state=RecordDict(),
+                   run_config={})
+    adapted = handle_evaluate(_instruction(cfg, fingerprint), held, cfg).content["metrics"]
+    assert adapted["held-out"] == 1 and adapted["accuracy"] != adapted["accuracy-before"]  # it fine-tuned locally
+    assert handle_query(_instruction(cfg, fingerprint), held, cfg).content["metrics"]["held-out"] == 1
+    declined = handle_train(_instruction(cfg, fingerprint), held, cfg)  # a server that did not filter it
+    assert "arrays" not in declined.content.array_records
+    assert "held out of training" in declined.content.config_records["declined"]["reason"]

@@ -118,8 +118,16 @@ def test_pyproject_flower_config_is_the_defaults() -> None:
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "experiments").glob("*.toml")), ids=lambda p: p.name)
-def test_shipped_experiments_load(path: Path) -> None:
-    load_config(path)
+def test_shipped_experiments_load(path: Path, tmp_path: Path) -> None:
+    """Configs load; study files plan every run (each config validated) and split its data."""
+    from fedtl.data.federated import check_partitions
+    from fedtl.simulations.study import load_study, plan_study
+
+    if "[study]" not in path.read_text():
+        load_config(path)
+        return
+    for run in plan_study(load_study(path), tmp_path):
+        check_partitions(run.cfg.data, run.cfg.clients, run.cfg.seed)
 
 
 def test_configs_built_in_code_are_validated_too() -> None:

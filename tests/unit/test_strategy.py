@@ -186,3 +186,35 @@ def test_epsilons_and_ids_are_never_averaged_over_clients(task_identity: None) -
         r.content["metrics"]["privacy.epsilon"], r.content["metrics"]["partition-id"] = 2.0 + i, i
     _, metrics = s.aggregate_train(1, replies)
     assert set(metrics.keys()) == {"train-loss"}
+
+
+class AnsweringGrid(StaticGrid):
+    """Nodes that answer Flower's query: node ids >= 100 are held out."""
+
+    def send_and_receive(self, messages, *, timeout=None):  # noqa: ANN001, ANN201
+        return [Message(RecordDict({"metrics": MetricRecord({"held-out": int(m.metadata.dst_node_id >= 100)})}),
+                        reply_to=m) for m in messages if m.metadata.dst_node_id != 7]  # node 7 is silent
+
+
+def test_held_out_and_silent_nodes_are_not_trained_but_all_evaluate(task_identity: None) -> None:
+    from fedtl.server.nodes import TrainingNodes
+
+    evaluated: list = []
+    s = TransferStrategy(
+        build_strategy(make_config("clients=3")), plan=plan, keys_of=keys_of, initial_state=INITIAL,
+        fingerprint="f00d", final_round=2, on_evaluate=lambda rnd, clients: evaluated.append((rnd, clients)),
+        training_nodes=lambda g: TrainingNodes(g, timeout=5),
+    )
+    grid = AnsweringGrid([1, 2, 7, 100])
+    head = ArrayRecord({k: INITIAL[k] for k in keys_of(["head"])})
+    trained = {m.metadata.dst_node_id for m in s.configure_train(1, head, ConfigRecord(), grid)}
+    assert trained == {1, 2}
+    assert list(s.configure_evaluate(1, head, ConfigRecord(), grid)) == []  # only after the final round
+    arrays = ArrayRecord({k: INITIAL[k] for k in keys_of(["a", "head"])})
+    final = list(s.configure_evaluate(2, arrays, ConfigRecord(), grid))
+    assert {m.metadata.dst_node_id for m in final} == {1, 2, 7, 100}
+    assert set(final[0].content["arrays"].keys()) == set(keys_of(["a", "head"]))
+    replies = [Message(RecordDict({"metrics": MetricRecord({"accuracy": a, "held-out": h})}), reply_to=m)
+               for m, a, h in zip(final, [0.5, 0.7, 0.9, 0.1], [0, 0, 0, 1])]
+    assert s.aggregate_evaluate(2, replies)["client-accuracy-mean"] == pytest.approx(0.7)
+    assert [c["accuracy"] for c in evaluated[0][1]] == [0.5, 0.7, 0.9, 0.1]
