@@ -31,15 +31,17 @@ History = list[tuple[float, float, int]]
 
 # -- sample level (DP-SGD) -------------------------------------------------------------
 def poisson_schedule(num_examples: int, batch_size: int) -> tuple[float, int]:
-    """Sample rate and steps per epoch of Opacus's Poisson sampling over ``num_examples``.
+    """The sample rate Opacus accounts and the steps per epoch of its Poisson sampling over ``num_examples``.
 
-    Mirrors ``DPDataLoader.from_data_loader``: ``q = 1 / len(loader)`` with
-    ``len(loader) = ceil(n / batch)``, and an epoch is ``int(1 / q)`` steps.
+    Mirrors ``DPDataLoader.from_data_loader`` and ``make_private``: the loader draws with
+    ``q0 = 1 / ceil(n / batch)`` for ``int(1 / q0)`` steps an epoch, and the accountant is
+    stepped at ``1 / int(1 / q0)`` (equal to ``q0`` unless float rounding drops a step,
+    as for 93 batches: then the accounted rate is the larger, which is conservative).
     """
     if num_examples < 1:
         raise ValueError("DP-SGD needs at least one example")
-    q = 1 / math.ceil(num_examples / batch_size)
-    return q, int(1 / q)
+    steps = int(1 / (1 / math.ceil(num_examples / batch_size)))
+    return 1 / steps, steps
 
 
 def compose(history: Sequence[tuple[float, float, int]], sigma: float, q: float, steps: int) -> History:

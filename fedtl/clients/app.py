@@ -14,7 +14,7 @@ from functools import lru_cache
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable
 
@@ -135,11 +135,11 @@ def handle_train(msg: Message, context: Context, cfg: ExperimentConfig) -> Messa
         If the node's partition does not fit the run's config, or the plan is malformed.
     """
     pid, n = node_partition(context, cfg)
-    model, plan = received_model(msg, cfg)
     if is_held_out(cfg, pid):
         reason = f"partition {pid} is held out of training (data.held-out-clients = {cfg.data.held_out_clients})"
         return Message(RecordDict({"metrics": MetricRecord({"partition-id": pid}),
                                    DECLINED: ConfigRecord({"reason": reason})}), reply_to=msg)
+    model, plan = received_model(msg, cfg)
     config = msg.content["config"]
 
     data = client_data(cfg.data, pid, n, cfg.seed)
@@ -160,6 +160,12 @@ def handle_train(msg: Message, context: Context, cfg: ExperimentConfig) -> Messa
     return Message(content=content, reply_to=msg)
 
 
+@lru_cache(maxsize=4)
+def parsed_config(run_config: tuple[tuple[str, Any], ...]) -> ExperimentConfig:
+    """The run's config, parsed and validated once per process (not once per message)."""
+    return ExperimentConfig.from_run_config(dict(run_config))
+
+
 def make_client_app(run_config: Mapping[str, Any] | None = None) -> ClientApp:
     """A ClientApp for ``run_config`` (a flattened ExperimentConfig).
 
@@ -167,13 +173,16 @@ def make_client_app(run_config: Mapping[str, Any] | None = None) -> ClientApp:
     passes it here because Flower's ``run_simulation`` carries no run config.
     """
     def config_of(context: Context) -> ExperimentConfig:
-        return ExperimentConfig.from_run_config(run_config if run_config is not None else context.run_config)
+        return parsed_config(tuple(sorted((run_config if run_config is not None else context.run_config).items())))
 
     def privacy_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
         # The mode's own Flower mod (client-side clipping for client-level DP), chosen per run.
+        # Flower's clipping mods act on training replies only (they would refuse other messages).
         cfg = config_of(context)
         mod = privacy_mode(cfg).client_mod(cfg)
-        return call_next(msg, context) if mod is None else mod(msg, context, call_next)
+        if mod is None or msg.metadata.message_type != MessageType.TRAIN:
+            return call_next(msg, context)
+        return mod(msg, context, call_next)
 
     client = ClientApp(mods=[privacy_mod])
 

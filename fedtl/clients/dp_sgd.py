@@ -169,18 +169,18 @@ def initial_state(cfg: ExperimentConfig, num_examples: int) -> PrivacyState:
 
 
 def round_steps(state: PrivacyState, plan: RoundPlan) -> int:
-    """DP-SGD steps one round of ``plan`` takes (Opacus's ``int(1 / q)`` per epoch)."""
-    return plan.local_epochs * int(1 / state.sample_rate)
+    """DP-SGD steps one round of ``plan`` takes (``poisson_schedule``'s steps per epoch)."""
+    return plan.local_epochs * round(1 / state.sample_rate)  # the rate is 1 / steps per epoch
 
 
 def check_budget(state: PrivacyState, plan: RoundPlan, p: PrivacyConfig) -> None:
     """Raise ``BudgetSpentError`` if this round would take the client past ``p.budget``."""
     if p.budget is None:
         return
-    spent = sample_epsilon(state.history, accountant=p.accountant, delta=p.delta)
     after = sample_epsilon(compose(state.history, state.noise_multiplier, state.sample_rate, round_steps(state, plan)),
                            accountant=p.accountant, delta=p.delta)
     if after > p.budget:
+        spent = sample_epsilon(state.history, accountant=p.accountant, delta=p.delta)
         raise BudgetSpentError(
             f"privacy budget spent: epsilon {spent:.4g} so far, {after:.4g} after this round, budget {p.budget:g} "
             f"(delta {p.delta:g}); this client trains no more in this run", privacy_metrics(state, p),

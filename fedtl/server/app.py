@@ -74,6 +74,7 @@ def run_server(grid: Grid, cfg: ExperimentConfig) -> dict[str, Any]:
         fingerprint=model.backbone_fingerprint, observer=observe, final_round=cfg.rounds,
         on_evaluate=recorder.on_client_evaluation,
         training_nodes=(lambda g: TrainingNodes(g, timeout)) if cfg.data.held_out_clients else None,
+        min_nodes=max(cfg.strategy.min_train_nodes, cfg.strategy.min_available_nodes),
     )
     best = {"accuracy": -1.0}
 

@@ -33,20 +33,24 @@ def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: 
     return ece
 
 
+def _scores(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    return {
+        "accuracy": float((logits.argmax(1) == labels).float().mean()),
+        "loss": float(F.cross_entropy(logits, labels)),
+        "ece": expected_calibration_error(logits.softmax(1), labels),
+    }
+
+
 def evaluate_model(model: TransferModel, data: LabelledImages) -> dict[str, float]:
     """``accuracy``, ``loss`` (cross-entropy) and ``ece`` of ``model`` on ``data`` (eval mode)."""
-    logits = model.predict(data.x)
-    return {
-        "accuracy": float((logits.argmax(1) == data.y).float().mean()),
-        "loss": float(F.cross_entropy(logits, data.y)),
-        "ece": expected_calibration_error(logits.softmax(1), data.y),
-    }
+    return _scores(model.predict(data.x), data.y)
 
 
 def central_evaluate(model: TransferModel, data: LabelledImages) -> dict[str, float]:
     """``evaluate_model`` on ``data``, plus ``accuracy/<style>`` for every domain style in it."""
-    out = evaluate_model(model, data)
-    correct = (model.predict(data.x).argmax(1) == data.y).float()
+    logits = model.predict(data.x)
+    out = _scores(logits, data.y)
+    correct = (logits.argmax(1) == data.y).float()
     styles = list(data.style)
     for style in dict.fromkeys(styles):
         mask = torch.tensor([s == style for s in styles])

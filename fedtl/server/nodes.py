@@ -1,13 +1,14 @@
-"""Which nodes train: a view of Flower's Grid without the nodes held out of training.
+"""Which nodes train: views of Flower's Grid that leave some nodes out of sampling.
 
-The server cannot see a node's config, so it asks each node once (a Flower ``query``
-message) for its partition and whether it is held out; held-out nodes are then never
-sampled for training. They still get the final evaluation (the adaptability figures).
+``FilteredGrid`` leaves out whatever its filter drops (e.g. nodes whose privacy budget
+is spent). ``TrainingNodes`` leaves out the nodes held out of training: the server cannot
+see a node's config, so it asks each node once (a Flower ``query`` message) whether it is
+held out. Held-out nodes still get the final evaluation (the adaptability figures).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from logging import WARNING
 
 from flwr.app import Message, MessageType, RecordDict
@@ -16,42 +17,16 @@ from flwr.supercore.run import Run
 from flwr.serverapp import Grid
 
 
-class TrainingNodes(Grid):
-    """``grid`` as training sees it: ``get_node_ids`` leaves out held-out nodes.
+class FilteredGrid(Grid):
+    """``grid`` with ``get_node_ids`` passed through ``keep``; everything else goes to ``grid`` unchanged."""
 
-    Parameters
-    ----------
-    grid : Grid
-        The run's grid; everything but ``get_node_ids`` goes to it unchanged.
-    timeout : float
-        Seconds to wait for nodes to answer the query.
-    """
-
-    def __init__(self, grid: Grid, timeout: float) -> None:
+    def __init__(self, grid: Grid, keep: Callable[[list[int]], list[int]]) -> None:
         self.grid = grid
-        self.timeout = timeout
-        self.held_out: dict[int, bool] = {}
+        self.keep = keep
 
     def get_node_ids(self) -> Iterable[int]:
-        ids = list(self.grid.get_node_ids())
-        new = [n for n in ids if n not in self.held_out]
-        if new:
-            self._ask(new)
-        return [n for n in ids if self.held_out.get(n) is False]  # unanswered nodes do not train
+        return self.keep(list(self.grid.get_node_ids()))
 
-    def _ask(self, nodes: list[int]) -> None:
-        queries = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in nodes]
-        answered = set()
-        for reply in self.grid.send_and_receive(queries, timeout=self.timeout):
-            if reply.has_error() or "metrics" not in reply.content.metric_records:
-                continue
-            self.held_out[reply.metadata.src_node_id] = bool(reply.content["metrics"].get("held-out", 0))
-            answered.add(reply.metadata.src_node_id)
-        for n in set(nodes) - answered:
-            # Asked again next round; meanwhile it does not train: an unknown role is not a training role.
-            log(WARNING, "node %s did not say whether it is held out of training; not training it this round", n)
-
-    # -- everything else is the grid's --------------------------------------------------
     def set_run(self, run: Run) -> None:
         self.grid.set_run(run)
 
@@ -71,3 +46,38 @@ class TrainingNodes(Grid):
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         return self.grid.send_and_receive(messages, timeout=timeout)
+
+
+class TrainingNodes(FilteredGrid):
+    """``grid`` as training sees it: ``get_node_ids`` leaves out held-out nodes.
+
+    Parameters
+    ----------
+    grid : Grid
+        The run's grid.
+    timeout : float
+        Seconds to wait for nodes to answer the query.
+    """
+
+    def __init__(self, grid: Grid, timeout: float) -> None:
+        super().__init__(grid, self._training)
+        self.timeout = timeout
+        self.held_out: dict[int, bool] = {}
+
+    def _training(self, ids: list[int]) -> list[int]:
+        new = [n for n in ids if n not in self.held_out]
+        if new:
+            self._ask(new)
+        return [n for n in ids if self.held_out.get(n) is False]  # unanswered nodes do not train
+
+    def _ask(self, nodes: list[int]) -> None:
+        queries = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in nodes]
+        answered = set()
+        for reply in self.grid.send_and_receive(queries, timeout=self.timeout):
+            if reply.has_error() or "metrics" not in reply.content.metric_records:
+                continue
+            self.held_out[reply.metadata.src_node_id] = bool(reply.content["metrics"].get("held-out", 0))
+            answered.add(reply.metadata.src_node_id)
+        for n in set(nodes) - answered:
+            # Asked again next round; meanwhile it does not train: an unknown role is not a training role.
+            log(WARNING, "node %s did not say whether it is held out of training; not training it this round", n)

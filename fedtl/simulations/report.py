@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from fedtl.config import load_config
-from fedtl.data.federated import server_test_data
+from fedtl.data.federated import LabelledImages, server_test_data
 from fedtl.models.factory import build_model
 from fedtl.simulations import report_plots as plots
 from fedtl.simulations.interpret import confusion_matrix, saliency
@@ -29,11 +29,13 @@ overflow:auto;font-size:12px}figure{display:inline-block;margin:1em}figcaption{f
 max-width:640px}img{max-width:100%}"""
 
 
-def _final_model(run: RunResult) -> torch.nn.Module:
+def _final_model(run: RunResult) -> tuple[torch.nn.Module, LabelledImages]:
+    """A run's final model (from its last checkpoint) and its server test set."""
     cfg = load_config(run.dir / "config.toml")
-    model = build_model(cfg)
+    # The checkpoint holds every tensor: build the architecture only (no pre-trained weights to find).
+    model = build_model(cfg.replace(init="scratch"))
     model.load_state_dict(load_file(str(run.dir / "checkpoints" / "last.safetensors")))
-    return model.eval()
+    return model.eval(), server_test_data(cfg.data)
 
 
 def interpretability(res: StudyResults, folder: Path) -> list[tuple[Path, str]]:
@@ -41,20 +43,20 @@ def interpretability(res: StudyResults, folder: Path) -> list[tuple[Path, str]]:
     of the best configuration's model (and its from-scratch baseline) on one test image per style."""
     names = plots.short_names(res)
     first = {label: runs[0] for label, runs in res.configs.items()}
-    test = server_test_data(load_config(next(iter(first.values())).dir / "config.toml").data)
+    finals = {label: _final_model(run) for label, run in first.items()}
     matrices = {}
-    for label, run in first.items():
-        with torch.no_grad():
-            predicted = _final_model(run).predict(test.x).argmax(1)
+    for label, (model, test) in finals.items():
+        predicted = model.predict(test.x).argmax(1)
         matrices[names[label]] = confusion_matrix(predicted, test.y, int(test.y.max()) + 1)
     figures = [(plots.plot_confusions(matrices, folder / "confusion.png"),
                 "Confusion matrices of each configuration's final model on the server's test set (first seed; "
                 "rows: true class, normalised).")]
     best = max(first, key=lambda label: first[label].summary["final_accuracy"])
-    picks = [test.style.index(s) for s in dict.fromkeys(test.style)]
-    models = {f"{names[best]} pre-trained": _final_model(first[best])}
+    model, test = finals[best]
+    models = {f"{names[best]} pre-trained": model}
     if first[best].scratch is not None:
-        models[f"{names[best]} scratch"] = _final_model(first[best].scratch)
+        models[f"{names[best]} scratch"] = _final_model(first[best].scratch)[0]
+    picks = [test.style.index(s) for s in dict.fromkeys(test.style)]
     x, y = test.x[picks], test.y[picks]
     maps = {name: saliency(m, x, y) for name, m in models.items()}
     captions = [f"{test.style[i]} ({int(test.y[i])})" for i in picks]

@@ -112,7 +112,6 @@ def _get(path: str) -> Callable[[RunResult], float]:
 COLUMNS: dict[str, tuple[str, Callable[[RunResult], float], str]] = {
     "final_accuracy": ("final accuracy", _get("final_accuracy"), "{:.3f}"),
     "best_accuracy": ("best accuracy", _get("best_accuracy"), "{:.3f}"),
-    "personalised_accuracy": ("personalised accuracy", _get("per_client.personalised_accuracy_mean"), "{:.3f}"),
     "transfer_gain": ("transfer gain", lambda r: (r.summary["final_accuracy"] - r.scratch.summary["final_accuracy"])
                       if r.scratch else math.nan, "{:+.3f}"),
     "client_accuracy_mean": ("client accuracy", _get("per_client.accuracy_mean"), "{:.3f}"),

@@ -7,8 +7,8 @@ Like Flower's DP wrappers, it holds a strategy and adds behaviour around it:
   set (gradual unfreezing) start from the server's pre-trained values;
 - a reply is merged only if it carries exactly the tensors sent, with the same shapes
   and dtypes and finite values; a round in which no reply is merged stops the run;
-- a client may decline a round (its privacy budget is spent): it is counted, not
-  merged, and the round goes on; a round every sampled client declines ends the run;
+- a client may decline to train (its privacy budget is spent): it is counted, not
+  merged, and never sampled again; the run ends when too few clients are left to sample;
 - the bytes sent and received are measured and reported to an observer;
 - training samples only the nodes ``training_nodes`` shows (held-out clients stay out);
 - after the final round every node evaluates the global model on its own test images.
@@ -29,6 +29,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from fedtl.server.nodes import FilteredGrid
 from fedtl.server.plan import DECLINED, FINGERPRINT_KEY, RoundPlan
 
 _Spec = dict[str, tuple[tuple[int, ...], str]]
@@ -39,7 +40,7 @@ class RoundFailedError(RuntimeError):
 
 
 class RunStoppedError(RuntimeError):
-    """Every client sampled in a round declined to train (e.g. all privacy budgets are spent)."""
+    """Too few clients can still train (the others declined for good, e.g. their privacy budgets are spent)."""
 
 
 @dataclass
@@ -137,13 +138,16 @@ class TransferStrategy(Strategy):
         Called with the round and every node's evaluation metrics (with ``node-id``).
     training_nodes : Callable[[Grid], Grid], optional
         The view of the grid training samples from (``TrainingNodes``); default: all nodes.
+    min_nodes : int, default 1
+        Fewest nodes a round needs (the inner strategy's minimums); with fewer left to
+        sample, the run stops rather than wait.
     """
 
     def __init__(
         self, inner: Strategy, *, plan: Callable[[int], RoundPlan], keys_of: Callable[[Iterable[str]], list[str]],
         initial_state: Mapping[str, torch.Tensor], fingerprint: str, observer: RoundObserver | None = None,
         final_round: int | None = None, on_evaluate: Callable[[int, list[dict[str, Any]]], None] | None = None,
-        training_nodes: Callable[[Grid], Grid] | None = None,
+        training_nodes: Callable[[Grid], Grid] | None = None, min_nodes: int = 1,
     ) -> None:
         self.inner = inner
         self.plan = plan
@@ -154,6 +158,8 @@ class TransferStrategy(Strategy):
         self.final_round = final_round
         self.on_evaluate = on_evaluate
         self.training_nodes = training_nodes
+        self.min_nodes = min_nodes
+        self.declined: dict[int, str] = {}  # node -> why it trains no more
         self._views: dict[int, Grid] = {}
         self._sent: dict[int, tuple[_Spec, int, int]] = {}  # round -> (spec, messages, bytes)
 
@@ -176,6 +182,13 @@ class TransferStrategy(Strategy):
         cfg = ConfigRecord({**config, **plan.to_config(), FINGERPRINT_KEY: self.fingerprint})
         if self.training_nodes is not None:
             grid = self._views.setdefault(id(grid), self.training_nodes(grid))  # one view (and its answers) per grid
+        if self.declined:
+            grid = FilteredGrid(grid, lambda ids: [n for n in ids if n not in self.declined])
+            left = len(list(grid.get_node_ids()))
+            if left < self.min_nodes:  # Flower would wait for them forever
+                raise RunStoppedError(
+                    f"round {server_round}: {left} client(s) can still train, fewer than the {self.min_nodes} a round "
+                    f"needs; {len(self.declined)} declined for good ({next(reversed(self.declined.values()))})")
         messages = list(self.inner.configure_train(server_round, record, cfg, grid))
         spec = {k: (tuple(a.shape), a.dtype) for k, a in record.items()}
         self._sent[server_round] = (spec, len(messages), sum(m.content["arrays"].count_bytes() for m in messages))
@@ -192,17 +205,18 @@ class TransferStrategy(Strategy):
             problem = None if reason is not None else reply_problem(msg, spec)
             if reason is not None:
                 declined.append(msg)
-                log(INFO, "Round %s: node %s declines: %s", server_round, msg.metadata.src_node_id, reason)
+                self.declined[msg.metadata.src_node_id] = reason
+                log(INFO, "Round %s: node %s declines, and is not sampled again: %s", server_round,
+                    msg.metadata.src_node_id, reason)
             elif problem is None:
                 accepted.append(msg)
             else:
                 problems.append(f"node {msg.metadata.src_node_id}: {problem}")
                 log(WARNING, "Round %s: not merging the update of %s", server_round, problems[-1])
-        if declined and len(declined) == sent:
-            if self.observer is not None:  # the ledger still learns who declined, and why
+        if declined and len(declined) == sent:  # nothing to merge, nothing failed: the model stays as it is
+            if self.observer is not None:
                 self.observer(self._report(server_round, replies, [], len(declined), sent, bytes_down, None))
-            raise RunStoppedError(f"round {server_round}: every sampled client declined to train "
-                                  f"({declined_reason(declined[0])})")
+            return None, None
         if sent and not accepted:
             reasons = "; ".join(problems[:3]) or f"no replies within the round timeout ({sent} sent)"
             raise RoundFailedError(f"round {server_round}: no client update could be merged. {reasons}")

@@ -52,7 +52,10 @@ def test_a_spent_budget_ends_the_run_and_keeps_what_was_computed(tmp_path: Path)
     two = sample_epsilon([(1.0, 0.2, 20)], accountant="rdp", delta=1e-5)
     cfg = make_config(*SMALL_DP, "rounds=4", f"max-epsilon={(one + two) / 2}", f"out={str(out)!r}")
     summary = simulate(cfg)
-    assert summary["rounds"] == 1 and "every sampled client declined" in summary["stopped_early"]
+    # Round 2: every client declines, the model stays; round 3 finds nobody left to train.
+    assert summary["rounds"] == 2 and "0 client(s) can still train" in summary["stopped_early"]
+    rows = read_metrics(out)
+    assert rows[2]["clients_declined"] == 3 and rows[2]["accuracy"] == rows[1]["accuracy"]
     assert summary["privacy"]["clients_out_of_budget"] == ["0", "1", "2"]
     assert summary["privacy"]["epsilon_max"] == pytest.approx(one)
     assert [r["declined"] for r in _ledger(out)] == [False] * 3 + [True] * 3

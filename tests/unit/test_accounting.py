@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
+import torch
 from opacus.accountants import RDPAccountant
+from opacus.data_loader import DPDataLoader
+from torch.utils.data import DataLoader, TensorDataset
 
 from fedtl.accounting import (
     calibrate_client_noise,
@@ -33,11 +34,17 @@ def test_a_run_spends_far_more_than_one_round() -> None:
     assert sample_epsilon(history, accountant="rdp", delta=1e-5) == pytest.approx(26.4, abs=0.05)
 
 
-def test_poisson_schedule_mirrors_opacus_loader() -> None:
-    assert poisson_schedule(7, 16) == (1.0, 1)
-    assert poisson_schedule(63, 16) == (0.25, 4)
+@pytest.mark.parametrize(("n", "batch"), [(7, 16), (63, 16), (93, 1), (99, 1), (200, 3)])
+def test_poisson_schedule_is_what_opacus_runs_and_accounts(n: int, batch: int) -> None:
+    loader = DPDataLoader.from_data_loader(DataLoader(TensorDataset(torch.zeros(n, 1)), batch_size=batch))
+    rate, steps = poisson_schedule(n, batch)
+    assert steps == len(loader) == loader.batch_sampler.steps  # steps an epoch
+    assert rate == 1 / len(loader)  # the rate make_private steps its accountant at
+
+
+def test_poisson_schedule_drops_a_step_where_opacus_does() -> None:
     # ceil(93 / 1) = 93 batches, but Opacus's sampler runs int(1 / (1 / 93)) = 92 steps.
-    assert poisson_schedule(93, 1) == (1 / 93, 92)
+    assert poisson_schedule(93, 1) == (1 / 92, 92)
     with pytest.raises(ValueError, match="at least one example"):
         poisson_schedule(0, 4)
 
@@ -67,4 +74,3 @@ def test_client_level_calibration() -> None:
     # Without amplification a Gaussian release's RDP is alpha / (2 sigma^2): doubling sigma
     # divides the RDP curve by four, so epsilon falls well below half.
     assert client_level_epsilon(2 * sigma, releases=20, sampled=10, population=10, delta=1e-5) < eps / 2
-    assert math.isfinite(sigma)

@@ -76,6 +76,17 @@ def test_client_side_clipping_runs_flowers_mod_in_the_client_app(task_identity: 
     assert norm == pytest.approx(0.01, rel=1e-4)  # trained further, then clipped to the norm
 
 
+def test_client_side_clipping_leaves_evaluation_and_queries_alone(task_identity: None) -> None:
+    cfg = make_config("clients=5", "privacy.mode=client-level", "privacy.clip-on=client")
+    app = make_client_app(cfg.to_run_config())
+    instruction = _instruction(cfg, build_model(cfg).backbone_fingerprint)
+    for message_type in ("evaluate", "query"):
+        msg = Message(instruction.content, dst_node_id=1, message_type=message_type)
+        reply = app(msg, _context())
+        assert not reply.has_error(), (message_type, reply.error.reason if reply.has_error() else "")
+        assert reply.content["metrics"]["partition-id"] == 2
+
+
 def test_every_wrapper_is_registered_and_bad_settings_are_config_errors() -> None:
     assert set(CLIENT_DP.names()) == {"fixed-server", "fixed-client", "adaptive-server", "adaptive-client"}
     with pytest.raises(ConfigError, match="client-level DP calibrates its noise to equal client weights"):

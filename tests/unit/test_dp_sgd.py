@@ -103,13 +103,19 @@ def _small(cfg) -> tuple[TransferModel, LabelledImages, RoundPlan]:
 
 
 def test_noise_is_really_added(task_identity: None) -> None:
-    cfg = make_config(*DP)
+    # q = 1: every batch holds every example, so sampling cannot tell two runs apart; only noise can.
+    cfg = make_config(*DP, "finetune.batch-size=32")
     model, data, plan = _small(cfg)
-    state = initial_state(cfg, len(data))
-    a, b = copy.deepcopy(model), copy.deepcopy(model)
-    train_private(a, data, plan, cfg, state)
-    train_private(b, data, plan, cfg, state)
+    noisy, silent = initial_state(cfg, len(data)), PrivacyState(noise_multiplier=0.0, sample_rate=1.0)
+    assert noisy.sample_rate == 1.0 and noisy.noise_multiplier == 1.0
+    a, b, c, d = (copy.deepcopy(model) for _ in range(4))
+    train_private(a, data, plan, cfg, noisy)
+    train_private(b, data, plan, cfg, noisy)
+    train_private(c, data, plan, cfg, silent)
+    train_private(d, data, plan, cfg, silent)
+    assert torch.equal(c.head.weight, d.head.weight)  # without noise, the same seedless run twice
     assert not torch.equal(a.head.weight, b.head.weight)  # fresh entropy each time, not the run's seed
+    assert not torch.equal(a.head.weight, c.head.weight)
 
 
 @pytest.mark.parametrize("engine", ["hooks", "ghost"])

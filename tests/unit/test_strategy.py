@@ -168,13 +168,21 @@ def test_declined_clients_are_counted_apart_and_the_round_goes_on(task_identity:
     assert (totals["clients_ok"], totals["clients_declined"], totals["clients_failed"]) == (1, 1, 1)
 
 
-def test_a_round_every_client_declines_ends_the_run(task_identity: None) -> None:
+def test_declined_clients_are_not_sampled_again_and_too_few_left_ends_the_run(task_identity: None) -> None:
     observed: list = []
     s = strategy(observed)
-    out = configure_round_one(s, [1, 2])
-    with pytest.raises(RunStoppedError, match="every sampled client declined to train \\(budget spent"):
-        s.aggregate_train(1, [declining(m, "budget spent") for m in out])
-    assert observed[0][1]["clients_declined"] == 2  # recorded before the run ends
+    s.min_nodes = 2
+    out = configure_round_one(s, [1, 2, 3])
+    good = {"head.w": np.ones((2, 2), np.float32), "head.b": np.ones(2, np.float32)}
+    s.aggregate_train(1, [reply(out[0], good, 5), declining(out[1], "budget spent"), reply(out[2], good, 5)])
+    out_of_budget = out[1].metadata.dst_node_id
+    assert {m.metadata.dst_node_id for m in configure_round_one(s, [1, 2, 3])} == {1, 2, 3} - {out_of_budget}
+    everyone_declines = configure_round_one(s, [1, 2, 3])
+    assert s.aggregate_train(1, [declining(m, "budget spent") for m in everyone_declines]) == (None, None)
+    assert observed[-1][1]["clients_declined"] == 2  # recorded, and the model stays as it was
+    with pytest.raises(RunStoppedError, match="0 client\\(s\\) can still train, fewer than the 2 a round needs; "
+                                              "3 declined for good \\(budget spent\\)"):
+        configure_round_one(s, [1, 2, 3])
 
 
 def test_epsilons_and_ids_are_never_averaged_over_clients(task_identity: None) -> None:
