@@ -23,9 +23,10 @@ from safetensors.torch import save_file
 from fedtl.config import ExperimentConfig
 
 SUMMARY_SCHEMA = 1
-# (metrics key, column label, format): the live table, 81 characters wide (epsilon blank without DP).
+# (metrics key, column label, format): the live table, at most 79 characters wide; the
+# epsilon column only under DP.
 _COLUMNS = [("round", "round", "{:>5}"), ("accuracy", "accuracy", "{:>8.4f}"), ("loss", "loss", "{:>6.3f}"),
-            ("train_loss", "train-loss", "{:>10.3f}"), ("bytes_down", "bytes-down", "{:>10.0f}"),
+            ("train_loss", "t-loss", "{:>6.3f}"), ("bytes_down", "bytes-down", "{:>10.0f}"),
             ("bytes_up", "bytes-up", "{:>9.0f}"), ("clients_ok", "clients", "{:>7.0f}"), ("epsilon", "epsilon", "{:>7.3g}"),
             ("wall_seconds", "secs", "{:>5.1f}")]
 
@@ -78,7 +79,8 @@ class RunRecorder:
         self._t0 = time.perf_counter()
         title = f"{cfg.name}: {cfg.finetune.mode}, {cfg.init}"
         self.console.print(f"[bold]{title}[/] -> {self.out}")
-        self.console.print("  ".join(label.rjust(len(fmt.format(0))) for _, label, fmt in _COLUMNS))
+        self.columns = [c for c in _COLUMNS if c[0] != "epsilon" or cfg.privacy.mode != "off"]
+        self.console.print("  ".join(label.rjust(len(fmt.format(0))) for _, label, fmt in self.columns))
         self._progress = Progress(TextColumn("rounds"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                                   console=self.console, transient=True)
         self._task = self._progress.add_task("rounds", total=cfg.rounds)
@@ -114,7 +116,7 @@ class RunRecorder:
         self.rows.append(row)
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(row) + "\n")
-        cells = [fmt.format(row[key]) if key in row else " " * len(fmt.format(0)) for key, _, fmt in _COLUMNS]
+        cells = [fmt.format(row[key]) if key in row else " " * len(fmt.format(0)) for key, _, fmt in self.columns]
         self._progress.console.print("  ".join(cells))
         self._progress.update(self._task, completed=rnd)
         return row

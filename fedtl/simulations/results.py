@@ -123,7 +123,7 @@ COLUMNS: dict[str, tuple[str, Callable[[RunResult], float], str]] = {
     "bytes_total": ("bytes in total", lambda r: r.summary["bytes_down_total"] + r.summary["bytes_up_total"],
                     "{:,.0f}"),
     "wall_seconds": ("wall time (s)", _get("wall_seconds"), "{:.1f}"),
-    "epsilon": ("epsilon", epsilon, "{:.3g}"),
+    "epsilon": ("epsilon", epsilon, "{:.4g}"),
 }
 
 
@@ -134,9 +134,10 @@ def _cell(values: Sequence[float], fmt: str) -> str:
     if any(math.isinf(v) for v in finite):
         return "∞"
     mean = statistics.mean(finite)
-    if len(finite) == 1:
-        return fmt.format(mean)
-    return f"{fmt.format(mean)} ± {fmt.format(statistics.stdev(finite)).lstrip('+')}"
+    cell = fmt.format(mean) if len(finite) == 1 else \
+        f"{fmt.format(mean)} ± {fmt.format(statistics.stdev(finite)).lstrip('+')}"
+    # e.g. a target that only some seeds reached: say how many the figure is over.
+    return cell if len(finite) == len(values) else f"{cell} ({len(finite)}/{len(values)} seeds)"
 
 
 def target_accuracy(res: StudyResults) -> float:

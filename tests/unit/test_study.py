@@ -124,3 +124,11 @@ def test_cases_go_together_and_multiply_the_grid(tmp_path: Path) -> None:
     labels = sorted({r.label for r in runs})
     assert "privacy.mode=dp-sgd, privacy.target-epsilon=3.0, finetune.mode=full" in labels
     assert all((r.cfg.privacy.target_epsilon == 3.0) == (r.cfg.privacy.mode == "dp-sgd") for r in runs)
+
+
+def test_cells_say_how_many_seeds_a_figure_covers() -> None:
+    from fedtl.simulations.results import _cell
+
+    assert _cell([1.0, 3.0], "{:.1f}") == "2.0 ± 1.4"
+    assert _cell([2.0, math.nan, math.nan], "{:.1f}") == "2.0 (1/3 seeds)"
+    assert _cell([math.nan], "{:.1f}") == "—" and _cell([math.inf, math.inf], "{:.3g}") == "∞"
