@@ -130,51 +130,43 @@ def plot_domains(res: StudyResults, path: Path) -> Path | None:
     return _save(fig, path)
 
 
+def _paired_bars(res: StudyResults, pairs: Mapping[str, tuple[list[float], list[float]]], legends: tuple[str, str],
+                 ylabel: str, title: str, path: Path) -> Path | None:
+    """Two bars per configuration (mean ± std over seeds); configurations without both values are left out."""
+    pairs = {k: v for k, v in pairs.items() if v[0] and v[1]}
+    if not pairs:
+        return None
+    fig = Figure(figsize=(max(5, 0.9 * len(pairs) + 2), 4), dpi=110)
+    ax = fig.subplots()
+    names = short_names(res)
+    x = np.arange(len(pairs))
+    for offset, idx, legend in ((-0.2, 0, legends[0]), (0.2, 1, legends[1])):
+        ax.bar(x + offset, [statistics.mean(v[idx]) for v in pairs.values()], 0.4, label=legend, capsize=3,
+               yerr=[statistics.stdev(v[idx]) if len(v[idx]) > 1 else 0.0 for v in pairs.values()])
+    ax.set_xticks(x, [names[k] for k in pairs])
+    ax.set(ylabel=ylabel, ylim=(0, 1), title=title)
+    ax.legend()
+    ax.grid(alpha=0.3, axis="y")
+    return _save(fig, path)
+
+
 def plot_scratch(res: StudyResults, path: Path) -> Path | None:
     """Final accuracy pre-trained vs from scratch, mean ± std over seeds."""
     pairs = {label: ([r.summary["final_accuracy"] for r in runs],
                      [r.scratch.summary["final_accuracy"] for r in runs if r.scratch is not None])
              for label, runs in res.configs.items()}
-    pairs = {k: v for k, v in pairs.items() if v[1]}
-    if not pairs:
-        return None
-    fig = Figure(figsize=(max(5, 0.9 * len(pairs) + 2), 4), dpi=110)
-    ax = fig.subplots()
-    names = short_names(res)
-    x = np.arange(len(pairs))
-
-    def sd(v: list[float]) -> float:
-        return statistics.stdev(v) if len(v) > 1 else 0.0
-
-    for offset, idx, name in ((-0.2, 0, "pre-trained"), (0.2, 1, "scratch")):
-        ax.bar(x + offset, [statistics.mean(v[idx]) for v in pairs.values()], 0.4,
-               yerr=[sd(v[idx]) for v in pairs.values()], label=name, capsize=3)
-    ax.set_xticks(x, [names[k] for k in pairs])
-    ax.set(ylabel="final test accuracy", ylim=(0, 1), title="pre-trained vs from scratch")
-    ax.legend()
-    ax.grid(alpha=0.3, axis="y")
-    return _save(fig, path)
+    return _paired_bars(res, pairs, ("pre-trained", "scratch"), "final test accuracy", "pre-trained vs from scratch",
+                        path)
 
 
 def plot_adaptability(res: StudyResults, path: Path) -> Path | None:
     """Held-out clients' accuracy of the final model, before and after their local fine-tuning."""
-    pairs = {label: ([r.summary["held_out"]["accuracy_before_mean"] for r in runs if "held_out" in r.summary],
-                     [r.summary["held_out"]["accuracy_after_mean"] for r in runs if "held_out" in r.summary])
-             for label, runs in res.configs.items()}
-    pairs = {k: v for k, v in pairs.items() if v[0]}
-    if not pairs:
-        return None
-    fig = Figure(figsize=(max(5, 0.9 * len(pairs) + 2), 4), dpi=110)
-    ax = fig.subplots()
-    names = short_names(res)
-    x = np.arange(len(pairs))
-    for offset, idx, name in ((-0.2, 0, "before"), (0.2, 1, "after local fine-tuning")):
-        ax.bar(x + offset, [statistics.mean(v[idx]) for v in pairs.values()], 0.4, label=name)
-    ax.set_xticks(x, [names[k] for k in pairs])
-    ax.set(ylabel="held-out clients' accuracy", ylim=(0, 1), title="adaptability: clients held out of training")
-    ax.legend()
-    ax.grid(alpha=0.3, axis="y")
-    return _save(fig, path)
+    held = {label: [r.summary["held_out"] for r in runs if "held_out" in r.summary]
+            for label, runs in res.configs.items()}
+    pairs = {label: ([h["accuracy_before_mean"] for h in hs], [h["accuracy_after_mean"] for h in hs])
+             for label, hs in held.items()}
+    return _paired_bars(res, pairs, ("before", "after local fine-tuning"), "held-out clients' accuracy",
+                        "adaptability: clients held out of training", path)
 
 
 def plot_confusions(matrices: Mapping[str, np.ndarray], path: Path) -> Path:
