@@ -106,17 +106,15 @@ def study(
     import shlex
     import sys
 
-    from fedtl.simulations.report import build_report
     from fedtl.simulations.study import load_study, run_study
 
     try:
         spec = load_study(study_file)
         folder = out or Path(spec.out)
         run_study(spec, folder, command="fedtl " + shlex.join(sys.argv[1:]), overwrite=overwrite, console=console)
-        page = build_report(folder)
     except _USER_ERRORS as err:
         _fail(err)
-    console.print(f"report: {page}")
+    report(folder)
 
 
 @app.command()
