@@ -34,7 +34,7 @@ def train_local(
     data : LabelledImages
         The client's labelled images.
     plan : RoundPlan
-        Units to train, their learning rates and the number of local epochs.
+        Units to train, their learning rates, the number of local epochs and FedProx's ``proximal_mu``.
     ft : FinetuneConfig
         Batch size, momentum and weight decay.
     seed : int
@@ -47,7 +47,10 @@ def train_local(
     """
     if len(data) == 0:
         raise ValueError("this client holds no labelled images; nothing to train on")
-    opt = torch.optim.SGD(model.param_groups(plan.lrs), momentum=ft.momentum, weight_decay=ft.weight_decay)
+    groups = model.param_groups(plan.lrs)
+    opt = torch.optim.SGD(groups, momentum=ft.momentum, weight_decay=ft.weight_decay)
+    # FedProx: (mu / 2) ||w - w_global||^2 keeps the local model near the received one.
+    anchor = [(p, p.detach().clone()) for group in groups for p in group["params"]] if plan.proximal_mu else []
     g = torch.Generator().manual_seed(seed)
     model.train()
     total, steps = 0.0, 0
@@ -55,6 +58,8 @@ def train_local(
         for idx in torch.randperm(len(data), generator=g).split(ft.batch_size):
             opt.zero_grad(set_to_none=True)
             loss = F.cross_entropy(model(data.x[idx]), data.y[idx])
+            if anchor:
+                loss = loss + plan.proximal_mu / 2 * sum(((p - p0) ** 2).sum() for p, p0 in anchor)
             loss.backward()
             opt.step()
             total += loss.detach().item()

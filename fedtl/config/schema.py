@@ -81,6 +81,17 @@ class StrategyConfig(Validated):
     # How client updates are weighted: by examples (FedAvg), uniformly, or "auto":
     # uniform under client-level DP (its noise is calibrated to equal weights), else examples.
     weighting: str = field(default="auto", metadata=one_of(("auto", "examples", "uniform")))
+    # Parameters of the named strategy (each strategy reads only its own).
+    proximal_mu: float = field(default=0.01, metadata=in_range(0.0))  # fedprox
+    server_lr: float = field(default=0.0, metadata=in_range(0.0))  # fedadam/yogi/adagrad (0: 0.1), fedavgm (0: 1.0)
+    server_momentum: float = field(default=0.9, metadata=in_range(0.0, 1.0))  # fedavgm
+    beta_1: float = field(default=0.9, metadata=in_range(0.0, 1.0))  # fedadam, fedyogi
+    beta_2: float = field(default=0.99, metadata=in_range(0.0, 1.0))  # fedadam, fedyogi
+    tau: float = field(default=1e-3, metadata=in_range(0.0, None, lo_open=True))  # fedadam/yogi/adagrad
+    trim_beta: float = field(default=0.2, metadata=in_range(0.0, 0.5))  # fedtrimmedavg
+    num_malicious_nodes: int = field(default=0, metadata=in_range(0))  # krum, multikrum, bulyan
+    num_nodes_to_select: int = field(default=1, metadata=in_range(1))  # multikrum
+    q: float = field(default=0.1, metadata=in_range(0.0))  # qfedavg
 
 
 @dataclass(frozen=True)
@@ -183,6 +194,12 @@ class ExperimentConfig(Validated):
             raise ConfigError(
                 f"privacy.max-epsilon = {p.max_epsilon} is below privacy.target-epsilon = {p.target_epsilon}: the run "
                 "could not finish its plan. Raise max-epsilon or lower target-epsilon (or leave max-epsilon at 0)."
+            )
+        if p.mode == "dp-sgd" and self.strategy.name == "fedprox":
+            raise ConfigError(
+                "strategy.name = \"fedprox\" with privacy.mode = \"dp-sgd\": Opacus builds each update from per-sample "
+                "gradients of the data loss, so FedProx's proximal term would be silently dropped. Use another "
+                "strategy with DP-SGD, or FedProx without it"
             )
         if p.mode == "client-level" and self.strategy.weighting == "examples":
             raise ConfigError(

@@ -14,6 +14,8 @@ from fedtl.models.modes import MODES
 from fedtl.models.transfer import HEAD
 
 _UNITS, _LRS, _EPOCHS = "plan.units", "plan.lrs", "plan.local-epochs"
+# Flower's FedProx puts its proximal weight in the round's config under this key.
+PROXIMAL_MU = "proximal-mu"
 # The round's ConfigRecord also carries the server's backbone fingerprint under this key.
 FINGERPRINT_KEY = "backbone-fingerprint"
 # A reply with a ConfigRecord under this key declines the round (with a "reason").
@@ -32,10 +34,14 @@ class RoundPlan:
         Learning rate of every unit that trains (``"head"`` included), input to output.
     local_epochs : int
         Passes over the local data.
+    proximal_mu : float
+        Weight of FedProx's proximal term (0: none). Flower's FedProx sends it as
+        ``"proximal-mu"`` in the round's config.
     """
 
     lrs: Mapping[str, float]
     local_epochs: int
+    proximal_mu: float = 0.0
 
     @property
     def trainable_blocks(self) -> tuple[str, ...]:
@@ -52,7 +58,7 @@ class RoundPlan:
         units, lrs, epochs = config.get(_UNITS), config.get(_LRS), config.get(_EPOCHS)
         if not (isinstance(units, list) and isinstance(lrs, list) and len(units) == len(lrs) and isinstance(epochs, int)):
             raise ValueError(f"the round's config carries no valid plan ({_UNITS}, {_LRS}, {_EPOCHS}): is the server fedtl's?")
-        return cls(dict(zip(units, lrs)), epochs)
+        return cls(dict(zip(units, lrs)), epochs, float(config.get(PROXIMAL_MU, 0.0)))
 
 
 def plan_round(cfg: ExperimentConfig, blocks: Sequence[str], rnd: int) -> RoundPlan:

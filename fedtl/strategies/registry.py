@@ -7,9 +7,24 @@ then wraps it in ``TransferStrategy``, so every strategy sees only travelling te
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from flwr.app import MetricRecord, RecordDict
-from flwr.serverapp.strategy import FedAvg, Strategy
+from flwr.serverapp.strategy import (
+    Bulyan,
+    FedAdagrad,
+    FedAdam,
+    FedAvg,
+    FedAvgM,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    FedYogi,
+    Krum,
+    MultiKrum,
+    QFedAvg,
+    Strategy,
+)
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from fedtl.config import ExperimentConfig
@@ -19,8 +34,6 @@ from fedtl.server.plan import UNIT_WEIGHT
 StrategyFactory = Callable[[ExperimentConfig], Strategy]
 STRATEGIES: Registry[StrategyFactory] = Registry("strategy")
 _WEIGHT_KEYS = {"examples": "num-examples", "uniform": UNIT_WEIGHT}
-
-
 # Only these reply metrics are averaged over clients. Never epsilons: each client's data has
 # its own guarantee, which the privacy ledger keeps per client. Nor ids.
 AVERAGED_METRICS = ("train-loss", "steps")
@@ -42,16 +55,91 @@ def weight_key(cfg: ExperimentConfig) -> str:
     return _WEIGHT_KEYS[weighting]
 
 
+def common(cfg: ExperimentConfig) -> dict[str, Any]:
+    """What every Flower strategy takes from the config: sampling, minimums, weighting, metrics."""
+    s = cfg.strategy
+    # Evaluation is central, and the final client evaluation is TransferStrategy's own.
+    return {
+        "fraction_train": s.fraction_train, "fraction_evaluate": 0.0, "min_train_nodes": s.min_train_nodes,
+        "min_evaluate_nodes": 0, "min_available_nodes": s.min_available_nodes, "weighted_by_key": weight_key(cfg),
+        "train_metrics_aggr_fn": average_training_metrics,
+    }
+
+
+def _server_lr(cfg: ExperimentConfig, default: float) -> float:
+    return cfg.strategy.server_lr or default  # 0: the strategy's own default
+
+
 @STRATEGIES.register("fedavg")
 def fedavg(cfg: ExperimentConfig) -> Strategy:
-    """Flower's FedAvg, weighted by each client's number of examples (McMahan et al. 2017)."""
+    """FedAvg: the mean of client updates weighted by examples (McMahan et al. 2017)."""
+    return FedAvg(**common(cfg))
+
+
+@STRATEGIES.register("fedprox")
+def fedprox(cfg: ExperimentConfig) -> Strategy:
+    """FedProx: FedAvg, with clients adding (mu/2)||w - w_global||^2 to their loss (Li et al. 2020)."""
+    return FedProx(**common(cfg), proximal_mu=cfg.strategy.proximal_mu)
+
+
+def _fedopt(cls: type, *params: str) -> StrategyFactory:
+    def build(cfg: ExperimentConfig) -> Strategy:
+        s = cfg.strategy
+        return cls(**common(cfg), eta=_server_lr(cfg, 0.1), eta_l=cfg.finetune.lr, tau=s.tau,
+                   **{k: getattr(s, k) for k in params})
+    build.__doc__ = f"{cls.__name__}: the mean update as a pseudo-gradient of a server-side optimiser (Reddi et al. 2021)."
+    return build
+
+
+STRATEGIES.register("fedadam")(_fedopt(FedAdam, "beta_1", "beta_2"))
+STRATEGIES.register("fedyogi")(_fedopt(FedYogi, "beta_1", "beta_2"))
+STRATEGIES.register("fedadagrad")(_fedopt(FedAdagrad))
+
+
+@STRATEGIES.register("fedavgm")
+def fedavgm(cfg: ExperimentConfig) -> Strategy:
+    """FedAvgM: FedAvg with server momentum on the mean update (Hsu et al. 2019)."""
+    return FedAvgM(**common(cfg), server_learning_rate=_server_lr(cfg, 1.0),
+                   server_momentum=cfg.strategy.server_momentum)
+
+
+@STRATEGIES.register("fedmedian")
+def fedmedian(cfg: ExperimentConfig) -> Strategy:
+    """FedMedian: the coordinate-wise median of client updates (Yin et al. 2018)."""
+    return FedMedian(**common(cfg))
+
+
+@STRATEGIES.register("fedtrimmedavg")
+def fedtrimmedavg(cfg: ExperimentConfig) -> Strategy:
+    """FedTrimmedAvg: the coordinate-wise mean without the ``trim-beta`` extremes on each side."""
+    return FedTrimmedAvg(**common(cfg), beta=cfg.strategy.trim_beta)
+
+
+@STRATEGIES.register("krum")
+def krum(cfg: ExperimentConfig) -> Strategy:
+    """Krum: the update closest to its neighbours, robust to ``num-malicious-nodes`` (Blanchard et al. 2017)."""
+    return Krum(**common(cfg), num_malicious_nodes=cfg.strategy.num_malicious_nodes)
+
+
+@STRATEGIES.register("multikrum")
+def multikrum(cfg: ExperimentConfig) -> Strategy:
+    """MultiKrum: the mean of the ``num-nodes-to-select`` updates Krum scores best."""
     s = cfg.strategy
-    # Evaluation is central (on the server's test set), so no federated evaluation round.
-    return FedAvg(
-        fraction_train=s.fraction_train, fraction_evaluate=0.0, min_train_nodes=s.min_train_nodes,
-        min_evaluate_nodes=0, min_available_nodes=s.min_available_nodes, weighted_by_key=weight_key(cfg),
-        train_metrics_aggr_fn=average_training_metrics,
-    )
+    return MultiKrum(**common(cfg), num_malicious_nodes=s.num_malicious_nodes,
+                     num_nodes_to_select=s.num_nodes_to_select)
+
+
+@STRATEGIES.register("bulyan")
+def bulyan(cfg: ExperimentConfig) -> Strategy:
+    """Bulyan: Krum selection, then a trimmed coordinate-wise mean (El Mhamdi et al. 2018)."""
+    return Bulyan(**common(cfg), num_malicious_nodes=cfg.strategy.num_malicious_nodes)
+
+
+@STRATEGIES.register("qfedavg")
+def qfedavg(cfg: ExperimentConfig) -> Strategy:
+    """q-FedAvg: fairness-weighted averaging by clients' training loss to the power ``q`` (Li et al. 2020)."""
+    return QFedAvg(**common(cfg), client_learning_rate=cfg.finetune.lr, q=cfg.strategy.q,
+                   train_loss_key="train-loss")
 
 
 def build_strategy(cfg: ExperimentConfig) -> Strategy:

@@ -31,6 +31,7 @@ from flwr.serverapp.strategy import Strategy
 
 from fedtl.server.nodes import FilteredGrid
 from fedtl.server.plan import DECLINED, FINGERPRINT_KEY, RoundPlan
+from fedtl.strategies.state import align_server_state
 
 _Spec = dict[str, tuple[tuple[int, ...], str]]
 
@@ -101,6 +102,13 @@ def reply_problem(msg: Message, expected: _Spec) -> str | None:
         if values.dtype.kind == "f" and not np.isfinite(values).all():
             return f"{key} holds NaN or infinite values"
     return None
+
+
+def as_sent(arrays: ArrayRecord, spec: _Spec) -> ArrayRecord:
+    """``arrays`` in the dtypes they were sent in: server optimisers (FedAdam's float64
+    arithmetic) must not change what clients load into their float32 models."""
+    return ArrayRecord({k: a if a.dtype == spec[k][1] else Array(a.numpy().astype(np.dtype(spec[k][1])))
+                        for k, a in arrays.items()})
 
 
 def content_key(msg: Message) -> str:
@@ -189,6 +197,7 @@ class TransferStrategy(Strategy):
                 raise RunStoppedError(
                     f"round {server_round}: {left} client(s) can still train, fewer than the {self.min_nodes} a round "
                     f"needs; {len(self.declined)} declined for good ({next(reversed(self.declined.values()))})")
+        align_server_state(self.inner, record)  # keys that join (gradual unfreezing) start fresh
         messages = list(self.inner.configure_train(server_round, record, cfg, grid))
         spec = {k: (tuple(a.shape), a.dtype) for k, a in record.items()}
         self._sent[server_round] = (spec, len(messages), sum(m.content["arrays"].count_bytes() for m in messages))
@@ -224,6 +233,8 @@ class TransferStrategy(Strategy):
         # random order: merging in content order makes a run with a given seed reproducible.
         accepted.sort(key=content_key)
         arrays, metrics = self.inner.aggregate_train(server_round, accepted)
+        if arrays is not None:
+            arrays = as_sent(arrays, spec)
         if self.observer is not None:
             self.observer(self._report(server_round, replies, accepted, len(declined), sent, bytes_down, metrics))
         return arrays, metrics
