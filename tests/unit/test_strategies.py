@@ -97,3 +97,10 @@ def test_fedprox_pulls_local_training_towards_the_global_model() -> None:
     assert RoundPlan.from_config({**RoundPlan({"head": 0.5}, 3).to_config(), "proximal-mu": 0.2}).proximal_mu == 0.2
     with pytest.raises(ConfigError, match="proximal term would be silently dropped"):
         make_config("strategy.name=fedprox", "privacy.mode=dp-sgd")
+
+
+def test_fedprox_messages_carry_mu_into_the_clients_plan(task_identity: None) -> None:
+    s = strategy(inner=build_strategy(make_config("strategy.name=fedprox", "strategy.proximal-mu=0.3", "clients=5")))
+    out = list(s.configure_train(1, ArrayRecord({k: INITIAL[k] for k in keys_of(["head"])}), ConfigRecord(),
+                                 StaticGrid(NODES)))
+    assert {RoundPlan.from_config(m.content["config"]).proximal_mu for m in out} == {0.3}
