@@ -20,6 +20,7 @@ from fedtl.models.factory import build_model
 from fedtl.simulations import report_plots as plots
 from fedtl.simulations.interpret import confusion_matrix, saliency
 from fedtl.simulations.results import RunResult, StudyResults, load_results, table, target_accuracy, write_tables
+from fedtl.simulations.study import StudyError
 
 REPORT_DIR = "report"
 _CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;color:#222}
@@ -81,8 +82,6 @@ def build_report(study_dir: str | Path) -> Path:
     """
     res = load_results(study_dir)
     if not res.configs:
-        from fedtl.simulations.study import StudyError
-
         raise StudyError(f"no run of study {res.name!r} in {res.out} has finished yet: nothing to report")
     folder = res.out / REPORT_DIR
     folder.mkdir(parents=True, exist_ok=True)

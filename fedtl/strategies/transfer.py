@@ -182,12 +182,15 @@ class TransferStrategy(Strategy):
             out[k] = arrays[k] if k in arrays else Array(np.ascontiguousarray(self.initial[k]))
         return out
 
+    def round_config(self, server_round: int, config: ConfigRecord) -> ConfigRecord:
+        """``config`` with the round's plan and the backbone fingerprint: what every instruction carries."""
+        return ConfigRecord({**config, **self.plan(server_round).to_config(), FINGERPRINT_KEY: self.fingerprint})
+
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        plan = self.plan(server_round)
         record = self.travelling_arrays(server_round, arrays)
-        cfg = ConfigRecord({**config, **plan.to_config(), FINGERPRINT_KEY: self.fingerprint})
+        cfg = self.round_config(server_round, config)
         if self.training_nodes is not None:
             grid = self._views.setdefault(id(grid), self.training_nodes(grid))  # one view (and its answers) per grid
         if self.declined:
@@ -263,10 +266,8 @@ class TransferStrategy(Strategy):
         """After the final round, the global model to every node for evaluation on its own test images."""
         if server_round != self.final_round:
             return []
-        plan = self.plan(server_round)
-        content = ConfigRecord({**config, **plan.to_config(), FINGERPRINT_KEY: self.fingerprint,
-                                "server-round": server_round})
-        record = ArrayRecord({k: arrays[k] for k in self.keys_of(plan.lrs)})
+        content = ConfigRecord({**self.round_config(server_round, config), "server-round": server_round})
+        record = self.travelling_arrays(server_round, arrays)
         return [Message(RecordDict({"arrays": record, "config": content}), dst_node_id=node,
                         message_type=MessageType.EVALUATE) for node in grid.get_node_ids()]
 
