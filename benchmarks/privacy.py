@@ -32,7 +32,7 @@ CONFIG = ROOT / "experiments" / "privacy.toml"
 def _round_timer(cfg: ExperimentConfig, engine: str | None) -> Callable[[], float]:
     model = build_model(cfg)
     plan = plan_round(cfg, model.block_names, 1)
-    model.set_trainable(plan.trainable_blocks)
+    plan.apply_to(model)
     data = client_data(cfg.data, 0, cfg.clients, cfg.seed)
     dp_cfg = load_config(CONFIG, ["privacy.mode=dp-sgd", f"privacy.grad-sample-mode={engine or 'hooks'}",
                                   f"finetune.mode={cfg.finetune.mode}"])

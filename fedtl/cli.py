@@ -52,10 +52,13 @@ def simulate(
         _fail(err)
     table = Table("summary", "value", title=f"{summary['name']}: {summary['mode']} ({summary['init']})")
     for key in ("final_accuracy", "best_accuracy", "scratch_final_accuracy", "transfer_gain", "bytes_down_total",
-                "bytes_up_total", "travelling_params", "total_params", "wall_seconds"):
+                "bytes_up_total", "travelling_params", "total_params", "travelling_ratio", "wall_seconds"):
         if key in summary:
             value = summary[key]
             table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    for key in ("accuracy_mean", "personal_mean"):
+        if key in summary.get("per_client", {}):
+            table.add_row(f"client {key.replace('_', ' ')}", f"{summary['per_client'][key]:.4f}")
     console.print(table)
     console.print(f"privacy: {summary['privacy']['guarantee']}")
     if summary.get("stopped_early"):

@@ -21,13 +21,14 @@ from flwr.clientapp.typing import ClientAppCallable
 from fedtl.clients.dp_sgd import BudgetSpentError
 from fedtl.clients.trainer import train_local
 from fedtl.config import ExperimentConfig
-from fedtl.data.federated import client_data, client_test_data
+from fedtl.data.federated import LabelledImages, client_data, client_test_data
 from fedtl.models.factory import build_model
 from fedtl.models.transfer import TransferModel
 from fedtl.privacy import privacy_mode
 from fedtl.seeds import derived_seed
 from fedtl.server.evaluate import evaluate_model
 from fedtl.server.plan import DECLINED, FINGERPRINT_KEY, UNIT_WEIGHT, RoundPlan
+from fedtl.strategies.personal import head_plan, load_local_state, personalisation, save_local_state
 
 
 class BackboneMismatchError(RuntimeError):
@@ -59,6 +60,8 @@ def is_held_out(cfg: ExperimentConfig, partition_id: int) -> bool:
 def received_model(msg: Message, cfg: ExperimentConfig) -> tuple[TransferModel, RoundPlan]:
     """The run's model with the message's travelling tensors loaded, and the message's plan.
 
+    Local tensors (personalisation) keep the run's initial values: this is the global model.
+
     Raises
     ------
     BackboneMismatchError
@@ -73,18 +76,35 @@ def received_model(msg: Message, cfg: ExperimentConfig) -> tuple[TransferModel, 
             "Both must load the same pre-trained weights (same backbone, pretrain settings and weights file)."
         )
     plan = RoundPlan.from_config(config)
-    model.set_trainable(plan.trainable_blocks)
+    plan.apply_to(model)
     model.load_travelling_state(msg.content["arrays"].to_torch_state_dict())
     return model, plan
 
 
-def handle_evaluate(msg: Message, context: Context, cfg: ExperimentConfig) -> Message:
-    """The received model's accuracy on this node's own test images.
+def personalised_model(model: TransferModel, context: Context, cfg: ExperimentConfig,
+                       data: LabelledImages, seed: int) -> TransferModel:
+    """The model this node would use: the global ``model`` with its own local tensors and, under a
+    personalisation that tunes the head (FedBABU), a head fine-tuned on its data ``data``
+    (batch order from ``seed``)."""
+    mine = copy.deepcopy(model)
+    load_local_state(mine, context)
+    person = personalisation(cfg)
+    if person.tunes_head and len(data):
+        tune = head_plan(cfg)
+        tune.apply_to(mine)
+        train_local(mine, data, tune, cfg.finetune, seed=seed)
+    return mine
 
-    A held-out node (never trained on) also fine-tunes the model locally, once, as a
-    training round's plan says, and reports its accuracy before (``accuracy-before``)
-    and after (``accuracy``). Only these metrics leave the node; under DP they are not
-    covered by the guarantee (nor are Flower's evaluation metrics).
+
+def handle_evaluate(msg: Message, context: Context, cfg: ExperimentConfig) -> Message:
+    """The received model's accuracy on this node's own test images, global and personalised.
+
+    ``accuracy`` is the global model's; ``accuracy-personal`` the model this node would use
+    (``personalised_model``: its own local tensors, FedBABU's tuned head; the global model
+    when nothing is personal). A held-out node (never trained on) instead fine-tunes the
+    model locally, once, as a training round's plan says, and reports its accuracy before
+    (``accuracy-before``) and after (``accuracy``). Only these metrics leave the node;
+    under DP they are not covered by the guarantee (nor are Flower's evaluation metrics).
     """
     pid, n = node_partition(context, cfg)
     model, plan = received_model(msg, cfg)
@@ -97,7 +117,12 @@ def handle_evaluate(msg: Message, context: Context, cfg: ExperimentConfig) -> Me
             train_local(model, client_data(cfg.data, pid, n, cfg.seed), plan, cfg.finetune,
                         seed=derived_seed(f"adapt:{pid}", cfg.seed))
             metrics["accuracy-before"] = before["accuracy"]
-        metrics.update(evaluate_model(model, test) if held_out else before)
+            metrics.update(evaluate_model(model, test))
+        else:
+            mine = personalised_model(model, context, cfg, client_data(cfg.data, pid, n, cfg.seed),
+                                      seed=derived_seed(f"tune-head:{pid}", cfg.seed))
+            metrics.update(before)
+            metrics["accuracy-personal"] = evaluate_model(mine, test)["accuracy"]
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
@@ -140,18 +165,20 @@ def handle_train(msg: Message, context: Context, cfg: ExperimentConfig) -> Messa
         return Message(RecordDict({"metrics": MetricRecord({"partition-id": pid}),
                                    DECLINED: ConfigRecord({"reason": reason})}), reply_to=msg)
     model, plan = received_model(msg, cfg)
+    load_local_state(model, context)  # this node's own head / norms from its earlier rounds
     config = msg.content["config"]
 
     data = client_data(cfg.data, pid, n, cfg.seed)
     rnd = int(config["server-round"])
     try:
-        result, extra = privacy_mode(cfg).local_round(
-            model, data, plan, cfg, context, derived_seed(f"train:{rnd}:{pid}", cfg.seed))
+        result, extra = personalisation(cfg).local_round(
+            privacy_mode(cfg).local_round, model, data, plan, cfg, context, derived_seed(f"train:{rnd}:{pid}", cfg.seed))
     except BudgetSpentError as spent:
         # Not a failure: the client declines, says why, and the round goes on without it.
         metrics = MetricRecord({**spent.metrics, "partition-id": pid})
         return Message(RecordDict({"metrics": metrics, DECLINED: ConfigRecord({"reason": str(spent)})}), reply_to=msg)
 
+    save_local_state(model, context, list(plan.lrs))  # never in the reply: it holds only travelling keys
     metrics = MetricRecord({
         "train-loss": result.loss, "num-examples": result.examples, UNIT_WEIGHT: 1, "steps": result.steps,
         "partition-id": pid, **extra,

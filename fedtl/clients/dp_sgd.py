@@ -139,8 +139,8 @@ def check_dp_plans(model: TransferModel, plans: Sequence[RoundPlan]) -> None:
     """``check_dp_trainable`` for every round's trainable set (gradual unfreezing grows it), before round one."""
     before = model.trainable_units
     try:
-        for blocks in dict.fromkeys(plan.trainable_blocks for plan in plans):
-            model.set_trainable(blocks)
+        for plan in plans:
+            plan.apply_to(model)
             check_dp_trainable(model, model.trainable_units)
     finally:
         model.set_trainable([u for u in before if u != HEAD], head=HEAD in before)

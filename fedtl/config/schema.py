@@ -65,6 +65,11 @@ class FinetuneConfig(Validated):
     batch_size: int = field(default=16, metadata=in_range(1))
     momentum: float = field(default=0.9, metadata=in_range(0.0, 1.0))
     weight_decay: float = field(default=0.0, metadata=in_range(0.0, 1.0))
+    # Adapter modes (lora, ffa-lora, bn-only, bias-only): the top this many blocks get the adapter (0: all).
+    adapter_blocks: int = field(default=0, metadata=in_range(0))
+    lora_rank: int = field(default=4, metadata=in_range(1, 4096))
+    lora_alpha: float = field(default=8.0, metadata=in_range(0.0, None, lo_open=True))
+    lora_dropout: float = field(default=0.0, metadata=in_range(0.0, 1.0))
 
 
 @dataclass(frozen=True)
@@ -92,6 +97,10 @@ class StrategyConfig(Validated):
     num_malicious_nodes: int = field(default=0, metadata=in_range(0))  # krum, multikrum, bulyan
     num_nodes_to_select: int = field(default=1, metadata=in_range(1))  # multikrum
     q: float = field(default=0.1, metadata=in_range(0.0))  # qfedavg
+    # What stays on each client: none, fedper (head), fedbn (norm layers), fedrep (head,
+    # trained first each round), fedbabu (head frozen during federation, tuned locally at the end).
+    personalisation: str = field(default="none", metadata=one_of("fedtl.strategies.personal:PERSONALISATIONS"))
+    head_epochs: int = field(default=1, metadata=in_range(1, 1000))  # fedrep, fedbabu: local head epochs
 
 
 @dataclass(frozen=True)
@@ -200,6 +209,11 @@ class ExperimentConfig(Validated):
                 "strategy.name = \"fedprox\" with privacy.mode = \"dp-sgd\": Opacus builds each update from per-sample "
                 "gradients of the data loss, so FedProx's proximal term would be silently dropped. Use another "
                 "strategy with DP-SGD, or FedProx without it"
+            )
+        if p.mode == "dp-sgd" and self.strategy.personalisation == "fedrep":
+            raise ConfigError(
+                "strategy.personalisation = \"fedrep\" with privacy.mode = \"dp-sgd\": FedRep's extra head phase "
+                "would train outside the DP-SGD accountant. Use fedper (the head trains inside DP-SGD) or no DP-SGD"
             )
         if p.mode == "client-level" and self.strategy.weighting == "examples":
             raise ConfigError(

@@ -1,19 +1,47 @@
 """Fine-tuning modes: a choice of trainable units and their learning rates per round.
 
 A mode maps (block names input->output, round, fine-tuning config) to
-``{unit: lr}`` over the units that train that round; ``"head"`` always trains.
+``{unit: lr}`` over the units that train that round; ``"head"`` always trains. An
+adapter mode also names an adapter (``fedtl.models.adapters``): inside its units only
+the adapter's tensors train.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from fedtl.config import FinetuneConfig
 from fedtl.models.transfer import HEAD
 from fedtl.registry import Registry
 
-Mode = Callable[[Sequence[str], int, FinetuneConfig], dict[str, float]]
-MODES: Registry[Mode] = Registry("fine-tuning mode")
+Rates = Callable[[Sequence[str], int, FinetuneConfig], dict[str, float]]
+
+
+@dataclass(frozen=True)
+class Mode:
+    """A fine-tuning mode: its per-round rates and, for adapter modes, the adapter's name."""
+
+    rates: Rates
+    adapter: str | None = None
+
+    def __call__(self, blocks: Sequence[str], rnd: int, ft: FinetuneConfig) -> dict[str, float]:
+        return self.rates(blocks, rnd, ft)
+
+
+class ModeRegistry(Registry[Mode]):
+    """Modes by name; registering a plain rates function makes it a mode without adapter."""
+
+    def register(self, name: str, adapter: str | None = None) -> Callable[[Rates], Rates]:  # type: ignore[override]
+        add = super().register(name)
+
+        def register_rates(rates: Rates) -> Rates:
+            add(Mode(rates, adapter))
+            return rates
+        return register_rates
+
+
+MODES = ModeRegistry("fine-tuning mode")
 
 
 @MODES.register("feature-extraction")
@@ -46,3 +74,18 @@ def gradual_unfreezing(blocks: Sequence[str], rnd: int, ft: FinetuneConfig) -> d
     k = unfrozen_count(len(blocks), rnd, ft.unfreeze_every)
     top = blocks[len(blocks) - k:]
     return {**{b: ft.lr * ft.backbone_lr_scale for b in top}, HEAD: ft.lr}
+
+
+def adapter_blocks(blocks: Sequence[str], ft: FinetuneConfig) -> tuple[str, ...]:
+    """The top ``adapter-blocks`` blocks (all when 0): where an adapter mode trains."""
+    k = ft.adapter_blocks or len(blocks)
+    return tuple(blocks[max(0, len(blocks) - k):])
+
+
+def _adapter_rates(blocks: Sequence[str], rnd: int, ft: FinetuneConfig) -> dict[str, float]:
+    # New adapter tensors (LoRA) and the few tensors BitFit / BN-only move train at the head's rate.
+    return {**{b: ft.lr for b in adapter_blocks(blocks, ft)}, HEAD: ft.lr}
+
+
+for _name in ("lora", "ffa-lora", "bn-only", "bias-only"):
+    MODES.register(_name, adapter=_name)(_adapter_rates)

@@ -1,7 +1,12 @@
 """TransferModel: any backbone presented as ordered blocks + a head.
 
 A fine-tuning mode is only a choice over this interface: which units (blocks, head)
-train, at which learning rate. Only the state of trainable units travels.
+train, at which learning rate. Two key sets refine it:
+- ``adapter_keys``: the only block tensors that can train (LoRA matrices, norm or bias
+  terms; ``None``, every tensor of a trainable block), set by the mode's adapter;
+- ``local_keys``: tensors that train but never leave the client (a FedPer head, FedBN
+  norms), set by the personalisation.
+What travels is the trainable units' trainable tensors minus the local ones.
 """
 
 from __future__ import annotations
@@ -55,6 +60,8 @@ class TransferModel(nn.Module):
         self.blocks = nn.ModuleDict(dict(backbone.blocks))
         self.head = nn.Linear(backbone.feature_dim, num_classes)
         self.backbone_fingerprint = ""
+        self.adapter_keys: frozenset[str] | None = None
+        self.local_keys: frozenset[str] = frozenset()
         self._trainable: tuple[str, ...] = ()
         self.set_trainable([], head=True)
 
@@ -101,6 +108,9 @@ class TransferModel(nn.Module):
         self._trainable = tuple(u for u in self.units if u in chosen)
         for name in self.units:
             self.unit(name).requires_grad_(name in chosen)
+        if self.adapter_keys is not None:
+            for key, p in self.blocks.named_parameters(prefix="blocks"):
+                p.requires_grad_(p.requires_grad and key in self.adapter_keys)
         self.train(self.training)
 
     def train(self, mode: bool = True) -> TransferModel:
@@ -108,6 +118,12 @@ class TransferModel(nn.Module):
         for name in self.units:
             if name not in self._trainable:
                 self.unit(name).eval()
+        if self.adapter_keys is not None:
+            # Statistics move only where they travel (bn-only): LoRA or bias terms in a block
+            # must not drift its frozen BatchNorm statistics, which nobody would merge.
+            for prefix, m in self.blocks.named_modules(prefix="blocks"):
+                if isinstance(m, nn.modules.batchnorm._NormBase) and f"{prefix}.running_mean" not in self.adapter_keys:
+                    m.eval()
         return self
 
     def param_groups(self, lrs: Mapping[str, float]) -> list[dict[str, object]]:
@@ -129,19 +145,33 @@ class TransferModel(nn.Module):
         return groups
 
     # -- what travels ------------------------------------------------------------------
-    def unit_keys(self, units: Iterable[str]) -> list[str]:
-        """State-dict keys of ``units`` (parameters and statistics, not step counters)."""
+    def trained_keys(self, units: Iterable[str]) -> list[str]:
+        """State-dict keys that train when ``units`` do (parameters and statistics, not step
+        counters; within blocks only ``adapter_keys`` when set), local ones included."""
         prefixes = tuple(f"{HEAD}." if u == HEAD else f"blocks.{u}." for u in units)
-        return [k for k in self.state_dict() if k.startswith(prefixes) and not k.endswith(_NOT_TRAVELLING)]
+        return [k for k in self.state_dict() if k.startswith(prefixes) and not k.endswith(_NOT_TRAVELLING)
+                and (self.adapter_keys is None or k.startswith(f"{HEAD}.") or k in self.adapter_keys)]
+
+    def unit_keys(self, units: Iterable[str]) -> list[str]:
+        """State-dict keys that travel when ``units`` train: ``trained_keys`` minus ``local_keys``."""
+        return [k for k in self.trained_keys(units) if k not in self.local_keys]
+
+    def kept_keys(self, units: Iterable[str]) -> list[str]:
+        """State-dict keys that train when ``units`` do but stay on the client (``local_keys``)."""
+        return [k for k in self.trained_keys(units) if k in self.local_keys]
 
     def travelling_keys(self) -> list[str]:
-        """State-dict keys of the trainable units: exactly what is sent each round."""
+        """State-dict keys the trainable units send: exactly what travels each round."""
         return self.unit_keys(self._trainable)
 
-    def travelling_state(self) -> dict[str, torch.Tensor]:
-        """The trainable units' tensors, detached copies on the CPU."""
+    def state_of(self, keys: Iterable[str]) -> dict[str, torch.Tensor]:
+        """Detached CPU copies of the tensors ``keys``."""
         sd = self.state_dict()
-        return {k: sd[k].detach().cpu().clone() for k in self.travelling_keys()}
+        return {k: sd[k].detach().cpu().clone() for k in keys}
+
+    def travelling_state(self) -> dict[str, torch.Tensor]:
+        """The trainable units' travelling tensors, detached copies on the CPU."""
+        return self.state_of(self.travelling_keys())
 
     def load_travelling_state(self, state: Mapping[str, torch.Tensor | np.ndarray]) -> None:
         """Overwrite the trainable units' tensors with ``state`` (exactly the travelling keys).
@@ -158,7 +188,20 @@ class TransferModel(nn.Module):
                 f"received tensors do not match this round's trainable set: missing "
                 f"{sorted(expected - got)[:5]}, unexpected {sorted(got - expected)[:5]}"
             )
+        self.load_some(state)
+
+    def load_some(self, state: Mapping[str, torch.Tensor | np.ndarray]) -> None:
+        """Overwrite the tensors named in ``state`` (any keys of this model), leave the rest.
+
+        Raises
+        ------
+        KeyError
+            If a key is not in this model's state dict.
+        """
         sd = self.state_dict()
+        unknown = set(state) - set(sd)
+        if unknown:
+            raise KeyError(f"tensors this model does not have: {sorted(unknown)[:5]}")
         with torch.no_grad():
             for k, v in state.items():
                 sd[k].copy_(torch.as_tensor(v).to(sd[k].dtype))
@@ -170,6 +213,31 @@ class TransferModel(nn.Module):
         return torch.cat([self(xb) for xb in x.split(batch_size)])
 
     def num_parameters(self, units: Iterable[str] | None = None) -> int:
-        """Parameters of ``units`` (all units when ``None``)."""
+        """Parameters of ``units`` (all units when ``None``), adapters excluded: the model's own size."""
         names = self.units if units is None else tuple(units)
-        return sum(p.numel() for n in names for p in self.unit(n).parameters())
+        return sum(p.numel() for n in names for k, p in self.unit(n).named_parameters() if not _is_adapter(k))
+
+    def size(self) -> dict[str, int]:
+        """What travels per round against what sending the whole model would cost.
+
+        Returns
+        -------
+        dict
+            ``travelling_params`` / ``travelling_bytes``: this round's travelling tensors
+            (statistics included); ``model_params`` / ``model_bytes``: every tensor of the model,
+            adapters excluded (merged into their layers they add nothing).
+        """
+        sd = self.state_dict()
+        whole = [k for k in sd if not k.endswith(_NOT_TRAVELLING) and not _is_adapter(k)]
+        travelling = self.travelling_keys()
+        return {
+            "travelling_params": sum(sd[k].numel() for k in travelling),
+            "travelling_bytes": sum(sd[k].numel() * sd[k].element_size() for k in travelling),
+            "model_params": sum(sd[k].numel() for k in whole),
+            "model_bytes": sum(sd[k].numel() * sd[k].element_size() for k in whole),
+        }
+
+
+def _is_adapter(key: str) -> bool:
+    # peft's LoRA tensors are named ``<layer>.lora_A.<adapter>.weight`` (lora_B, lora_embedding_*).
+    return ".lora_" in key

@@ -22,10 +22,11 @@ from fedtl.privacy import privacy_mode
 from fedtl.server.evaluate import central_evaluate
 from fedtl.server.ledger import PrivacyLedger
 from fedtl.server.nodes import TrainingNodes
-from fedtl.server.plan import RoundPlan, plan_round
+from fedtl.server.plan import RoundPlan
 from fedtl.server.record import RunRecorder
 from fedtl.simulations.plots import plot_accuracy
-from fedtl.strategies.registry import build_strategy
+from fedtl.strategies.personal import check_personal_plans, personal_plan
+from fedtl.strategies.registry import build_strategy, steps_server_optimiser, weight_key
 from fedtl.strategies.transfer import RoundReport, RunStoppedError, TransferStrategy
 
 NO_PRIVACY = "no differential privacy: client updates are sent as trained (privacy.mode = \"off\")"
@@ -36,17 +37,41 @@ def run_dir(cfg: ExperimentConfig) -> Path:
     return Path(cfg.out) if cfg.out else Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def private_strategy(cfg: ExperimentConfig, model: TransferModel) -> tuple[Strategy, RdpAccountant | None]:
-    """The run's Flower strategy inside its privacy mode's wrapper, after the mode has checked every round's plan.
+def check_plans(cfg: ExperimentConfig, model: TransferModel) -> None:
+    """Every round's plan checked by the privacy mode and the personalisation, before round one.
 
     Raises
     ------
     ConfigError, DPConfigError
-        If the privacy mode refuses the model, the plans or its settings.
+        If the privacy mode or the personalisation refuses the model or a plan.
     """
-    privacy = privacy_mode(cfg)
-    privacy.check_plans(model, [plan_round(cfg, model.block_names, r) for r in range(1, cfg.rounds + 1)])
-    return privacy.wrap(build_strategy(cfg), cfg)
+    plans = [personal_plan(cfg, model.block_names, r) for r in range(1, cfg.rounds + 1)]
+    privacy_mode(cfg).check_plans(model, plans)
+    check_personal_plans(model, plans, cfg.strategy.personalisation)
+
+
+def preflight(cfg: ExperimentConfig) -> None:
+    """What ``run_server`` would refuse about ``cfg``, found without pre-training: the model's
+    structure (adapters, local keys) and every round's plan, on randomly initialised weights.
+
+    Raises
+    ------
+    ConfigError
+        As ``check_plans``, or an adapter that finds no layer to adapt.
+    """
+    check_plans(cfg, build_model(cfg.replace(init="scratch")))
+
+
+def private_strategy(cfg: ExperimentConfig, model: TransferModel) -> tuple[Strategy, RdpAccountant | None]:
+    """The run's Flower strategy inside its privacy mode's wrapper, after every round's plan is checked.
+
+    Raises
+    ------
+    ConfigError, DPConfigError
+        If the privacy mode or the personalisation refuses the model, the plans or the settings.
+    """
+    check_plans(cfg, model)
+    return privacy_mode(cfg).wrap(build_strategy(cfg), cfg)
 
 
 def run_server(grid: Grid, cfg: ExperimentConfig) -> dict[str, Any]:
@@ -55,7 +80,7 @@ def run_server(grid: Grid, cfg: ExperimentConfig) -> dict[str, Any]:
     test = server_test_data(cfg.data)
 
     def plan(rnd: int) -> RoundPlan:
-        return plan_round(cfg, model.block_names, rnd)
+        return personal_plan(cfg, model.block_names, rnd)
 
     # Everything that can refuse the config does so before the run folder is written.
     privacy = privacy_mode(cfg)
@@ -75,6 +100,8 @@ def run_server(grid: Grid, cfg: ExperimentConfig) -> dict[str, Any]:
         on_evaluate=recorder.on_client_evaluation,
         training_nodes=(lambda g: TrainingNodes(g, timeout)) if cfg.data.held_out_clients else None,
         min_nodes=max(cfg.strategy.min_train_nodes, cfg.strategy.min_available_nodes),
+        # Not under client-level DP: its wrapper noises the statistics with the rest, and the exact mean would leak them.
+        statistics_by_mean=weight_key(cfg) if steps_server_optimiser(inner) and privacy.level != "client" else None,
     )
     best = {"accuracy": -1.0}
 
@@ -84,10 +111,10 @@ def run_server(grid: Grid, cfg: ExperimentConfig) -> dict[str, Any]:
         if unknown:
             raise ValueError(f"global model holds keys this model does not have: {sorted(unknown)[:5]}")
         model.load_state_dict(state, strict=False)
-        model.set_trainable(plan(max(rnd, 1)).trainable_blocks)
+        plan(max(rnd, 1)).apply_to(model)
         metrics = central_evaluate(model, test)
         extra = {"epsilon": ledger.epsilon} if ledger is not None else {}
-        row = recorder.end_round(rnd, metrics, travelling_params=model.num_parameters(model.trainable_units), **extra)
+        row = recorder.end_round(rnd, metrics, travelling_params=model.size()["travelling_params"], **extra)
         meta = {"round": rnd, "accuracy": row["accuracy"], "backbone_fingerprint": model.backbone_fingerprint}
         recorder.checkpoint("last", model.state_dict(), **meta)
         if rnd > 0 and row["accuracy"] > best["accuracy"]:
@@ -95,7 +122,7 @@ def run_server(grid: Grid, cfg: ExperimentConfig) -> dict[str, Any]:
             recorder.checkpoint("best", model.state_dict(), **meta)
         return MetricRecord(metrics)
 
-    model.set_trainable(plan(1).trainable_blocks)
+    plan(1).apply_to(model)
     stopped = None
     try:
         strategy.start(
@@ -108,8 +135,12 @@ def run_server(grid: Grid, cfg: ExperimentConfig) -> dict[str, Any]:
         log(WARNING, "%s", stopped)
     finally:
         recorder.close()  # a failed run leaves the terminal and Flower's log as they were
+    size = model.size()  # the last round's travelling set against the whole model
     summary = recorder.finish(
-        travelling_params=model.num_parameters(model.trainable_units), total_params=model.num_parameters(),
+        travelling_params=size["travelling_params"], total_params=size["model_params"],
+        travelling_bytes=size["travelling_bytes"], model_bytes=size["model_bytes"],
+        travelling_ratio=size["travelling_bytes"] / size["model_bytes"],
+        personalisation=cfg.strategy.personalisation, local_keys=len(model.local_keys),
         backbone_fingerprint=model.backbone_fingerprint, stopped_early=stopped,
         privacy=ledger.summary() if ledger is not None else {"mode": "off", "guarantee": NO_PRIVACY},
     )

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from fedtl.config import ExperimentConfig
 from fedtl.models.modes import MODES
-from fedtl.models.transfer import HEAD
+from fedtl.models.transfer import HEAD, TransferModel
 
 _UNITS, _LRS, _EPOCHS = "plan.units", "plan.lrs", "plan.local-epochs"
 # Flower's FedProx puts its proximal weight in the round's config under this key.
@@ -47,6 +47,10 @@ class RoundPlan:
     def trainable_blocks(self) -> tuple[str, ...]:
         """Blocks that train (the head excluded)."""
         return tuple(u for u in self.lrs if u != HEAD)
+
+    def apply_to(self, model: TransferModel) -> None:
+        """Make ``model`` train exactly this plan's units (the head only if the plan has it)."""
+        model.set_trainable(self.trainable_blocks, head=HEAD in self.lrs)
 
     def to_config(self) -> dict[str, list[str] | list[float] | int]:
         """Entries for the round's ConfigRecord."""

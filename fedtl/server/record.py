@@ -156,19 +156,30 @@ class RunRecorder:
         return summary
 
 
+def fairness(values: list[float], name: str) -> dict[str, Any]:
+    """``name`` (the values), ``name_mean``, ``name_std`` (over clients) and ``name_worst10``: the mean
+    of the worst 10 % of clients (at least one)."""
+    worst = sorted(values)[:max(1, math.ceil(0.1 * len(values)))]
+    return {name: values, f"{name}_mean": statistics.mean(values), f"{name}_std": statistics.pstdev(values),
+            f"{name}_worst10": statistics.mean(worst)}
+
+
 def client_summary(clients: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """The ``per_client`` and ``held_out`` sections of a summary, from the nodes' final evaluation.
 
-    ``accuracy_worst10`` is the mean accuracy of the worst 10 % of training clients (at least one).
+    ``per_client`` holds the global model's accuracy on each training client's own test
+    images and, where clients report it, their personalised model's (``personal_*``), each
+    with the fairness figures of ``fairness``.
     """
     out: dict[str, dict[str, Any]] = {}
     label = [c.get("partition-id", f"node-{c['node-id']}") for c in clients]
     train = [(i, c) for i, c in zip(label, clients) if not c.get("held-out") and "accuracy" in c]
     if train:
-        acc = [c["accuracy"] for _, c in train]
-        worst = sorted(acc)[:max(1, math.ceil(0.1 * len(acc)))]
-        out["per_client"] = {"ids": [i for i, _ in train], "accuracy": acc, "accuracy_mean": statistics.mean(acc),
-                          "accuracy_std": statistics.pstdev(acc), "accuracy_worst10": statistics.mean(worst)}
+        section: dict[str, Any] = {"ids": [i for i, _ in train]}
+        for name, key in (("accuracy", "accuracy"), ("personal", "accuracy-personal")):
+            if all(key in c for _, c in train):
+                section.update(fairness([c[key] for _, c in train], name))
+        out["per_client"] = section
     held = [(i, c) for i, c in zip(label, clients) if c.get("held-out") and "accuracy" in c]
     if held:
         before, after = [c["accuracy-before"] for _, c in held], [c["accuracy"] for _, c in held]

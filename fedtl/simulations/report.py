@@ -94,7 +94,8 @@ def build_report(study_dir: str | Path) -> Path:
         (plots.plot_epsilon(res, folder / "epsilon.png"), "Final accuracy against the privacy spent."),
         (plots.plot_bytes(res, folder / "bytes.png"), "Final accuracy against total communication."),
         (plots.plot_client_spread(res, folder / "clients.png"),
-         "Each training client's accuracy of the final global model on its own held-out images."),
+         "Each training client's accuracy on its own held-out images: the final global model's and, under a "
+         "personalisation, the client's own model's (its local tensors or tuned head)."),
         (plots.plot_domains(res, folder / "domains.png"), "Final accuracy per domain (acquisition style)."),
         (plots.plot_adaptability(res, folder / "adaptability.png"),
          "Clients held out of training: the final model on their data, before and after their local fine-tuning."),
@@ -112,6 +113,9 @@ def build_report(study_dir: str | Path) -> Path:
     study_file = (res.out / "study.toml").read_text() if (res.out / "study.toml").is_file() else ""
     missing = (f"<p><b>Not finished yet</b> ({len(res.missing)}): " + ", ".join(html.escape(m) for m in res.missing)
                + "</p>") if res.missing else ""
+    skipped = ("<p><b>Skipped</b> (refused before the study ran):</p><ul>" + "".join(
+        f"<li>{html.escape(s['label'])}: {html.escape(s['reason'])}</li>" for s in res.skipped) + "</ul>"
+               ) if res.skipped else ""
     page = f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>fedtl study {html.escape(res.name)}</title>
 <style>{_CSS}</style></head><body>
 <h1>Study: {html.escape(res.name)}</h1>
@@ -121,8 +125,12 @@ def build_report(study_dir: str | Path) -> Path:
 <h2>Results</h2>
 <p>Mean ± standard deviation over seeds. Transfer gain: final accuracy minus the from-scratch baseline's, seed by
 seed. Efficiency columns: rounds, seconds and bytes until the test accuracy first reached
-{target_accuracy(res):.3f}. Epsilon: the largest any client spent (∞: no DP).</p>
+{target_accuracy(res):.3f}. Epsilon: the largest any client spent (∞: no DP). Client and personalised accuracy:
+the global model, and each client's own model (its local tensors under FedPer/FedBN/FedRep, its tuned head under
+FedBABU; the global model otherwise), on each training client's own test images. Travelling / model: the bytes a
+client sends per round against sending the whole model.</p>
 <div class="wide">{table_html}</div>
+{skipped}
 <h2>Figures</h2>
 {"".join(f"<figure>{_img(p)}<figcaption>{html.escape(c)}</figcaption></figure>" for p, c in figures)}
 <h2>Runs</h2><ul>{runs_html}</ul>

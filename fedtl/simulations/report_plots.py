@@ -96,16 +96,33 @@ def plot_bytes(res: StudyResults, path: Path) -> Path:
 
 
 def plot_client_spread(res: StudyResults, path: Path) -> Path | None:
-    """Each client's accuracy of the final model on its own held-out images, pooled over seeds."""
-    data = {label: [a for r in runs for a in r.summary.get("per_client", {}).get("accuracy", [])]
-            for label, runs in res.configs.items()}
-    if not any(data.values()):
+    """Each client's accuracy on its own held-out images, pooled over seeds: the global model's
+    and, where any configuration personalises, each client's own model's next to it."""
+    def pooled(key: str) -> dict[str, list[float]]:
+        return {label: [a for r in runs for a in r.summary.get("per_client", {}).get(key, [])]
+                for label, runs in res.configs.items()}
+
+    shared, personal = pooled("accuracy"), pooled("personal")
+    if not any(shared.values()):
         return None
-    fig = Figure(figsize=(max(5, 0.8 * len(data) + 2), 4), dpi=110)
+    personalises = any(personal[k] and personal[k] != shared[k] for k in shared)
+    fig = Figure(figsize=(max(5, (1.2 if personalises else 0.8) * len(shared) + 2), 4), dpi=110)
     ax = fig.subplots()
     names = short_names(res)
-    ax.boxplot([v or [math.nan] for v in data.values()], tick_labels=[names[k] for k in data])
+    x = np.arange(len(shared), dtype=float)
+    boxes = [(shared, 0.0, "global model", "tab:blue")]
+    if personalises:
+        boxes = [(shared, -0.2, "global model", "tab:blue"), (personal, 0.2, "personalised", "tab:orange")]
+    for data, offset, name, colour in boxes:
+        parts = ax.boxplot([v or [math.nan] for v in data.values()], positions=x + offset,
+                           widths=0.35 if personalises else 0.5, patch_artist=True)
+        for box in parts["boxes"]:
+            box.set(facecolor=colour, alpha=0.35)
+        parts["boxes"][0].set_label(name)
+    ax.set_xticks(x, [names[k] for k in shared])
     ax.set(ylabel="client accuracy (own test images)", ylim=(0, 1), title="per-client accuracy spread")
+    if personalises:
+        ax.legend(fontsize="small")
     ax.grid(alpha=0.3, axis="y")
     return _save(fig, path)
 

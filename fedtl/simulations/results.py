@@ -41,6 +41,7 @@ class StudyResults:
     target_accuracy: float
     configs: dict[str, list[RunResult]] = field(default_factory=dict)
     missing: list[str] = field(default_factory=list)
+    skipped: list[dict[str, str]] = field(default_factory=list)
 
 
 def _load_run(out: Path, rel: str, label: str, seed: int) -> RunResult | None:
@@ -63,7 +64,8 @@ def load_results(study_dir: str | Path) -> StudyResults:
     if not plan_path.is_file():
         raise StudyError(f"{out} holds no study ({PLAN_FILE} is missing): run `fedtl study FILE` first")
     plan = json.loads(plan_path.read_text())
-    res = StudyResults(plan["name"], plan["command"], out, float(plan.get("target_accuracy", 0.0)))
+    res = StudyResults(plan["name"], plan["command"], out, float(plan.get("target_accuracy", 0.0)),
+                       skipped=list(plan.get("skipped", [])))
     for entry in plan["runs"]:
         run = _load_run(out, entry["dir"], entry["label"], entry["seed"])
         if run is None:
@@ -116,10 +118,13 @@ COLUMNS: dict[str, tuple[str, Callable[[RunResult], float], str]] = {
                       if r.scratch else math.nan, "{:+.3f}"),
     "client_accuracy_mean": ("client accuracy", _get("per_client.accuracy_mean"), "{:.3f}"),
     "client_accuracy_worst10": ("worst-10 % client accuracy", _get("per_client.accuracy_worst10"), "{:.3f}"),
+    "personal_accuracy_mean": ("personalised accuracy", _get("per_client.personal_mean"), "{:.3f}"),
+    "personal_accuracy_worst10": ("worst-10 % personalised", _get("per_client.personal_worst10"), "{:.3f}"),
     "held_out_before": ("held-out accuracy before", _get("held_out.accuracy_before_mean"), "{:.3f}"),
     "held_out_after": ("held-out accuracy after local fine-tuning", _get("held_out.accuracy_after_mean"), "{:.3f}"),
     "ece": ("ECE", lambda r: float(r.rows[-1].get("ece", math.nan)), "{:.3f}"),
     "bytes_per_round": ("bytes per round", bytes_per_round, "{:,.0f}"),
+    "travelling_ratio": ("travelling / model", _get("travelling_ratio"), "{:.2%}"),
     "bytes_total": ("bytes in total", lambda r: r.summary["bytes_down_total"] + r.summary["bytes_up_total"],
                     "{:,.0f}"),
     "wall_seconds": ("wall time (s)", _get("wall_seconds"), "{:.1f}"),
@@ -180,7 +185,8 @@ def write_tables(res: StudyResults, folder: Path) -> tuple[Path, Path]:
 # Summary fields ``fedtl compare`` shows, with their format.
 COMPARED = (("final_accuracy", "{:.4f}"), ("best_accuracy", "{:.4f}"), ("best_round", "{}"), ("rounds", "{}"),
             ("transfer_gain", "{:+.4f}"), ("bytes_down_total", "{:,}"), ("bytes_up_total", "{:,}"),
-            ("travelling_params", "{:,}"), ("total_params", "{:,}"), ("wall_seconds", "{:.1f}"))
+            ("travelling_params", "{:,}"), ("total_params", "{:,}"), ("travelling_ratio", "{:.2%}"),
+            ("wall_seconds", "{:.1f}"))
 
 
 def compare_runs(a: str | Path, b: str | Path) -> tuple[list[str], list[list[str]]]:
@@ -197,7 +203,8 @@ def compare_runs(a: str | Path, b: str | Path) -> tuple[list[str], list[list[str
             raise StudyError(f"{folder} holds no finished run (no summary.json): give a run folder, e.g. runs/<name>")
         summaries.append(json.loads((folder / "summary.json").read_text()))
     first, second = summaries
-    fields = [("mode", "{}"), ("init", "{}"), ("strategy", "{}"), ("backbone", "{}"), ("clients", "{}"), *COMPARED]
+    fields = [("mode", "{}"), ("init", "{}"), ("strategy", "{}"), ("personalisation", "{}"), ("backbone", "{}"),
+              ("clients", "{}"), *COMPARED]
     rows = []
     for key, fmt in fields:
         if key not in first and key not in second:

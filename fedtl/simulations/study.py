@@ -8,6 +8,7 @@ A study file names a base config, fixed overrides, a grid and seeds::
     seeds = [0, 1, 2]
     scratch = true                # each run's from-scratch baseline too (the transfer gain)
     target-accuracy = 0.0         # efficiency: time and bytes to reach it; 0 = 90 % of the best
+    skip-invalid = false          # true: grid points fedtl refuses are listed as skipped, not fatal
 
     [study.set]                   # applied to every run
     rounds = 10
@@ -21,7 +22,8 @@ A study file names a base config, fixed overrides, a grid and seeds::
     "privacy.mode" = "dp-sgd"
     "privacy.target-epsilon" = 3.0
 
-Every run's config is built and validated before the first run starts. The study folder
+Every run's config is built and validated (and its model's plans checked, without
+pre-training: ``preflight``) before the first run starts. The study folder
 holds ``study.toml`` (the file as given), ``plan.json`` (every run, its axes and folder),
 ``runs/<label>-s<seed>/`` and ``scratch/<label>-s<seed>/`` (ordinary run folders) and
 ``report/``. A rerun skips runs whose folder holds a finished run of the same config, and
@@ -49,7 +51,7 @@ from fedtl.config.fields import flatten
 from fedtl.data.federated import check_partitions
 from fedtl.server.record import holds_run
 
-_STUDY_KEYS = {"name", "base", "seeds", "scratch", "target-accuracy", "set", "grid", "case", "out"}
+_STUDY_KEYS = {"name", "base", "seeds", "scratch", "target-accuracy", "set", "grid", "case", "out", "skip-invalid"}
 PLAN_FILE = "plan.json"
 
 
@@ -88,6 +90,9 @@ class StudySpec:
         The study folder (default ``runs/study-<name>``).
     source : Path
         The study file; ``text`` its contents.
+    skip_invalid : bool
+        Whether grid points fedtl refuses (e.g. FedPer with feature extraction: nothing would
+        travel) are skipped and listed, rather than stopping the study before it starts.
     """
 
     name: str
@@ -101,6 +106,7 @@ class StudySpec:
     out: str
     source: Path
     text: str = field(repr=False)
+    skip_invalid: bool = False
 
 
 def _fail(path: Path, message: str) -> StudyError:
@@ -150,6 +156,7 @@ def load_study(path: str | Path) -> StudySpec:
         name=name, base=(path.parent / base) if base else None, sets=sets, axes=tuple(axes), cases=tuple(cases),
         seeds=tuple(seeds), scratch=bool(raw.get("scratch", True)), target_accuracy=float(target),
         out=str(raw.get("out", f"runs/study-{name}")), source=path, text=text,
+        skip_invalid=bool(raw.get("skip-invalid", False)),
     )
 
 
@@ -176,15 +183,26 @@ def _scratch_id(cfg: ExperimentConfig) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:10]
 
 
-def plan_study(spec: StudySpec, out: Path) -> list[PlannedRun]:
+class StudyPlan(list[PlannedRun]):
+    """The runs of a study, in order; ``skipped`` lists (label, reason) of the grid points refused."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.skipped: list[tuple[str, str]] = []
+
+
+def plan_study(spec: StudySpec, out: Path) -> StudyPlan:
     """Every run of ``spec`` with its validated config, run folder and (shared) scratch baseline.
 
     Raises
     ------
     ConfigError
-        If any grid point does not make a valid config (nothing has run yet).
+        If any grid point does not make a valid config or its plans are refused (nothing has
+        run yet); with ``skip-invalid``, such points are listed in ``skipped`` instead.
     """
-    runs = []
+    from fedtl.server.app import preflight  # the server's own checks, which import Flower
+
+    runs = StudyPlan()
     scratch_dirs: dict[str, Path] = {}
     keys = [k for k, _ in spec.axes]
     for case, combo in itertools.product(spec.cases, itertools.product(*(values for _, values in spec.axes))):
@@ -194,8 +212,13 @@ def plan_study(spec: StudySpec, out: Path) -> list[PlannedRun]:
             sets = [*spec.sets, *(f"{k}={toml_literal(v)}" for k, v in values.items()), f"seed={seed}"]
             try:
                 cfg = load_config(spec.base, sets)
+                preflight(cfg)
             except ConfigError as err:
-                raise StudyError(f"study {spec.name!r}, run {label} (seed {seed}): {err}") from None
+                if not spec.skip_invalid:
+                    raise StudyError(f"study {spec.name!r}, run {label} (seed {seed}): {err}") from None
+                if all(lbl != label for lbl, _ in runs.skipped):
+                    runs.skipped.append((label, str(err)))
+                continue
             cfg = cfg.replace(name=f"{spec.name}/{_slug(values)}", out=str(out / "runs" / f"{_slug(values)}-s{seed}"))
             scratch = None
             if spec.scratch and cfg.init == "pretrained":
@@ -267,6 +290,8 @@ def run_study(
     todo = [c for c in jobs if states[id(c)] != "done"]
     console.print(f"[bold]study {spec.name}[/]: {len(runs)} runs ({len(jobs)} with baselines), "
                   f"{len(jobs) - len(todo)} already done -> {out}")
+    for label, reason in runs.skipped:
+        console.print(f"[yellow]skipped[/] {label}: {reason}")
     t0 = time.perf_counter()
     for i, cfg in enumerate(todo):
         eta = f" · study ETA {_eta((time.perf_counter() - t0) / i * (len(todo) - i))}" if i else ""
@@ -275,7 +300,7 @@ def run_study(
     return runs
 
 
-def write_plan(out: Path, spec: StudySpec, runs: Sequence[PlannedRun], command: str) -> Path:
+def write_plan(out: Path, spec: StudySpec, runs: StudyPlan, command: str) -> Path:
     """``plan.json``: the study's runs, axes, seeds and the command that made it."""
     plan = {
         "name": spec.name, "command": command, "axes": [k for k, _ in spec.axes], "seeds": list(spec.seeds),
@@ -283,6 +308,7 @@ def write_plan(out: Path, spec: StudySpec, runs: Sequence[PlannedRun], command: 
         "runs": [{"label": r.label, "values": r.values, "seed": r.seed, "dir": str(Path(r.cfg.out).relative_to(out)),
                   "scratch_dir": str(Path(r.scratch.out).relative_to(out)) if r.scratch else None} for r in runs],
     }
+    plan["skipped"] = [{"label": label, "reason": reason} for label, reason in runs.skipped]
     path = out / PLAN_FILE
     path.write_text(json.dumps(plan, indent=2) + "\n")
     return path

@@ -25,6 +25,7 @@ from flwr.serverapp.strategy import (
     QFedAvg,
     Strategy,
 )
+from flwr.serverapp.strategy.fedopt import FedOpt
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from fedtl.config import ExperimentConfig
@@ -140,6 +141,12 @@ def qfedavg(cfg: ExperimentConfig) -> Strategy:
     """q-FedAvg: fairness-weighted averaging by clients' training loss to the power ``q`` (Li et al. 2020)."""
     return QFedAvg(**common(cfg), client_learning_rate=cfg.finetune.lr, q=cfg.strategy.q,
                    train_loss_key="train-loss")
+
+
+def steps_server_optimiser(strategy: Strategy) -> bool:
+    """Whether ``strategy`` moves the model by a server optimiser's step (FedAdam/Yogi/Adagrad,
+    FedAvgM, q-FedAvg) rather than by a statistic of the updates (mean, median, Krum...)."""
+    return isinstance(strategy, (FedOpt, FedAvgM, QFedAvg))
 
 
 def build_strategy(cfg: ExperimentConfig) -> Strategy:

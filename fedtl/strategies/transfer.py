@@ -10,6 +10,9 @@ Like Flower's DP wrappers, it holds a strategy and adds behaviour around it:
 - a client may decline to train (its privacy budget is spent): it is counted, not
   merged, and never sampled again; the run ends when too few clients are left to sample;
 - the bytes sent and received are measured and reported to an observer;
+- normalisation statistics (running mean and variance) are averaged, not optimised, when
+  the inner strategy steps a server optimiser (``statistics_by_mean``): a FedAdam step on
+  a variance could make it negative;
 - training samples only the nodes ``training_nodes`` shows (held-out clients stay out);
 - after the final round every node evaluates the global model on its own test images.
 """
@@ -111,6 +114,22 @@ def as_sent(arrays: ArrayRecord, spec: _Spec) -> ArrayRecord:
                         for k, a in arrays.items()})
 
 
+STATISTICS = ("running_mean", "running_var")
+
+
+def mean_statistics(arrays: ArrayRecord, replies: list[Message], weight_key: str) -> ArrayRecord:
+    """``arrays`` with every normalisation statistic replaced by the replies' ``weight_key``-weighted mean."""
+    keys = [k for k in arrays.keys() if k.endswith(STATISTICS)]
+    if not keys:
+        return arrays
+    w = np.array([float(m.content["metrics"][weight_key]) for m in replies])
+    out = ArrayRecord({k: a for k, a in arrays.items()})
+    for k in keys:
+        stack = np.stack([m.content["arrays"][k].numpy() for m in replies])
+        out[k] = Array(np.tensordot(w / w.sum(), stack, axes=1).astype(stack.dtype))
+    return out
+
+
 def content_key(msg: Message) -> str:
     """A key of a reply's tensors, for ordering replies by content rather than arrival."""
     arrays = msg.content["arrays"]
@@ -149,6 +168,9 @@ class TransferStrategy(Strategy):
     min_nodes : int, default 1
         Fewest nodes a round needs (the inner strategy's minimums); with fewer left to
         sample, the run stops rather than wait.
+    statistics_by_mean : str, optional
+        The reply metric to weight by (e.g. ``"num-examples"``) when BatchNorm statistics
+        must be merged by the weighted mean whatever the inner rule; ``None``: by the inner rule.
     """
 
     def __init__(
@@ -156,6 +178,7 @@ class TransferStrategy(Strategy):
         initial_state: Mapping[str, torch.Tensor], fingerprint: str, observer: RoundObserver | None = None,
         final_round: int | None = None, on_evaluate: Callable[[int, list[dict[str, Any]]], None] | None = None,
         training_nodes: Callable[[Grid], Grid] | None = None, min_nodes: int = 1,
+        statistics_by_mean: str | None = None,
     ) -> None:
         self.inner = inner
         self.plan = plan
@@ -167,6 +190,7 @@ class TransferStrategy(Strategy):
         self.on_evaluate = on_evaluate
         self.training_nodes = training_nodes
         self.min_nodes = min_nodes
+        self.statistics_by_mean = statistics_by_mean
         self.declined: dict[int, str] = {}  # node -> why it trains no more
         self._views: dict[int, Grid] = {}
         self._sent: dict[int, tuple[_Spec, int, int]] = {}  # round -> (spec, messages, bytes)
@@ -236,6 +260,8 @@ class TransferStrategy(Strategy):
         # random order: merging in content order makes a run with a given seed reproducible.
         accepted.sort(key=content_key)
         arrays, metrics = self.inner.aggregate_train(server_round, accepted)
+        if arrays is not None and self.statistics_by_mean is not None:
+            arrays = mean_statistics(arrays, accepted, self.statistics_by_mean)
         if arrays is not None:
             arrays = as_sent(arrays, spec)
         if self.observer is not None:

@@ -15,7 +15,7 @@ from tests.conftest import make_config
 def _instruction(cfg, fingerprint: str, rnd: int = 1) -> Message:
     model = build_model(cfg)
     plan = plan_round(cfg, model.block_names, rnd)
-    model.set_trainable(plan.trainable_blocks)
+    plan.apply_to(model)
     config = ConfigRecord({**plan.to_config(), "backbone-fingerprint": fingerprint, "server-round": rnd})
     content = RecordDict({"arrays": ArrayRecord(model.travelling_state()), "config": config})
     return Message(content=content, dst_node_id=1, message_type="train")

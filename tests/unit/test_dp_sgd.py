@@ -98,7 +98,7 @@ def test_state_round_trips_through_a_config_record() -> None:
 def _small(cfg) -> tuple[TransferModel, LabelledImages, RoundPlan]:
     model = build_model(cfg)
     plan = plan_round(cfg, model.block_names, 1)
-    model.set_trainable(plan.trainable_blocks)
+    plan.apply_to(model)
     return model, client_data(cfg.data, 2, 5, cfg.seed), plan
 
 

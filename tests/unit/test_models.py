@@ -10,7 +10,7 @@ from fedtl.models.transfer import HEAD, TransferModel, state_fingerprint
 from fedtl.registry import Registry, RegistryError
 
 # (backbone, input shape): small inputs, enough for every stride of the family.
-SHAPES = {"small-cnn": (1, 16, 16), "resnet18": (3, 32, 32), "mobilenet_v3_small": (3, 32, 32)}
+SHAPES = {"small-cnn": (1, 16, 16), "small-cnn-bn": (1, 16, 16), "resnet18": (3, 32, 32), "mobilenet_v3_small": (3, 32, 32)}
 
 
 @pytest.mark.parametrize("name", BACKBONES.names())

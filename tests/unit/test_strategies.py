@@ -104,3 +104,25 @@ def test_fedprox_messages_carry_mu_into_the_clients_plan(task_identity: None) ->
     out = list(s.configure_train(1, ArrayRecord({k: INITIAL[k] for k in keys_of(["head"])}), ConfigRecord(),
                                  StaticGrid(NODES)))
     assert {RoundPlan.from_config(m.content["config"]).proximal_mu for m in out} == {0.3}
+
+
+def test_server_optimisers_average_normalisation_statistics_instead_of_stepping_them(task_identity: None) -> None:
+    from fedtl.server.plan import RoundPlan
+    from fedtl.strategies.registry import steps_server_optimiser
+    from fedtl.strategies.transfer import TransferStrategy
+
+    initial = {"blocks.a.bn.running_var": torch.full((2,), 0.01), "head.w": torch.zeros(2)}
+    inner = build_strategy(make_config("strategy.name=fedadam", "clients=5"))
+    assert steps_server_optimiser(inner) and not steps_server_optimiser(build_strategy(make_config("clients=5")))
+    s = TransferStrategy(inner, plan=lambda r: RoundPlan({"a": 0.1, "head": 0.1}, 1),
+                         keys_of=lambda units: list(initial), initial_state=initial, fingerprint="f",
+                         statistics_by_mean="num-examples")
+    out = sorted(s.configure_train(1, ArrayRecord(), ConfigRecord(), StaticGrid(NODES)),
+                 key=lambda m: m.metadata.dst_node_id)
+    # Variances shrink on every client: FedAdam's step (server lr 0.1 on a normalised update)
+    # would take 0.01 below zero; their mean cannot.
+    updates = [{"blocks.a.bn.running_var": np.full(2, 0.001 * (i + 1), np.float32),
+                "head.w": np.full(2, 0.1 * (i + 1), np.float32)} for i in range(5)]
+    merged, _ = s.aggregate_train(1, _replies(out, updates))
+    np.testing.assert_allclose(merged["blocks.a.bn.running_var"].numpy(), 0.003, rtol=1e-6)
+    assert not np.allclose(merged["head.w"].numpy(), 0.3)  # the parameters still take FedAdam's step

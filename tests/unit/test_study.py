@@ -65,6 +65,30 @@ def test_an_invalid_grid_point_is_refused_before_anything_runs(tmp_path: Path) -
         plan_study(spec, tmp_path / "out")
 
 
+def test_refused_grid_points_are_skipped_and_listed_when_asked(tmp_path: Path) -> None:
+    from fedtl.simulations.study import write_plan
+
+    text = """
+[study]
+seeds = [0, 1]
+{skip}
+[study.grid]
+"finetune.mode" = ["feature-extraction", "full"]
+"strategy.personalisation" = ["none", "fedper"]
+"""
+    with pytest.raises(StudyError, match="personalisation=fedper \\(seed 0\\).*leaves nothing to federate"):
+        plan_study(load_study(_write(tmp_path, text.format(skip=""))), tmp_path / "out")
+    spec = load_study(_write(tmp_path, text.format(skip="skip-invalid = true")))
+    runs = plan_study(spec, tmp_path / "out")
+    assert len(runs) == 6 and len(runs.skipped) == 1  # listed once, not once per seed
+    label, reason = runs.skipped[0]
+    assert label == "finetune.mode=feature-extraction, strategy.personalisation=fedper" and "FedPer" not in label
+    assert "leaves nothing to federate" in reason
+    (tmp_path / "out").mkdir()
+    plan = json.loads(write_plan(tmp_path / "out", spec, runs, "cmd").read_text())
+    assert plan["skipped"] == [{"label": label, "reason": reason}]
+
+
 def test_expected_calibration_error_by_hand() -> None:
     probs = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.45, 0.55]])
     labels = torch.tensor([0, 1, 1, 0])
