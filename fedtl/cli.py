@@ -73,10 +73,14 @@ def pretrain(config: ConfigOpt = None, set_: SetOpt = None) -> None:
 
     try:
         cfg = _load(config, set_)
+        if cfg.model.weights or cfg.model.weights_path:
+            console.print("nothing to pre-train: the backbone's weights come from "
+                          f"{cfg.model.weights_path or 'torchvision (' + cfg.model.weights + ')'}")
+            return
+        cached = pretrained_path(cfg).is_file()
+        path = ensure_pretrained(cfg)
     except _USER_ERRORS as err:
         _fail(err)
-    cached = pretrained_path(cfg).is_file()
-    path = ensure_pretrained(cfg)
     console.print(f"{'cached' if cached else 'pre-trained'}: {path}")
 
 

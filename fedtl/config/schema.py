@@ -36,6 +36,18 @@ class DataConfig(Validated):
     held_out_clients: int = field(default=0, metadata=in_range(0))
     test_fraction: float = field(default=0.3, metadata=in_range(0.0, 0.9, lo_open=True))
     image_size: int = field(default=16, metadata=in_range(8, 512))
+    # Real data (scenarios torchvision, image-folder, hf-dataset): local files only.
+    dataset: str = ""  # torchvision: the data set class, e.g. "CIFAR10"
+    root: str = ""  # torchvision: the folder its files are in
+    download: bool = False  # torchvision: download into root when missing (online machines only)
+    # torchvision: check the files' MD5 sums against the published ones (false: files re-packed locally)
+    verify_checksums: bool = True
+    path: str = ""  # image-folder, hf-dataset: the folder
+    image_column: str = "image"  # hf-dataset
+    label_column: str = "label"  # hf-dataset
+    bad_images: str = field(default="skip", metadata=one_of(("skip", "error")))  # unreadable image files
+    # Feature skew on any image data: client i sees its images in style i mod 5 (as the digits study).
+    domain_skew: bool = False
 
 
 @dataclass(frozen=True)
@@ -48,6 +60,17 @@ class ModelConfig(Validated):
     # "group" swaps every BatchNorm for GroupNorm (Opacus's ModuleValidator.fix) before
     # pre-training, so normalisation layers can train under DP-SGD.
     norm: str = field(default="native", metadata=one_of("fedtl.models.backbones:NORMS"))
+    # Outside pre-trained weights (init = "pretrained"); both empty: fedtl pre-trains the backbone
+    # on the scenario's source data. A torchvision weights name ("IMAGENET1K_V1", "DEFAULT") ...
+    weights: str = ""
+    # ... or a local state dict (.safetensors, or .pth/.pt read with weights_only=True).
+    weights_path: str = ""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.weights and self.weights_path:
+            raise ConfigError(f"model.weights = {self.weights!r} and model.weights-path = {self.weights_path!r} both "
+                              "name pre-trained weights: keep one")
 
 
 @dataclass(frozen=True)

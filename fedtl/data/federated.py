@@ -12,7 +12,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from fedtl.config import DataConfig
+from fedtl.config import ConfigError, DataConfig
 from fedtl.data.partition import partition_indices
 from fedtl.data.scenarios import Scenario, load_scenario
 from fedtl.data.styles import apply_style
@@ -117,6 +117,17 @@ def server_test_data(cfg: DataConfig) -> LabelledImages:
 
 
 def source_data(cfg: DataConfig) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Clean source images, labels and number of source classes (for pre-training)."""
+    """Clean source images, labels and number of source classes (for pre-training).
+
+    Raises
+    ------
+    ConfigError
+        If the scenario has no source data (real data sets): the backbone needs outside weights.
+    """
     sc = scenario(cfg)
+    if len(sc.source_y) == 0:
+        raise ConfigError(
+            f"data.scenario = {cfg.scenario!r} has no source data for fedtl to pre-train a backbone on: set "
+            "model.weights (torchvision's published weights, e.g. \"IMAGENET1K_V1\") or model.weights-path (a "
+            "local state dict), or init = \"scratch\"")
     return sc.source_x, sc.source_y, sc.source_classes

@@ -79,3 +79,7 @@ def digits_split_class(cfg: DataConfig) -> Scenario:
 def load_scenario(cfg: DataConfig) -> Scenario:
     """Build the scenario named by ``cfg.scenario``."""
     return SCENARIOS.get(cfg.scenario)(cfg)
+
+
+# Real data sets register themselves in SCENARIOS too (after it exists: sources imports it).
+from fedtl.data import sources  # noqa: E402, F401

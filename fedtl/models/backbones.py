@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from opacus.validators import ModuleValidator
-from torch import nn
+from torch import Tensor, nn
 
 from fedtl.registry import Registry
 
@@ -26,13 +26,24 @@ class Backbone:
         Applied in order; the last one returns ``(batch, feature_dim)`` features.
     feature_dim : int
         Width of the features the head receives.
+    source : nn.Module, optional
+        The family's own model the blocks were cut from (they share its modules): published
+        weights and ``weights-path`` files name their tensors as it does.
+    head_prefixes : tuple of str
+        State-dict prefixes of ``source``'s own classifier, which fedtl replaces (not loaded).
+    fit_state : Callable, optional
+        Adapts a published state dict to this instance (ViT: position embeddings to the image size).
     """
 
     blocks: list[tuple[str, nn.Module]]
     feature_dim: int
+    source: nn.Module | None = None
+    head_prefixes: tuple[str, ...] = ()
+    fit_state: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None = None
 
 
-BackboneFactory = Callable[[int], Backbone]
+# (input channels, image side) -> Backbone
+BackboneFactory = Callable[[int, int], Backbone]
 BACKBONES: Registry[BackboneFactory] = Registry("backbone")
 
 NormConversion = Callable[[nn.Module], nn.Module]
@@ -46,11 +57,14 @@ def group_norm(block: nn.Module) -> nn.Module:
     return ModuleValidator.fix(block)
 
 
-def build_backbone(name: str, in_channels: int, norm: str = "native") -> Backbone:
-    """Build the registered backbone ``name`` for images with ``in_channels`` channels.
+def build_backbone(name: str, in_channels: int, norm: str = "native", *, image_size: int = 32) -> Backbone:
+    """Build the registered backbone ``name`` for ``image_size``-pixel images with ``in_channels`` channels.
 
     ``norm`` (default ``"native"``) names a conversion of its normalisation layers (``NORMS``).
+    Weights are random; ``fedtl.models.weights`` loads published or file weights.
     """
-    backbone = BACKBONES.get(name)(in_channels)
+    backbone = BACKBONES.get(name)(in_channels, image_size)
+    if norm == "native":
+        return backbone
     convert = NORMS.get(norm)
     return Backbone([(n, convert(b)) for n, b in backbone.blocks], backbone.feature_dim)

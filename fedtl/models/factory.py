@@ -7,10 +7,11 @@ import torch
 from fedtl.config import ExperimentConfig
 from fedtl.data.federated import scenario
 from fedtl.models.adapters import adapt
-from fedtl.models.backbones import build_backbone
+from fedtl.models.backbones import Backbone, build_backbone
 from fedtl.models.modes import MODES, adapter_blocks
-from fedtl.models.pretrain import ensure_pretrained, load_pretrained
+from fedtl.models.pretrain import ensure_pretrained, load_pretrained, pretrains_itself
 from fedtl.models.transfer import TransferModel, state_fingerprint
+from fedtl.models.weights import WeightsError, download_state, load_into, normalisation, published, read_state, with_preprocess
 from fedtl.seeds import derived_seed
 from fedtl.strategies.personal import personalisation
 
@@ -24,15 +25,21 @@ def build_model(cfg: ExperimentConfig) -> TransferModel:
     FFA-LoRA's frozen A must be the same everywhere) lets clients check it.
     """
     sc = scenario(cfg.data)
+    m = cfg.model
+    outside = cfg.init == "pretrained" and not pretrains_itself(cfg)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        model = TransferModel(build_backbone(cfg.model.backbone, sc.in_channels, cfg.model.norm), sc.num_classes)
+        if outside:
+            backbone = outside_backbone(cfg, sc.in_channels)
+        else:
+            backbone = build_backbone(m.backbone, sc.in_channels, m.norm, image_size=cfg.data.image_size)
+        model = TransferModel(backbone, sc.num_classes)
         # The head draws from its own stream. Drawn after the same backbone draws as the
         # pre-training head, it would start where that head started: still aligned with
         # the pre-trained features, it would carry the source task into round 0.
         torch.manual_seed(derived_seed("head", cfg.seed))
         model.head.reset_parameters()
-    if cfg.init == "pretrained":
+    if pretrains_itself(cfg):
         load_pretrained(model, ensure_pretrained(cfg))
     adapter = MODES.get(cfg.finetune.mode).adapter
     if adapter is not None:
@@ -42,3 +49,24 @@ def build_model(cfg: ExperimentConfig) -> TransferModel:
     blocks = {k: v for k, v in model.state_dict().items() if k.startswith("blocks.")}
     model.backbone_fingerprint = state_fingerprint(blocks)
     return model
+
+
+def outside_backbone(cfg: ExperimentConfig, in_channels: int) -> Backbone:
+    """The backbone with ``model.weights`` (torchvision's) or ``model.weights-path`` loaded, and
+    those weights' preprocessing (RGB, their normalisation) ahead of its first block.
+
+    Raises
+    ------
+    WeightsError
+        If the weights cannot be found, read, or do not fit the backbone.
+    """
+    m = cfg.model
+    backbone = build_backbone(m.backbone, 3, m.norm, image_size=cfg.data.image_size)
+    if m.weights_path:
+        load_into(backbone, read_state(m.weights_path), f"model.weights-path {m.weights_path!r}")
+    else:
+        load_into(backbone, download_state(published(m.backbone, m.weights)), f"{m.backbone} weights {m.weights}")
+    if in_channels not in (1, 3):
+        raise WeightsError(f"{m.backbone}'s pre-trained weights take RGB (or grey) images, not {in_channels} channels")
+    mean, std = normalisation(m.backbone, m.weights)
+    return with_preprocess(backbone, mean, std, channels=3)

@@ -38,6 +38,11 @@ def pretrain_key(cfg: ExperimentConfig) -> dict[str, object]:
     }
 
 
+def pretrains_itself(cfg: ExperimentConfig) -> bool:
+    """Whether the run's pre-trained backbone is fedtl's own (not ``model.weights`` / ``weights-path``, not scratch)."""
+    return cfg.init == "pretrained" and not (cfg.model.weights or cfg.model.weights_path)
+
+
 def pretrained_path(cfg: ExperimentConfig) -> Path:
     """Cache file of the backbone pre-trained for ``cfg``."""
     key = json.dumps(pretrain_key(cfg), sort_keys=True)
@@ -60,7 +65,8 @@ def pretrain(cfg: ExperimentConfig) -> dict[str, torch.Tensor]:
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(p.seed)
-            model = TransferModel(build_backbone(cfg.model.backbone, x.shape[1], cfg.model.norm), classes)
+            backbone = build_backbone(cfg.model.backbone, x.shape[1], cfg.model.norm, image_size=cfg.data.image_size)
+            model = TransferModel(backbone, classes)
             model.set_trainable(model.block_names)
             opt = torch.optim.SGD(model.parameters(), lr=p.lr, momentum=0.9, weight_decay=5e-4)
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=p.epochs)

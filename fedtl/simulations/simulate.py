@@ -10,7 +10,7 @@ from typing import Any
 from fedtl.clients.app import make_client_app
 from fedtl.config import ExperimentConfig
 from fedtl.data.federated import check_partitions
-from fedtl.models.pretrain import ensure_pretrained
+from fedtl.models.pretrain import ensure_pretrained, pretrains_itself
 from fedtl.models.factory import build_model
 from fedtl.server.app import make_server_app, private_strategy, run_dir
 from fedtl.server.record import RUN_FILES, RunFolderError, holds_run, read_metrics, write_summary
@@ -52,8 +52,10 @@ def simulate(cfg: ExperimentConfig, *, overwrite: bool = False) -> dict[str, Any
     # A privacy set-up the mode refuses fails here, with its own message, before any pre-training
     # (the check needs the model's structure, not its weights).
     private_strategy(cfg, build_model(cfg.replace(init="scratch")))
-    if cfg.init == "pretrained":
+    if pretrains_itself(cfg):
         ensure_pretrained(cfg)  # once here, rather than racing in every client process
+    elif cfg.init == "pretrained":
+        build_model(cfg)  # outside weights: a missing or mismatched file fails here, not in every client
     rc = cfg.to_run_config()
     resources = {"num_cpus": cfg.simulation.num_cpus, "num_gpus": cfg.simulation.num_gpus}
     run_simulation(

@@ -10,14 +10,16 @@ from fedtl.models.transfer import HEAD, TransferModel, state_fingerprint
 from fedtl.registry import Registry, RegistryError
 
 # (backbone, input shape): small inputs, enough for every stride of the family.
-SHAPES = {"small-cnn": (1, 16, 16), "small-cnn-bn": (1, 16, 16), "resnet18": (3, 32, 32), "mobilenet_v3_small": (3, 32, 32)}
+SHAPES = {"small-cnn": (1, 16, 16), "small-cnn-bn": (1, 16, 16), "resnet18": (3, 32, 32), "mobilenet_v3_small": (3, 32, 32),
+          "resnet50": (3, 32, 32), "mobilenet_v3_large": (3, 32, 32), "efficientnet_b0": (3, 32, 32),
+          "convnext_tiny": (3, 32, 32), "vit_b_16": (3, 32, 32)}
 
 
 @pytest.mark.parametrize("name", BACKBONES.names())
 def test_blocks_cover_every_parameter_exactly_once_and_run(name: str) -> None:
     torch.manual_seed(0)
     shape = SHAPES[name]
-    model = TransferModel(build_backbone(name, shape[0]), num_classes=7)
+    model = TransferModel(build_backbone(name, shape[0], image_size=shape[1]), num_classes=7)
     per_unit = [id(p) for u in model.units for p in model.unit(u).parameters()]
     assert len(per_unit) == len(set(per_unit))
     assert set(per_unit) == {id(p) for p in model.parameters()}
