@@ -162,6 +162,32 @@ def compare(
         console.print(f"plot: {plot}")
 
 
+@app.command()
+def backbones(
+    image_size: Annotated[int, typer.Option("--image-size", help="Input side (ViT needs a multiple of 16).")] = 32,
+    markdown: Annotated[bool, typer.Option("--markdown", help="Print a Markdown table.")] = False,
+) -> None:
+    """Every image backbone: its blocks, parameters, and what travels per fine-tuning mode."""
+    from fedtl.models.backbones import BACKBONES
+    from fedtl.models.inventory import TABLE_MODES, inventory
+
+    names = [n for n in BACKBONES.names() if BACKBONES.get(n).__module__.endswith(("small_cnn", "torchvision_backbones"))]
+    rows = inventory(names, image_size)
+    header = ["backbone", "blocks", "params", *TABLE_MODES]
+    cells = [[str(r["backbone"]), ", ".join(r["blocks"]) if len(r["blocks"]) <= 8 else
+              f"{r['blocks'][0]}, {r['blocks'][1]}, ..., {r['blocks'][-1]} ({len(r['blocks'])})",
+              f"{r['params']:,}", *(f"{r[m]:,}" for m in TABLE_MODES)] for r in rows]
+    if markdown:
+        typer.echo("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+        for c in cells:
+            typer.echo("| " + " | ".join(c) + " |")
+        return
+    table = Table(*header, title=f"backbones at {image_size} px, 10 classes: elements that travel in round 1")
+    for c in cells:
+        table.add_row(*c)
+    console.print(table)
+
+
 def main() -> None:
     """Entry point of the ``fedtl`` script."""
     app()

@@ -46,6 +46,9 @@ class DataConfig(Validated):
     image_column: str = "image"  # hf-dataset
     label_column: str = "label"  # hf-dataset
     bad_images: str = field(default="skip", metadata=one_of(("skip", "error")))  # unreadable image files
+    text_column: str = "text"  # text
+    tokenizer: str = ""  # text: the model directory whose tokenizer to use ("minilm": the package's)
+    max_length: int = field(default=64, metadata=in_range(2, 4096))  # text: tokens per text (padded, truncated)
     # Feature skew on any image data: client i sees its images in style i mod 5 (as the digits study).
     domain_skew: bool = False
 
@@ -93,6 +96,8 @@ class FinetuneConfig(Validated):
     lora_rank: int = field(default=4, metadata=in_range(1, 4096))
     lora_alpha: float = field(default=8.0, metadata=in_range(0.0, None, lo_open=True))
     lora_dropout: float = field(default=0.0, metadata=in_range(0.0, 1.0))
+    # Which layers of those blocks LoRA adapts: every Conv2d/Linear, or only attention's projections.
+    lora_targets: str = field(default="all", metadata=one_of(("all", "attention")))
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,7 @@ def _partitions(cfg: DataConfig, num_clients: int, seed: int) -> tuple[tuple[np.
     parts = partition_indices(
         sc.pool_y.numpy(), num_clients, partitioner=cfg.partitioner, alpha=cfg.alpha,
         min_size=cfg.min_partition_size, seed=seed,
+        groups=sc.pool_groups.numpy() if sc.pool_groups is not None else None,
     )
     out = []
     for p in parts:

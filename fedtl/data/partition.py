@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import numpy as np
 from datasets import Dataset
-from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, Partitioner
+from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, NaturalIdPartitioner, Partitioner
 
 from fedtl.registry import Registry
 
@@ -36,8 +36,15 @@ def _dirichlet(num_partitions: int, alpha: float, min_size: int, seed: int) -> P
     )
 
 
+@PARTITIONERS.register("natural")
+def _natural(num_partitions: int, alpha: float, min_size: int, seed: int) -> Partitioner:
+    # Each item names its client (its folder, under data.scenario = "client-folders").
+    return NaturalIdPartitioner(partition_by="group")
+
+
 def partition_indices(
-    labels: np.ndarray, num_partitions: int, *, partitioner: str, alpha: float, min_size: int, seed: int
+    labels: np.ndarray, num_partitions: int, *, partitioner: str, alpha: float, min_size: int, seed: int,
+    groups: np.ndarray | None = None,
 ) -> list[np.ndarray]:
     """Indices into ``labels`` for each partition.
 
@@ -55,6 +62,8 @@ def partition_indices(
         Smallest partition accepted (Dirichlet resamples until every client has it).
     seed : int
         Seed of the split.
+    groups : np.ndarray, optional
+        The client each item belongs to (0..k-1), for the ``"natural"`` partitioner.
 
     Raises
     ------
@@ -66,8 +75,18 @@ def partition_indices(
             f"{num_partitions} clients but only {len(labels)} labelled images in the pool: "
             "lower `clients` or use a larger data set"
         )
+    if (partitioner == "natural") != (groups is not None):
+        raise PartitionError(
+            "data.partitioner = \"natural\" and data.scenario = \"client-folders\" go together: the natural "
+            "partition is each client's own folder" + ("" if groups is None else "; set data.partitioner = \"natural\""))
+    if groups is not None and len(np.unique(groups)) != num_partitions:
+        raise PartitionError(f"{len(np.unique(groups))} client folders but clients = {num_partitions}: set clients "
+                             "to the number of folders")
     rows = np.random.default_rng(seed).permutation(len(labels))
-    ds = Dataset.from_dict({"index": rows.tolist(), "label": labels[rows].tolist()})
+    columns = {"index": rows.tolist(), "label": labels[rows].tolist()}
+    if groups is not None:
+        columns["group"] = groups[rows].tolist()
+    ds = Dataset.from_dict(columns)
     part = PARTITIONERS.get(partitioner)(num_partitions, alpha, min_size, seed)
     part.dataset = ds
     try:

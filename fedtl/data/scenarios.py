@@ -43,6 +43,8 @@ class Scenario:
     pool_y: torch.Tensor
     test_x: torch.Tensor
     test_y: torch.Tensor
+    # The client each pool item belongs to, where the data comes split by client (client folders).
+    pool_groups: torch.Tensor | None = None
 
 
 ScenarioFactory = Callable[[DataConfig], Scenario]
@@ -82,4 +84,4 @@ def load_scenario(cfg: DataConfig) -> Scenario:
 
 
 # Real data sets register themselves in SCENARIOS too (after it exists: sources imports it).
-from fedtl.data import sources  # noqa: E402, F401
+from fedtl.data import sources, text  # noqa: E402, F401

@@ -48,22 +48,35 @@ def stack(images: Iterable[Image.Image], size: int, grey: bool) -> torch.Tensor:
     return torch.stack(out) if out else torch.zeros(0, 1 if grey else 3, size, size)
 
 
-def _scenario(cfg: DataConfig, classes: int, pool: tuple[torch.Tensor, torch.Tensor],
-              test: tuple[torch.Tensor, torch.Tensor] | None) -> Scenario:
+def finish_scenario(cfg: DataConfig, classes: int, pool: tuple[torch.Tensor, torch.Tensor],
+                    test: tuple[torch.Tensor, torch.Tensor] | None, groups: torch.Tensor | None = None) -> Scenario:
+    """A scenario without source data from a pool and a test split (``None``: a fixed stratified
+    ``test-fraction`` of the pool). Images or token ids alike; ``groups``: each pool item's client.
+
+    Raises
+    ------
+    DataError
+        If the test split has labels outside ``classes``.
+    """
     x, y = pool
     if test is None:  # no test split of its own: a fixed stratified share of the pool
         idx = np.arange(len(y))
         strat = y.numpy() if np.bincount(y.numpy()).min(initial=2) >= 2 else None
         keep, held = train_test_split(idx, test_size=cfg.test_fraction, random_state=SPLIT_SEED, stratify=strat)
         x, y, test = x[keep], y[keep], (x[held], y[held])
+        groups = groups[keep] if groups is not None else None
     tx, ty = test
     bad = sorted(set(ty.tolist()) - set(range(classes)))
     if bad:
         raise DataError(f"the test split has labels {bad[:5]} outside the {classes} classes of the training data: "
                         "every test class must also be a training class (same class folders / label names)")
+    images = x.is_floating_point()
+    if cfg.domain_skew and not images:
+        raise DataError("data.domain-skew restyles images; this data set is text")
     styles = DIGIT_STYLES if cfg.domain_skew else ("clean",)
-    empty = torch.zeros(0, x.shape[1], x.shape[2], x.shape[3])
-    return Scenario(classes, 0, x.shape[1], styles, empty, torch.zeros(0, dtype=torch.long), x, y, tx, ty)
+    empty = x[:0]
+    return Scenario(classes, 0, x.shape[1] if images else 1, styles, empty, torch.zeros(0, dtype=torch.long),
+                    x, y, tx, ty, groups)
 
 
 # -- torchvision data sets ------------------------------------------------------------
@@ -112,7 +125,7 @@ def torchvision_data(cfg: DataConfig) -> Scenario:
         raise DataError(f"{cfg.dataset} is not in data.root = {cfg.root!r} ({err}). Put torchvision's files there, "
                         "or set data.download = true on a machine that is online") from None
     classes = len(getattr(pool, "classes", [])) or max(_labels(pool)) + 1
-    return _scenario(cfg, classes, _decode(pool, cfg.image_size, grey),
+    return finish_scenario(cfg, classes, _decode(pool, cfg.image_size, grey),
                      _decode(held, cfg.image_size, grey) if held is not None else None)
 
 
@@ -186,7 +199,37 @@ def image_folder(cfg: DataConfig) -> Scenario:
     if split:
         tx, ty, _, _ = read_folder(root / "test", cfg.image_size, bad_images=cfg.bad_images, classes=names, grey=grey)
         test = (tx, ty)
-    return _scenario(cfg, len(names), (x, y), test)
+    return finish_scenario(cfg, len(names), (x, y), test)
+
+
+@SCENARIOS.register("client-folders")
+def client_folders(cfg: DataConfig) -> Scenario:
+    """``data.path/<client>/<class>/<image>``: one image folder per silo (sorted: client i is the i-th),
+    partitioned as they are (``data.partitioner = "natural"``); ``data.path/test/`` (class subfolders),
+    if there, is the server's test set, else a stratified ``test-fraction`` of the pool."""
+    root = Path(cfg.path)
+    if not cfg.path or not root.is_dir():
+        raise DataError(f"data.scenario = \"client-folders\" needs data.path, a folder of client folders (not found: "
+                        f"{cfg.path!r})")
+    silos = sorted(d for d in root.iterdir() if d.is_dir() and d.name != "test")
+    if not silos:
+        raise DataError(f"{root} holds no client folders (expected {root}/<client>/<class>/<images>)")
+    names = sorted({c for d in silos for c in find_classes(str(d))[0]})
+    grey = None
+    for _ in range(2):  # a second pass in RGB when the silos disagree on grey
+        reads = [read_folder(d, cfg.image_size, bad_images=cfg.bad_images, classes=names, grey=grey) for d in silos]
+        if len({r[3] for r in reads}) == 1:
+            break
+        grey = False
+    x = torch.cat([r[0] for r in reads])
+    y = torch.cat([r[1] for r in reads])
+    groups = torch.cat([torch.full((len(r[1]),), i) for i, r in enumerate(reads)])
+    test = None
+    if (root / "test").is_dir():
+        tx, ty, _, _ = read_folder(root / "test", cfg.image_size, bad_images=cfg.bad_images, classes=names,
+                                   grey=reads[0][3])
+        test = (tx, ty)
+    return finish_scenario(cfg, len(names), (x, y), test, groups)
 
 
 # -- Hugging Face data sets -------------------------------------------------------------
@@ -220,5 +263,5 @@ def hf_dataset(cfg: DataConfig) -> Scenario:
     label = data["train"].features.get(cfg.label_column)
     pool = _hf_split(data["train"], cfg)
     classes = len(label.names) if hasattr(label, "names") else int(pool[1].max()) + 1
-    return _scenario(cfg, classes, pool, _hf_split(data["test"], cfg) if "test" in data else None)
+    return finish_scenario(cfg, classes, pool, _hf_split(data["test"], cfg) if "test" in data else None)
 

@@ -65,16 +65,22 @@ def bias_only(model: TransferModel, blocks: Sequence[str], ft: FinetuneConfig) -
 
 def inject_lora(model: TransferModel, blocks: Sequence[str], ft: FinetuneConfig) -> list[str]:
     """Add peft LoRA adapters (rank ``lora-rank``, ``lora-alpha``, ``lora-dropout``) to every
-    Conv2d/Linear layer of ``blocks``; returns the adapted layers' names.
+    Conv2d/Linear layer of ``blocks`` (``lora-targets = "attention"``: attention's only; grouped
+    convs whose groups the rank is not a multiple of are left out, as peft requires); returns the
+    adapted layers' names.
 
     peft initialises A like the layer (Kaiming-uniform) and B at zero, so the model's output
     is unchanged until B trains. Seed the global RNG first for the same A in every process.
     """
     chosen = _prefixes(blocks)
-    targets = [n for n, m in model.named_modules() if isinstance(m, LORA_TARGETS) and f"{n}.".startswith(chosen)]
+    targets = [n for n, m in model.named_modules() if isinstance(m, LORA_TARGETS) and f"{n}.".startswith(chosen)
+               and (ft.lora_targets == "all" or ".attention." in f"{n}.")
+               # peft adapts a grouped (depthwise) conv only when the rank divides into its groups: skip the others.
+               and not (isinstance(m, nn.Conv2d) and m.groups > 1 and ft.lora_rank % m.groups)]
     if not targets:
-        raise ConfigError(f"LoRA found no Conv2d or Linear layer in blocks {list(blocks)}: choose more blocks "
-                          "(finetune.adapter-blocks = 0 is all) or another mode")
+        raise ConfigError(f"LoRA found no {'attention ' if ft.lora_targets == 'attention' else ''}Conv2d or Linear "
+                          f"layer in blocks {list(blocks)}: choose more blocks (finetune.adapter-blocks = 0 is all), "
+                          "other finetune.lora-targets, or another mode")
     config = LoraConfig(r=ft.lora_rank, lora_alpha=ft.lora_alpha, lora_dropout=ft.lora_dropout, target_modules=targets)
     inject_adapter_in_model(config, model)  # it freezes all else; ``adapt`` then applies the model's trainable set
     return targets

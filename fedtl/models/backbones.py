@@ -33,6 +33,10 @@ class Backbone:
         State-dict prefixes of ``source``'s own classifier, which fedtl replaces (not loaded).
     fit_state : Callable, optional
         Adapts a published state dict to this instance (ViT: position embeddings to the image size).
+    takes : str
+        ``"image"`` (float images) or ``"tokens"`` (padded token ids, a text backbone).
+    own_weights : str
+        A family that ships its weights (a local model directory): where they are.
     """
 
     blocks: list[tuple[str, nn.Module]]
@@ -40,10 +44,13 @@ class Backbone:
     source: nn.Module | None = None
     head_prefixes: tuple[str, ...] = ()
     fit_state: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None = None
+    takes: str = "image"
+    own_weights: str = ""
 
 
-# (input channels, image side) -> Backbone
-BackboneFactory = Callable[[int, int], Backbone]
+# (input channels, image side, model.weights-path) -> Backbone; the path matters only to
+# families whose architecture is read from their files (a Hugging Face model directory).
+BackboneFactory = Callable[[int, int, str], Backbone]
 BACKBONES: Registry[BackboneFactory] = Registry("backbone")
 
 NormConversion = Callable[[nn.Module], nn.Module]
@@ -57,14 +64,16 @@ def group_norm(block: nn.Module) -> nn.Module:
     return ModuleValidator.fix(block)
 
 
-def build_backbone(name: str, in_channels: int, norm: str = "native", *, image_size: int = 32) -> Backbone:
+def build_backbone(name: str, in_channels: int, norm: str = "native", *, image_size: int = 32,
+                   path: str = "") -> Backbone:
     """Build the registered backbone ``name`` for ``image_size``-pixel images with ``in_channels`` channels.
 
-    ``norm`` (default ``"native"``) names a conversion of its normalisation layers (``NORMS``).
+    ``norm`` (default ``"native"``) names a conversion of its normalisation layers (``NORMS``);
+    ``path`` is ``model.weights-path``, read by families whose architecture lives in their files.
     Weights are random; ``fedtl.models.weights`` loads published or file weights.
     """
-    backbone = BACKBONES.get(name)(in_channels, image_size)
+    backbone = BACKBONES.get(name)(in_channels, image_size, path)
     if norm == "native":
         return backbone
     convert = NORMS.get(norm)
-    return Backbone([(n, convert(b)) for n, b in backbone.blocks], backbone.feature_dim)
+    return Backbone([(n, convert(b)) for n, b in backbone.blocks], backbone.feature_dim, takes=backbone.takes)

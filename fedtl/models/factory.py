@@ -32,7 +32,8 @@ def build_model(cfg: ExperimentConfig) -> TransferModel:
         if outside:
             backbone = outside_backbone(cfg, sc.in_channels)
         else:
-            backbone = build_backbone(m.backbone, sc.in_channels, m.norm, image_size=cfg.data.image_size)
+            backbone = build_backbone(m.backbone, sc.in_channels, m.norm, image_size=cfg.data.image_size,
+                                      path=m.weights_path)
         model = TransferModel(backbone, sc.num_classes)
         # The head draws from its own stream. Drawn after the same backbone draws as the
         # pre-training head, it would start where that head started: still aligned with
@@ -52,8 +53,9 @@ def build_model(cfg: ExperimentConfig) -> TransferModel:
 
 
 def outside_backbone(cfg: ExperimentConfig, in_channels: int) -> Backbone:
-    """The backbone with ``model.weights`` (torchvision's) or ``model.weights-path`` loaded, and
-    those weights' preprocessing (RGB, their normalisation) ahead of its first block.
+    """The backbone with ``model.weights`` (torchvision's), ``model.weights-path`` or the family's own
+    shipped weights loaded; an image backbone also gets those weights' preprocessing (RGB, their
+    normalisation) ahead of its first block.
 
     Raises
     ------
@@ -61,11 +63,15 @@ def outside_backbone(cfg: ExperimentConfig, in_channels: int) -> Backbone:
         If the weights cannot be found, read, or do not fit the backbone.
     """
     m = cfg.model
-    backbone = build_backbone(m.backbone, 3, m.norm, image_size=cfg.data.image_size)
+    backbone = build_backbone(m.backbone, 3, m.norm, image_size=cfg.data.image_size, path=m.weights_path)
     if m.weights_path:
         load_into(backbone, read_state(m.weights_path), f"model.weights-path {m.weights_path!r}")
-    else:
+    elif m.weights:
         load_into(backbone, download_state(published(m.backbone, m.weights)), f"{m.backbone} weights {m.weights}")
+    else:
+        load_into(backbone, read_state(backbone.own_weights), f"{m.backbone}'s own weights")
+    if backbone.takes != "image":
+        return backbone
     if in_channels not in (1, 3):
         raise WeightsError(f"{m.backbone}'s pre-trained weights take RGB (or grey) images, not {in_channels} channels")
     mean, std = normalisation(m.backbone, m.weights)

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from fedtl.config import ExperimentConfig
 from fedtl.data.federated import source_data
-from fedtl.models.backbones import build_backbone
+from fedtl.models.backbones import BACKBONES, build_backbone
 from fedtl.models.transfer import TransferModel, state_fingerprint
 
 # Bump when the pre-training recipe changes, so stale caches are not reused.
@@ -39,8 +39,10 @@ def pretrain_key(cfg: ExperimentConfig) -> dict[str, object]:
 
 
 def pretrains_itself(cfg: ExperimentConfig) -> bool:
-    """Whether the run's pre-trained backbone is fedtl's own (not ``model.weights`` / ``weights-path``, not scratch)."""
-    return cfg.init == "pretrained" and not (cfg.model.weights or cfg.model.weights_path)
+    """Whether the run's pre-trained backbone is fedtl's own: not scratch, not ``model.weights`` /
+    ``weights-path``, not a family that ships its weights (minilm)."""
+    ships = getattr(BACKBONES.get(cfg.model.backbone), "ships_weights", False)
+    return cfg.init == "pretrained" and not (cfg.model.weights or cfg.model.weights_path or ships)
 
 
 def pretrained_path(cfg: ExperimentConfig) -> Path:

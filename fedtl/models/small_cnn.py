@@ -38,12 +38,12 @@ def _cnn(in_channels: int, norm: Callable[[int], nn.Module]) -> Backbone:
 
 
 @BACKBONES.register("small-cnn")
-def small_cnn(in_channels: int, image_size: int) -> Backbone:
+def small_cnn(in_channels: int, image_size: int, path: str) -> Backbone:
     """Three conv stages (16, 32, 64 channels) with GroupNorm; features are a 2x2 pooled 64-channel map (256)."""
     return _cnn(in_channels, _group_norm)
 
 
 @BACKBONES.register("small-cnn-bn")
-def small_cnn_bn(in_channels: int, image_size: int) -> Backbone:
+def small_cnn_bn(in_channels: int, image_size: int, path: str) -> Backbone:
     """``small-cnn`` with BatchNorm in place of GroupNorm."""
     return _cnn(in_channels, nn.BatchNorm2d)

@@ -37,13 +37,13 @@ def _resnet(m: tvm.ResNet, in_channels: int, features: int) -> Backbone:
 
 
 @BACKBONES.register("resnet18")
-def resnet18(in_channels: int, image_size: int) -> Backbone:
+def resnet18(in_channels: int, image_size: int, path: str) -> Backbone:
     """ResNet-18: stem, layer1..layer4 (layer4 ends with global pooling); 512 features."""
     return _resnet(tvm.resnet18(weights=None), in_channels, 512)
 
 
 @BACKBONES.register("resnet50")
-def resnet50(in_channels: int, image_size: int) -> Backbone:
+def resnet50(in_channels: int, image_size: int, path: str) -> Backbone:
     """ResNet-50: stem, layer1..layer4 (bottleneck blocks; layer4 ends with pooling); 2048 features."""
     return _resnet(tvm.resnet50(weights=None), in_channels, 2048)
 
@@ -61,21 +61,21 @@ def _mobilenet(m: tvm.MobileNetV3, in_channels: int, stages: list[slice], featur
 
 
 @BACKBONES.register("mobilenet_v3_small")
-def mobilenet_v3_small(in_channels: int, image_size: int) -> Backbone:
+def mobilenet_v3_small(in_channels: int, image_size: int, path: str) -> Backbone:
     """MobileNetV3-Small: stem, five inverted-residual stages, last conv + pooling; 576 features."""
     stages = [slice(1, 2), slice(2, 4), slice(4, 7), slice(7, 9), slice(9, 12)]
     return _mobilenet(tvm.mobilenet_v3_small(weights=None), in_channels, stages, 576)
 
 
 @BACKBONES.register("mobilenet_v3_large")
-def mobilenet_v3_large(in_channels: int, image_size: int) -> Backbone:
+def mobilenet_v3_large(in_channels: int, image_size: int, path: str) -> Backbone:
     """MobileNetV3-Large: stem, five stages (by resolution), last conv + pooling; 960 features."""
     stages = [slice(1, 2), slice(2, 4), slice(4, 7), slice(7, 13), slice(13, 16)]
     return _mobilenet(tvm.mobilenet_v3_large(weights=None), in_channels, stages, 960)
 
 
 @BACKBONES.register("efficientnet_b0")
-def efficientnet_b0(in_channels: int, image_size: int) -> Backbone:
+def efficientnet_b0(in_channels: int, image_size: int, path: str) -> Backbone:
     """EfficientNet-B0: stem, its seven MBConv stages, last conv + pooling; 1280 features."""
     m = tvm.efficientnet_b0(weights=None)
     f = m.features
@@ -85,7 +85,7 @@ def efficientnet_b0(in_channels: int, image_size: int) -> Backbone:
 
 
 @BACKBONES.register("convnext_tiny")
-def convnext_tiny(in_channels: int, image_size: int) -> Backbone:
+def convnext_tiny(in_channels: int, image_size: int, path: str) -> Backbone:
     """ConvNeXt-Tiny: stem, four stages (each after its downsampling), pooling + its LayerNorm; 768 features."""
     m = tvm.convnext_tiny(weights=None)
     f = m.features
@@ -126,7 +126,7 @@ class _ViTOut(nn.Module):
 
 
 @BACKBONES.register("vit_b_16")
-def vit_b_16(in_channels: int, image_size: int) -> Backbone:
+def vit_b_16(in_channels: int, image_size: int, path: str) -> Backbone:
     """ViT-B/16 at ``image_size`` (a multiple of 16): embedding, encoder layers 0..11 (the last
     with the final LayerNorm); 768 features. Published 224-pixel weights get their position
     embeddings interpolated to the image size (torchvision's ``interpolate_embeddings``)."""

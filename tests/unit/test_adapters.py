@@ -128,3 +128,16 @@ def test_adapter_plans_train_the_top_blocks_at_the_heads_rate() -> None:
     assert plan_round(cfg, ["conv1", "conv2", "conv3"], 1).lrs == {"conv2": 0.2, "conv3": 0.2, "head": 0.2}
     every = make_config("finetune.mode=lora")  # adapter-blocks = 0: every block
     assert plan_round(every, ["a", "b", "c"], 5).trainable_blocks == ("a", "b", "c")
+
+
+def test_inventory_by_hand_for_the_built_in_cnn() -> None:
+    from fedtl.models.inventory import inventory
+
+    (row,) = inventory(["small-cnn"], image_size=16)
+    head = 256 * 10 + 10
+    convs, norms = [3 * 16 * 9 + 16, 16 * 32 * 9 + 32, 32 * 64 * 9 + 64], [2 * 16, 2 * 32, 2 * 64]
+    lora = sum(4 * c_in * 9 + c_out * 4 for c_in, c_out in ((3, 16), (16, 32), (32, 64)))  # A: r x c_in x 3 x 3, B: c_out x r
+    assert row == {"backbone": "small-cnn", "blocks": ["conv1", "conv2", "conv3"], "params": sum(convs + norms) + head,
+                   "feature-extraction": head, "gradual-unfreezing": convs[2] + norms[2] + head,
+                   "full": sum(convs + norms) + head, "lora": lora + head, "bn-only": sum(norms) + head,
+                   "bias-only": 16 + 32 + 64 + sum(norms) // 2 + head}

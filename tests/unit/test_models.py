@@ -15,7 +15,11 @@ SHAPES = {"small-cnn": (1, 16, 16), "small-cnn-bn": (1, 16, 16), "resnet18": (3,
           "convnext_tiny": (3, 32, 32), "vit_b_16": (3, 32, 32)}
 
 
-@pytest.mark.parametrize("name", BACKBONES.names())
+def test_every_registered_backbone_is_tested_here_or_with_text() -> None:
+    assert set(BACKBONES.names()) == set(SHAPES) | {"hf-text", "minilm"}  # the text ones: tests/unit/test_text.py
+
+
+@pytest.mark.parametrize("name", sorted(SHAPES))
 def test_blocks_cover_every_parameter_exactly_once_and_run(name: str) -> None:
     torch.manual_seed(0)
     shape = SHAPES[name]

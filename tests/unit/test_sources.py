@@ -154,3 +154,26 @@ def test_saved_hugging_face_dataset(tmp_path: Path) -> None:
     assert torch.allclose(sc.pool_x[sc.pool_y == 1].mean(), torch.tensor(200 / 255), atol=1e-3)
     with pytest.raises(DataError, match=r"no column\(s\) \['image'\].*'img'"):
         load_scenario(DataConfig(scenario="hf-dataset", path=str(tmp_path / "hf")))
+
+
+def test_one_folder_per_client_is_that_clients_data(tmp_path: Path) -> None:
+    from fedtl.data.partition import PartitionError
+
+    root = tmp_path / "silos"
+    write_image_folder(root / "hospital-a", classes=("cat", "dog"), per_class=5)
+    write_image_folder(root / "hospital-b", classes=("dog", "fox"), per_class=4)  # a class the first lacks
+    write_image_folder(root / "hospital-c", classes=("cat", "fox"), per_class=3)
+    write_image_folder(root / "test", classes=("cat", "dog", "fox"), per_class=2)
+    cfg = DataConfig(scenario="client-folders", path=str(root), partitioner="natural", image_size=10,
+                     labelled_per_client=0, client_test_fraction=0.0)
+    sc = load_scenario(cfg)
+    assert sc.num_classes == 3 and len(sc.test_y) == 6 and sc.pool_groups.tolist() == [0] * 10 + [1] * 8 + [2] * 6
+    b = client_data(cfg, 1, 3, 0)
+    assert len(b) == 8 and sorted(set(b.y.tolist())) == [1, 2]  # hospital-b's own dogs and foxes, nothing else
+    assert len(client_data(cfg, 2, 3, 0)) == 6
+    with pytest.raises(PartitionError, match="3 client folders but clients = 4"):
+        client_data(cfg, 0, 4, 0)
+    with pytest.raises(PartitionError, match="set data.partitioner = \"natural\""):
+        client_data(DataConfig(scenario="client-folders", path=str(root), image_size=10), 0, 3, 0)
+    with pytest.raises(PartitionError, match="natural.*client-folders.* go together"):
+        client_data(DataConfig(partitioner="natural"), 0, 3, 0)
