@@ -41,12 +41,15 @@ def simulate(
     compare_scratch: Annotated[bool, typer.Option("--compare-scratch", help="Also run the from-scratch baseline and report the transfer gain.")] = False,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Run folder (default: runs/<name>-<time>).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a run already in --out.")] = False,
+    ray_address: Annotated[str | None, typer.Option(
+        "--ray-address", help="Run on an existing Ray cluster: 'auto' (started here with `ray start --head`) or "
+        "host:port of its head (simulation.ray-address).")] = None,
 ) -> None:
     """Run a federated fine-tuning simulation on Ray."""
     from fedtl.simulations.simulate import simulate as run, simulate_with_scratch
 
     try:
-        cfg = _load(config, set_, out)
+        cfg = _load(config, [*(set_ or []), *([f"simulation.ray-address={ray_address!r}"] if ray_address else [])], out)
         summary = simulate_with_scratch(cfg, overwrite=overwrite) if compare_scratch else run(cfg, overwrite=overwrite)
     except _USER_ERRORS as err:
         _fail(err)
@@ -167,12 +170,17 @@ def backbones(
     image_size: Annotated[int, typer.Option("--image-size", help="Input side (ViT needs a multiple of 16).")] = 32,
     markdown: Annotated[bool, typer.Option("--markdown", help="Print a Markdown table.")] = False,
 ) -> None:
-    """Every image backbone: its blocks, parameters, and what travels per fine-tuning mode."""
+    """Every backbone: its blocks, parameters, and what travels per fine-tuning mode (hf-text depends on its
+    model directory; minilm is listed when its package is installed)."""
     from fedtl.models.backbones import BACKBONES
     from fedtl.models.inventory import TABLE_MODES, inventory
 
-    names = [n for n in BACKBONES.names() if BACKBONES.get(n).__module__.endswith(("small_cnn", "torchvision_backbones"))]
-    rows = inventory(names, image_size)
+    rows = []
+    for name in BACKBONES.names():
+        try:
+            rows += inventory([name], image_size)
+        except ConfigError as err:  # hf-text without a directory, minilm without its package
+            typer.echo(f"{name}: {err}", err=True)
     header = ["backbone", "blocks", "params", *TABLE_MODES]
     cells = [[str(r["backbone"]), ", ".join(r["blocks"]) if len(r["blocks"]) <= 8 else
               f"{r['blocks'][0]}, {r['blocks'][1]}, ..., {r['blocks'][-1]} ({len(r['blocks'])})",

@@ -184,6 +184,9 @@ class SimulationConfig(Validated):
 
     num_cpus: float = field(default=1.0, metadata=in_range(0.0, None, lo_open=True))
     num_gpus: float = field(default=0.0, metadata=in_range(0.0))
+    # An existing Ray cluster to run on ("auto": the one `ray start` made on this machine, or
+    # "host:port" of its head); empty: a private Ray instance for this run.
+    ray_address: str = ""
 
 
 @dataclass(frozen=True)

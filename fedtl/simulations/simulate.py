@@ -58,9 +58,12 @@ def simulate(cfg: ExperimentConfig, *, overwrite: bool = False) -> dict[str, Any
         build_model(cfg)  # outside weights: a missing or mismatched file fails here, not in every client
     rc = cfg.to_run_config()
     resources = {"num_cpus": cfg.simulation.num_cpus, "num_gpus": cfg.simulation.num_gpus}
+    backend: dict[str, Any] = {"client_resources": resources}
+    if cfg.simulation.ray_address:  # Flower's Ray backend passes init_args to ray.init
+        backend["init_args"] = {"address": cfg.simulation.ray_address}
     run_simulation(
         server_app=make_server_app(rc), client_app=make_client_app(rc), num_supernodes=cfg.clients,
-        backend_config={"client_resources": resources},
+        backend_config=backend,
     )
     summary_path = Path(cfg.out) / "summary.json"
     if not summary_path.is_file():

@@ -1,0 +1,44 @@
+"""`fedtl simulate --ray-address`: a simulation on a Ray cluster started outside it (`ray start --head`)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fedtl.simulations.simulate import simulate
+from tests.conftest import make_config
+
+pytestmark = pytest.mark.e2e
+RAY = str(Path(sys.executable).parent / "ray")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_simulation_runs_on_an_existing_ray_cluster(tmp_path: Path) -> None:
+    port = _free_port()
+    temp = Path(os.environ.get("RAY_TMPDIR", "/tmp/fedtl-ray")) / "head"  # short: Ray's socket paths max out at 107
+    start = [RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
+             "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp}"]
+    subprocess.run(start, check=True, capture_output=True, timeout=120)
+    try:
+        cfg = make_config("clients=2", "rounds=1", f"simulation.ray-address='127.0.0.1:{port}'",
+                          f"out={str(tmp_path / 'run')!r}")
+        summary = simulate(cfg)
+        assert summary["rounds"] == 1 and (tmp_path / "run" / "summary.json").is_file()
+        # The address is really used: one where no cluster listens is refused.
+        dead = cfg.replace(out=str(tmp_path / "dead"),
+                           simulation=cfg.simulation.__class__(ray_address=f"127.0.0.1:{_free_port()}"))
+        with pytest.raises(Exception, match="(?i)connect|could not|unable|timed out|ended without writing"):
+            simulate(dead)
+    finally:
+        # Stops every Ray process of this machine: e2e tests run one at a time.
+        subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=120)
