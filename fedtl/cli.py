@@ -72,13 +72,13 @@ def simulate(
 @app.command()
 def pretrain(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """Pre-train the backbone on the scenario's source data (cached; a no-op when cached)."""
-    from fedtl.models.pretrain import ensure_pretrained, pretrained_path
+    from fedtl.models.pretrain import ensure_pretrained, pretrained_path, pretrains_itself
 
     try:
         cfg = _load(config, set_)
-        if cfg.model.weights or cfg.model.weights_path:
+        if not pretrains_itself(cfg.replace(init="pretrained")):
             console.print("nothing to pre-train: the backbone's weights come from "
-                          f"{cfg.model.weights_path or 'torchvision (' + cfg.model.weights + ')'}")
+                          f"{cfg.model.weights_path or cfg.model.weights or 'its package'}")
             return
         cached = pretrained_path(cfg).is_file()
         path = ensure_pretrained(cfg)

@@ -17,7 +17,7 @@ from flwr.clientapp.typing import Mod
 from flwr.serverapp import RdpAccountant
 from flwr.serverapp.strategy import Strategy
 
-from fedtl.clients.dp_sgd import check_dp_plans, dp_round
+from fedtl.clients.dp_sgd import DPConfigError, check_dp_plans, dp_round
 from fedtl.clients.trainer import TrainResult, train_local
 from fedtl.config import ExperimentConfig
 from fedtl.data.federated import LabelledImages
@@ -66,6 +66,23 @@ def _dp_sgd_round(model: TransferModel, data: LabelledImages, plan: RoundPlan, c
     return dp_round(model, data, plan, cfg, context)  # batch order and noise from OS entropy, not ``seed``
 
 
+def check_client_level_plans(model: TransferModel, plans: Sequence[RoundPlan]) -> None:
+    """Refuse BatchNorm statistics in the update under client-level DP: noised, a variance can turn negative.
+
+    Raises
+    ------
+    DPConfigError
+        If some round's travelling tensors include running means or variances.
+    """
+    for plan in plans:
+        stats = [k for k in model.unit_keys(plan.lrs) if k.endswith(("running_mean", "running_var"))]
+        if stats:
+            raise DPConfigError(
+                f"client-level DP would add noise to BatchNorm statistics ({', '.join(stats[:3])}, ...), which can "
+                "make a variance negative. Freeze the norms (finetune.mode = \"feature-extraction\" or \"lora\"), "
+                "or use GroupNorm (model.norm = \"group\", or the built-in small-cnn)")
+
+
 PRIVACY_MODES: Registry[PrivacyMode] = Registry("privacy mode")
 PRIVACY_MODES.register("off")(PrivacyMode("none", _plain_round, lambda s, cfg: (s, None), lambda cfg: None))
 PRIVACY_MODES.register("dp-sgd")(PrivacyMode(
@@ -73,6 +90,7 @@ PRIVACY_MODES.register("dp-sgd")(PrivacyMode(
 ))
 PRIVACY_MODES.register("client-level")(PrivacyMode(
     "client", _plain_round, wrap_client_level, lambda cfg: CLIENT_MODS.get(wrapper_name(cfg)),
+    check_plans=check_client_level_plans,
 ))
 
 

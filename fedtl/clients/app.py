@@ -86,9 +86,11 @@ def personalised_model(model: TransferModel, context: Context, cfg: ExperimentCo
     """The model this node would use: the global ``model`` with its own local tensors and, under a
     personalisation that tunes the head (FedBABU), a head fine-tuned on its data ``data``
     (batch order from ``seed``)."""
+    person = personalisation(cfg)
+    if not model.local_keys and not person.tunes_head:
+        return model  # nothing personal: the global model is the client's
     mine = copy.deepcopy(model)
     load_local_state(mine, context)
-    person = personalisation(cfg)
     if person.tunes_head and len(data):
         tune = head_plan(cfg)
         tune.apply_to(mine)
@@ -114,8 +116,10 @@ def handle_evaluate(msg: Message, context: Context, cfg: ExperimentConfig) -> Me
     if len(test):
         before = evaluate_model(model, test)
         if held_out:
-            train_local(model, client_data(cfg.data, pid, n, cfg.seed), plan, cfg.finetune,
-                        seed=derived_seed(f"adapt:{pid}", cfg.seed))
+            data = client_data(cfg.data, pid, n, cfg.seed)
+            train_local(model, data, plan, cfg.finetune, seed=derived_seed(f"adapt:{pid}", cfg.seed))
+            if personalisation(cfg).tunes_head:  # FedBABU: the head was never trained; tune it as the others do
+                model = personalised_model(model, context, cfg, data, seed=derived_seed(f"tune-head:{pid}", cfg.seed))
             metrics["accuracy-before"] = before["accuracy"]
             metrics.update(evaluate_model(model, test))
         else:

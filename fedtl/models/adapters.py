@@ -73,8 +73,11 @@ def inject_lora(model: TransferModel, blocks: Sequence[str], ft: FinetuneConfig)
     is unchanged until B trains. Seed the global RNG first for the same A in every process.
     """
     chosen = _prefixes(blocks)
+    # nn.MultiheadAttention reads its out_proj's weight directly, never calling it: a LoRA there would be dead.
+    inside_mha = {f"{n}.out_proj" for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
     targets = [n for n, m in model.named_modules() if isinstance(m, LORA_TARGETS) and f"{n}.".startswith(chosen)
-               and (ft.lora_targets == "all" or ".attention." in f"{n}.")
+               and n not in inside_mha
+               and (ft.lora_targets == "all" or any("attention" in part for part in n.split(".")))
                # peft adapts a grouped (depthwise) conv only when the rank divides into its groups: skip the others.
                and not (isinstance(m, nn.Conv2d) and m.groups > 1 and ft.lora_rank % m.groups)]
     if not targets:

@@ -76,4 +76,5 @@ def build_backbone(name: str, in_channels: int, norm: str = "native", *, image_s
     if norm == "native":
         return backbone
     convert = NORMS.get(norm)
-    return Backbone([(n, convert(b)) for n, b in backbone.blocks], backbone.feature_dim, takes=backbone.takes)
+    return Backbone([(n, convert(b)) for n, b in backbone.blocks], backbone.feature_dim, takes=backbone.takes,
+                    own_weights=backbone.own_weights)

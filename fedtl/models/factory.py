@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from fedtl.config import ExperimentConfig
+from fedtl.config import ConfigError, ExperimentConfig
 from fedtl.data.federated import scenario
 from fedtl.models.adapters import adapt
 from fedtl.models.backbones import Backbone, build_backbone
@@ -16,13 +16,15 @@ from fedtl.seeds import derived_seed
 from fedtl.strategies.personal import personalisation
 
 
-def build_model(cfg: ExperimentConfig) -> TransferModel:
+def build_model(cfg: ExperimentConfig, *, load_weights: bool = True) -> TransferModel:
     """The experiment's model: pre-trained (or seeded random) blocks, the mode's adapter
     (seeded), a seeded new head, and the personalisation's local keys.
 
     Every process that calls this with the same config gets the same tensors, so the
     server only has to send what trains; ``backbone_fingerprint`` (adapters included:
     FFA-LoRA's frozen A must be the same everywhere) lets clients check it.
+    ``load_weights = False`` builds the same architecture (outside weights' preprocessing
+    included) with random weights, for loading a checkpoint into.
     """
     sc = scenario(cfg.data)
     m = cfg.model
@@ -30,17 +32,23 @@ def build_model(cfg: ExperimentConfig) -> TransferModel:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         if outside:
-            backbone = outside_backbone(cfg, sc.in_channels)
+            backbone = outside_backbone(cfg, sc.in_channels, load=load_weights)
         else:
             backbone = build_backbone(m.backbone, sc.in_channels, m.norm, image_size=cfg.data.image_size,
                                       path=m.weights_path)
+        tokens = not sc.pool_x.is_floating_point()
+        if (backbone.takes == "tokens") != tokens:
+            raise ConfigError(
+                f"model.backbone = {m.backbone!r} takes {backbone.takes}, but data.scenario = {cfg.data.scenario!r} "
+                f"gives {'token ids' if tokens else 'images'}: pair text data with a text backbone (minilm, hf-text) "
+                "and images with an image one")
         model = TransferModel(backbone, sc.num_classes)
         # The head draws from its own stream. Drawn after the same backbone draws as the
         # pre-training head, it would start where that head started: still aligned with
         # the pre-trained features, it would carry the source task into round 0.
         torch.manual_seed(derived_seed("head", cfg.seed))
         model.head.reset_parameters()
-    if pretrains_itself(cfg):
+    if pretrains_itself(cfg) and load_weights:
         load_pretrained(model, ensure_pretrained(cfg))
     adapter = MODES.get(cfg.finetune.mode).adapter
     if adapter is not None:
@@ -52,7 +60,7 @@ def build_model(cfg: ExperimentConfig) -> TransferModel:
     return model
 
 
-def outside_backbone(cfg: ExperimentConfig, in_channels: int) -> Backbone:
+def outside_backbone(cfg: ExperimentConfig, in_channels: int, *, load: bool = True) -> Backbone:
     """The backbone with ``model.weights`` (torchvision's), ``model.weights-path`` or the family's own
     shipped weights loaded; an image backbone also gets those weights' preprocessing (RGB, their
     normalisation) ahead of its first block.
@@ -64,11 +72,11 @@ def outside_backbone(cfg: ExperimentConfig, in_channels: int) -> Backbone:
     """
     m = cfg.model
     backbone = build_backbone(m.backbone, 3, m.norm, image_size=cfg.data.image_size, path=m.weights_path)
-    if m.weights_path:
+    if load and m.weights_path:
         load_into(backbone, read_state(m.weights_path), f"model.weights-path {m.weights_path!r}")
-    elif m.weights:
+    elif load and m.weights:
         load_into(backbone, download_state(published(m.backbone, m.weights)), f"{m.backbone} weights {m.weights}")
-    else:
+    elif load:
         load_into(backbone, read_state(backbone.own_weights), f"{m.backbone}'s own weights")
     if backbone.takes != "image":
         return backbone

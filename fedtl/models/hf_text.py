@@ -82,9 +82,10 @@ def text_backbone(directory: Path, own_weights: str = "") -> Backbone:
 
     config = AutoConfig.from_pretrained(str(directory))
     model = AutoModel.from_config(config, attn_implementation="eager")
-    if not (hasattr(model, "embeddings") and hasattr(getattr(model, "encoder", None), "layer")):
+    if not (hasattr(model, "embeddings") and hasattr(getattr(model, "encoder", None), "layer")
+            and hasattr(model, "_create_attention_masks")):
         raise ConfigError(f"{directory} holds a {type(model).__name__}; the text backbone takes encoder models "
-                          "with embeddings and encoder.layer (BERT, MiniLM, RoBERTa, ...)")
+                          "built like BERT: embeddings, encoder.layer and BERT's attention masks (BERT, MiniLM, RoBERTa, ...)")
     layers = list(model.encoder.layer)
     blocks: list[tuple[str, nn.Module]] = [("embed", _Embed(model, int(config.pad_token_id or 0)))]
     blocks += [(f"layer{i}", _Layer(layer, pool=i == len(layers) - 1)) for i, layer in enumerate(layers)]

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from torchvision import models as tvm
 from torchvision.models.vision_transformer import interpolate_embeddings
 
+from fedtl.config import ConfigError
 from fedtl.models.backbones import BACKBONES, Backbone
 
 
@@ -102,14 +103,14 @@ class _ViTEmbed(nn.Module):
 
     def __init__(self, m: tvm.VisionTransformer) -> None:
         super().__init__()
-        self.m = [m]  # a list: not a submodule, so only the tensors below belong to this block
         self.conv_proj = m.conv_proj
         self.class_token = m.class_token
         self.pos_embedding = m.encoder.pos_embedding
         self.dropout = m.encoder.dropout
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.m[0]._process_input(x)
+        # torchvision's _process_input, through this block's own conv_proj (which LoRA may wrap).
+        x = self.conv_proj(x).flatten(2).permute(0, 2, 1)
         x = torch.cat([self.class_token.expand(x.shape[0], -1, -1), x], dim=1)
         return self.dropout(x + self.pos_embedding)
 
@@ -131,7 +132,7 @@ def vit_b_16(in_channels: int, image_size: int, path: str) -> Backbone:
     with the final LayerNorm); 768 features. Published 224-pixel weights get their position
     embeddings interpolated to the image size (torchvision's ``interpolate_embeddings``)."""
     if image_size % 16:
-        raise ValueError(f"vit_b_16 needs an image size divisible by 16, not {image_size} (set data.image-size)")
+        raise ConfigError(f"vit_b_16 needs an image size divisible by 16, not {image_size} (set data.image-size)")
     m = tvm.vit_b_16(weights=None, image_size=image_size)
     if in_channels != 3:
         m.conv_proj = _first_conv(m.conv_proj, in_channels)

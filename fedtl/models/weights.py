@@ -135,14 +135,19 @@ def load_into(backbone: Backbone, state: Mapping[str, Tensor], origin: str) -> N
         If tensors are missing, unexpected or of another shape; all three are listed.
     """
     if backbone.source is None:
-        raise WeightsError(f"{origin}: this backbone cannot load outside weights (model.norm = \"group\" replaces "
-                           "the layers the weights were trained with; use model.norm = \"native\")")
+        raise WeightsError(f"{origin}: this backbone cannot load outside weights: fedtl pre-trains its own built-in "
+                           "backbones, and model.norm = \"group\" replaces the layers published weights were trained "
+                           "with (use model.norm = \"native\")")
     ours = {k: v for k, v in backbone.source.state_dict().items() if not k.startswith(backbone.head_prefixes)}
     # Buffers the architecture now recomputes (BERT's position_ids) but older files still carry.
     constants = {k for k, _ in backbone.source.named_buffers()} - set(ours)
     theirs = {k: v for k, v in state.items() if not k.startswith(backbone.head_prefixes)}
     if backbone.fit_state is not None:
-        theirs = backbone.fit_state(theirs)
+        try:
+            theirs = backbone.fit_state(theirs)
+        except KeyError as err:  # e.g. a ViT's position embeddings missing from another architecture's file
+            raise WeightsError(f"{origin} does not fit this backbone: it has no {err}. Is it a state dict of the "
+                               "same architecture (model.backbone)?") from None
     theirs = {k: v for k, v in theirs.items() if k not in constants}
     missing, unexpected = sorted(set(ours) - set(theirs)), sorted(set(theirs) - set(ours))
     shapes = sorted(f"{k} {tuple(theirs[k].shape)} != {tuple(ours[k].shape)}"

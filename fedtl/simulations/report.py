@@ -34,7 +34,7 @@ def _final_model(run: RunResult) -> tuple[torch.nn.Module, LabelledImages]:
     """A run's final model (from its last checkpoint) and its server test set."""
     cfg = load_config(run.dir / "config.toml")
     # The checkpoint holds every tensor: build the architecture only (no pre-trained weights to find).
-    model = build_model(cfg.replace(init="scratch"))
+    model = build_model(cfg, load_weights=False)
     model.load_state_dict(load_file(str(run.dir / "checkpoints" / "last.safetensors")))
     return model.eval(), server_test_data(cfg.data)
 

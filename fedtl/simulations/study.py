@@ -223,6 +223,11 @@ def plan_study(spec: StudySpec, out: Path) -> StudyPlan:
             scratch = None
             if spec.scratch and cfg.init == "pretrained":
                 base = cfg.as_scratch()
+                try:
+                    preflight(base)
+                except ConfigError as err:
+                    raise StudyError(f"study {spec.name!r}, run {label} (seed {seed}): its from-scratch baseline "
+                                     f"(full fine-tuning, random init) is refused: {err}") from None
                 folder = scratch_dirs.setdefault(_scratch_id(base), out / "scratch" / f"{_slug(values)}-s{seed}")
                 scratch = base.replace(name=f"{spec.name}/scratch", out=str(folder))
             runs.append(PlannedRun(label, values, seed, cfg, scratch))

@@ -10,8 +10,8 @@ A personalisation wraps the federation around whichever Flower strategy merges t
   accuracy measures, next to the global model's accuracy on the same images.
 
 The server's central evaluation uses the server's values of local keys (their initial
-ones): for FedPer/FedRep/FedBABU that is an untrained head, so read their personalised
-accuracy, not the central one.
+ones): for FedPer/FedRep/FedBABU that is an untrained head, for FedBN the pre-trained
+norms with federated weights around them, so read their personalised accuracy.
 """
 
 from __future__ import annotations
@@ -128,10 +128,11 @@ def check_personal_plans(model: TransferModel, plans: Sequence[RoundPlan], name:
     for rnd, plan in enumerate(plans, start=1):
         units = list(plan.lrs)
         if not model.unit_keys(units):
+            why = ("fedbabu freezes the head during federation and the mode trains nothing else" if not units else
+                   f"the mode trains only {units} and {name} keeps that on the clients")
             raise ConfigError(
-                f"strategy.personalisation = \"{name}\" leaves nothing to federate in round {rnd}: the mode trains "
-                f"only {units or 'nothing'} and {name} keeps that on the clients. Use a mode that trains blocks "
-                "(full, discriminative, gradual-unfreezing, lora, bn-only, bias-only)")
+                f"strategy.personalisation = \"{name}\" leaves nothing to federate in round {rnd}: {why}. Use a mode "
+                "that trains blocks (full, discriminative, gradual-unfreezing, lora, bn-only, bias-only)")
         kept = kept or bool(model.kept_keys(units))
     if name != "none" and not kept and name != "fedbabu":
         raise ConfigError(

@@ -141,3 +141,28 @@ def test_inventory_by_hand_for_the_built_in_cnn() -> None:
                    "feature-extraction": head, "gradual-unfreezing": convs[2] + norms[2] + head,
                    "full": sum(convs + norms) + head, "lora": lora + head, "bn-only": sum(norms) + head,
                    "bias-only": 16 + 32 + 64 + sum(norms) // 2 + head}
+
+
+def test_lora_on_vit_reaches_every_adapter_and_skips_attentions_out_proj() -> None:
+    torch.manual_seed(0)
+    model = TransferModel(build_backbone("vit_b_16", 3, image_size=32), 3)
+    ft = FinetuneConfig(mode="lora", lora_rank=2)
+    adapt(model, "lora", ["embed", "layer11"], ft, seed=0)
+    assert not any("out_proj" in k for k in model.adapter_keys)  # MultiheadAttention never calls it
+    assert any(k.startswith("blocks.embed.conv_proj.lora_") for k in model.adapter_keys)
+    RoundPlan({"embed": 0.1, "layer11": 0.1, "head": 0.1}, 1).apply_to(model)
+    model(torch.rand(2, 3, 32, 32)).sum().backward()
+    for name, p in model.named_parameters():
+        if ".lora_B." in name:  # B starts at zero, so only B's gradient is non-zero at first
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_a_text_data_set_needs_a_text_backbone(tmp_path) -> None:
+    from fedtl.config import ConfigError
+    from tests.unit.test_text import write_reviews, write_tiny_bert
+
+    write_tiny_bert(tmp_path / "bert")
+    cfg = make_config("data.scenario=text", f"data.path={str(write_reviews(tmp_path / 'r.csv'))!r}",
+                      f"data.tokenizer={str(tmp_path / 'bert')!r}", "init=scratch")
+    with pytest.raises(ConfigError, match="'small-cnn' takes image, but data.scenario = 'text' gives token ids"):
+        build_model(cfg)

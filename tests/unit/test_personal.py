@@ -143,3 +143,11 @@ def test_personalisations_that_cannot_work_are_refused_before_round_one(sets: tu
 def test_fedrep_under_dp_sgd_is_refused() -> None:
     with pytest.raises(ConfigError, match="fedrep.*dp-sgd.*outside the DP-SGD accountant"):
         make_config("strategy.personalisation=fedrep", "privacy.mode=dp-sgd", "finetune.mode=full")
+
+
+def test_client_level_dp_refuses_to_noise_batchnorm_statistics() -> None:
+    from fedtl.clients.dp_sgd import DPConfigError
+
+    with pytest.raises(DPConfigError, match="client-level DP would add noise to BatchNorm statistics"):
+        preflight(make_config("privacy.mode=client-level", "model.backbone=small-cnn-bn", "finetune.mode=full"))
+    preflight(make_config("privacy.mode=client-level", "model.backbone=small-cnn-bn", "finetune.mode=lora"))

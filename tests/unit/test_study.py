@@ -89,6 +89,18 @@ seeds = [0, 1]
     assert plan["skipped"] == [{"label": label, "reason": reason}]
 
 
+def test_a_scratch_baseline_that_would_be_refused_fails_the_plan(tmp_path: Path) -> None:
+    text = """
+[study]
+[study.set]
+"privacy.mode" = "dp-sgd"
+"model.backbone" = "small-cnn-bn"
+"finetune.mode" = "lora"
+"""
+    with pytest.raises(StudyError, match="from-scratch baseline .* is refused: DP-SGD cannot train BatchNorm"):
+        plan_study(load_study(_write(tmp_path, text)), tmp_path / "out")
+
+
 def test_expected_calibration_error_by_hand() -> None:
     probs = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.45, 0.55]])
     labels = torch.tensor([0, 1, 1, 0])

@@ -117,3 +117,13 @@ def test_weights_config_errors() -> None:
         published("resnet18", "IMAGENET22K")
     with pytest.raises(WeightsError, match="does not exist"):
         outside_backbone(make_config("model.backbone=resnet18", "model.weights-path='/nope.pth'"), 3)
+
+
+def test_the_architecture_without_its_weights_matches_for_checkpoints(tmp_path: Path) -> None:
+    from fedtl.models.factory import build_model
+
+    _saved("resnet18", tmp_path / "w.pth")
+    cfg = make_config("model.backbone=resnet18", f"model.weights-path={str(tmp_path / 'w.pth')!r}")
+    with_weights, bare = build_model(cfg), build_model(cfg, load_weights=False)
+    assert {k: v.shape for k, v in bare.state_dict().items()} == {k: v.shape for k, v in with_weights.state_dict().items()}
+    bare.load_state_dict(with_weights.state_dict())  # what the report does with a run's last checkpoint
