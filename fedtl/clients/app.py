@@ -126,7 +126,7 @@ def handle_evaluate(msg: Message, context: Context, cfg: ExperimentConfig) -> Me
             mine = personalised_model(model, context, cfg, client_data(cfg.data, pid, n, cfg.seed),
                                       seed=derived_seed(f"tune-head:{pid}", cfg.seed))
             metrics.update(before)
-            metrics["accuracy-personal"] = evaluate_model(mine, test)["accuracy"]
+            metrics["accuracy-personal"] = before["accuracy"] if mine is model else evaluate_model(mine, test)["accuracy"]
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
