@@ -34,7 +34,7 @@ from fedtl.accounting import History, calibrate_sample_noise, compose, poisson_s
 from fedtl.clients.trainer import TrainResult
 from fedtl.config import ConfigError, ExperimentConfig, PrivacyConfig
 from fedtl.data.federated import LabelledImages
-from fedtl.models.transfer import HEAD, TransferModel
+from fedtl.models.transfer import TransferModel
 from fedtl.server.plan import RoundPlan
 
 STATE_KEY = "fedtl.privacy"
@@ -143,7 +143,7 @@ def check_dp_plans(model: TransferModel, plans: Sequence[RoundPlan]) -> None:
             plan.apply_to(model)
             check_dp_trainable(model, model.trainable_units)
     finally:
-        model.set_trainable([u for u in before if u != HEAD], head=HEAD in before)
+        model.set_trainable_units(before)
 
 
 def initial_state(cfg: ExperimentConfig, num_examples: int) -> PrivacyState:

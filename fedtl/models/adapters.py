@@ -15,7 +15,7 @@ from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
 
 from fedtl.config import ConfigError, FinetuneConfig
-from fedtl.models.transfer import HEAD, TransferModel
+from fedtl.models.transfer import TransferModel
 from fedtl.registry import Registry
 
 # (model, blocks the adapter covers, fine-tuning config) -> block state keys that may train
@@ -116,4 +116,4 @@ def adapt(model: TransferModel, adapter: str, blocks: Sequence[str], ft: Finetun
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model.adapter_keys = ADAPTERS.get(adapter)(model, blocks, ft)
-    model.set_trainable([u for u in model.trainable_units if u != HEAD], head=HEAD in model.trainable_units)
+    model.set_trainable_units(model.trainable_units)  # re-applied: within blocks only adapter keys train

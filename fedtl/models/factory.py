@@ -72,12 +72,14 @@ def outside_backbone(cfg: ExperimentConfig, in_channels: int, *, load: bool = Tr
     """
     m = cfg.model
     backbone = build_backbone(m.backbone, 3, m.norm, image_size=cfg.data.image_size, path=m.weights_path)
-    if load and m.weights_path:
-        load_into(backbone, read_state(m.weights_path), f"model.weights-path {m.weights_path!r}")
-    elif load and m.weights:
-        load_into(backbone, download_state(published(m.backbone, m.weights)), f"{m.backbone} weights {m.weights}")
-    elif load:
-        load_into(backbone, read_state(backbone.own_weights), f"{m.backbone}'s own weights")
+    if load:
+        if m.weights_path:
+            state, origin = read_state(m.weights_path), f"model.weights-path {m.weights_path!r}"
+        elif m.weights:
+            state, origin = download_state(published(m.backbone, m.weights)), f"{m.backbone} weights {m.weights}"
+        else:
+            state, origin = read_state(backbone.own_weights), f"{m.backbone}'s own weights"
+        load_into(backbone, state, origin)
     if backbone.takes != "image":
         return backbone
     if in_channels not in (1, 3):

@@ -113,6 +113,11 @@ class TransferModel(nn.Module):
                 p.requires_grad_(p.requires_grad and key in self.adapter_keys)
         self.train(self.training)
 
+    def set_trainable_units(self, units: Iterable[str]) -> None:
+        """``set_trainable`` from a set of units as ``trainable_units`` gives them (the head included or not)."""
+        units = set(units)
+        self.set_trainable([b for b in self.block_names if b in units], head=HEAD in units)
+
     def train(self, mode: bool = True) -> TransferModel:
         super().train(mode)
         for name in self.units:

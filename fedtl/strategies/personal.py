@@ -134,7 +134,7 @@ def check_personal_plans(model: TransferModel, plans: Sequence[RoundPlan], name:
                 f"strategy.personalisation = \"{name}\" leaves nothing to federate in round {rnd}: {why}. Use a mode "
                 "that trains blocks (full, discriminative, gradual-unfreezing, lora, bn-only, bias-only)")
         kept = kept or bool(model.kept_keys(units))
-    if name != "none" and not kept and name != "fedbabu":
+    if model.local_keys and not kept:
         raise ConfigError(
             f"strategy.personalisation = \"{name}\" would keep nothing local: no round trains a tensor it keeps "
             "on the clients (FedBN needs trainable normalisation layers, e.g. finetune.mode = \"full\" or "
