@@ -22,8 +22,6 @@ from flwr.supercore.privacy_accounting import (
     PrivacyConfig,
     SamplingMethod,
 )
-from opacus.accountants import create_accountant
-from opacus.accountants.utils import get_noise_multiplier
 
 History = list[tuple[float, float, int]]
 """An Opacus accountant's history: ``(noise multiplier, sample rate, steps)`` per stretch."""
@@ -60,6 +58,9 @@ def sample_epsilon(history: Sequence[tuple[float, float, int]], *, accountant: s
     """The epsilon (at ``delta``) of every step in ``history``, by Opacus's ``accountant`` (rdp | prv | gdp)."""
     if not history:
         return 0.0
+    # lazily: ~1.5 s to import, unused by most processes
+    from opacus.accountants import create_accountant
+
     acc = create_accountant(mechanism=accountant)
     acc.history = [tuple(h) for h in history]
     return float(acc.get_epsilon(delta=delta))
@@ -74,6 +75,9 @@ def calibrate_sample_noise(target_epsilon: float, *, delta: float, sample_rate: 
     ValueError
         If no noise level reaches the target (Opacus: "The privacy budget is too low").
     """
+    # lazily: ~1.5 s to import, unused by most processes
+    from opacus.accountants.utils import get_noise_multiplier
+
     return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
                                       steps=steps, accountant=accountant))
 

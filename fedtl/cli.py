@@ -196,6 +196,11 @@ def backbones(
     console.print(table)
 
 
+from fedtl.deploy.cli import app as deploy_app  # noqa: E402 - after the commands it follows in --help
+
+app.add_typer(deploy_app, name="deploy")
+
+
 def main() -> None:
     """Entry point of the ``fedtl`` script."""
     app()

@@ -2,8 +2,9 @@
 
 Each training message carries the round's plan and the travelling tensors; the
 client rebuilds the same model from its local pre-trained weights, checks their
-fingerprint against the server's, trains its own partition and replies only the
-travelling tensors.
+fingerprint against the server's, trains its own data (``clients.node_data``: its
+``data-path`` when deployed, its partition when simulated) on its device, and replies
+only the travelling tensors.
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ from flwr.clientapp.typing import ClientAppCallable
 from fedtl.clients.dp_sgd import BudgetSpentError
 from fedtl.clients.trainer import train_local
 from fedtl.config import ExperimentConfig
-from fedtl.data.federated import LabelledImages, client_data, client_test_data
+from fedtl.clients.node_data import node_data
+from fedtl.data.federated import LabelledImages
+from fedtl.devices import resolve_device
 from fedtl.models.factory import build_model
 from fedtl.models.transfer import TransferModel
 from fedtl.privacy import privacy_mode
@@ -41,24 +44,13 @@ def base_model(cfg: ExperimentConfig) -> TransferModel:
     return build_model(cfg)
 
 
-def node_partition(context: Context, cfg: ExperimentConfig) -> tuple[int, int]:
-    """This node's partition id and the number of partitions, checked against the run's config."""
-    pid, n = int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
-    if n != cfg.clients:
-        raise ValueError(
-            f"this node is partition {pid} of {n} (node config) but the run config says clients = {cfg.clients}: "
-            f"set clients = {n} (e.g. --run-config \"clients={n}\") so the data is split as the nodes are"
-        )
-    return pid, n
+def node_device(context: Context, cfg: ExperimentConfig) -> torch.device:
+    """Where this node computes: its node config's ``device`` if set, else the run's ``device``."""
+    return resolve_device(str(context.node_config.get("device", cfg.device)))
 
 
-def is_held_out(cfg: ExperimentConfig, partition_id: int) -> bool:
-    """Whether this partition is one of the ``data.held-out-clients`` kept out of training (the last ids)."""
-    return partition_id >= cfg.clients - cfg.data.held_out_clients
-
-
-def received_model(msg: Message, cfg: ExperimentConfig) -> tuple[TransferModel, RoundPlan]:
-    """The run's model with the message's travelling tensors loaded, and the message's plan.
+def received_model(msg: Message, cfg: ExperimentConfig, device: torch.device | str = "cpu") -> tuple[TransferModel, RoundPlan]:
+    """The run's model with the message's travelling tensors loaded, on ``device``, and the message's plan.
 
     Local tensors (personalisation) keep the run's initial values: this is the global model.
 
@@ -78,7 +70,7 @@ def received_model(msg: Message, cfg: ExperimentConfig) -> tuple[TransferModel, 
     plan = RoundPlan.from_config(config)
     plan.apply_to(model)
     model.load_travelling_state(msg.content["arrays"].to_torch_state_dict())
-    return model, plan
+    return model.to(device), plan
 
 
 def personalised_model(model: TransferModel, context: Context, cfg: ExperimentConfig,
@@ -108,32 +100,32 @@ def handle_evaluate(msg: Message, context: Context, cfg: ExperimentConfig) -> Me
     (``accuracy-before``) and after (``accuracy``). Only these metrics leave the node;
     under DP they are not covered by the guarantee (nor are Flower's evaluation metrics).
     """
-    pid, n = node_partition(context, cfg)
-    model, plan = received_model(msg, cfg)
-    test = client_test_data(cfg.data, pid, n, cfg.seed)
-    held_out = is_held_out(cfg, pid)
-    metrics: dict[str, float | int] = {"partition-id": pid, "held-out": int(held_out), "num-examples": len(test)}
+    node = node_data(context, cfg)
+    model, plan = received_model(msg, cfg, node_device(context, cfg))
+    test = node.test()
+    metrics: dict[str, float | int] = {**node.metrics, "held-out": int(node.held_out), "num-examples": len(test)}
     if len(test):
         before = evaluate_model(model, test)
-        if held_out:
-            data = client_data(cfg.data, pid, n, cfg.seed)
-            train_local(model, data, plan, cfg.finetune, seed=derived_seed(f"adapt:{pid}", cfg.seed))
+        if node.held_out:
+            data = node.train()
+            train_local(model, data, plan, cfg.finetune, seed=derived_seed(f"adapt:{node.key}", cfg.seed))
             if personalisation(cfg).tunes_head:  # FedBABU: the head was never trained; tune it as the others do
-                model = personalised_model(model, context, cfg, data, seed=derived_seed(f"tune-head:{pid}", cfg.seed))
+                model = personalised_model(model, context, cfg, data, seed=derived_seed(f"tune-head:{node.key}", cfg.seed))
             metrics["accuracy-before"] = before["accuracy"]
             metrics.update(evaluate_model(model, test))
         else:
-            mine = personalised_model(model, context, cfg, client_data(cfg.data, pid, n, cfg.seed),
-                                      seed=derived_seed(f"tune-head:{pid}", cfg.seed))
+            mine = personalised_model(model, context, cfg, node.train(),
+                                      seed=derived_seed(f"tune-head:{node.key}", cfg.seed))
             metrics.update(before)
             metrics["accuracy-personal"] = before["accuracy"] if mine is model else evaluate_model(mine, test)["accuracy"]
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
 def handle_query(msg: Message, context: Context, cfg: ExperimentConfig) -> Message:
-    """This node's partition and whether it is held out of training (the server asks once per node)."""
-    pid, _ = node_partition(context, cfg)
-    metrics = MetricRecord({"partition-id": pid, "held-out": int(is_held_out(cfg, pid))})
+    """This node's partition (if it has one) and whether it is held out of training (the server asks once
+    per node)."""
+    node = node_data(context, cfg)
+    metrics = MetricRecord({**node.metrics, "held-out": int(node.held_out)})
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 
 
@@ -146,7 +138,7 @@ def handle_train(msg: Message, context: Context, cfg: ExperimentConfig) -> Messa
         A training message from fedtl's ServerApp: ``"arrays"`` (the travelling tensors)
         and ``"config"`` (the round's plan, server round and backbone fingerprint).
     context : Context
-        The node's context; ``node_config`` names its partition.
+        The node's context; ``node_config`` names its data (``data-path``) or its partition.
     cfg : ExperimentConfig
         The run's config.
 
@@ -160,32 +152,34 @@ def handle_train(msg: Message, context: Context, cfg: ExperimentConfig) -> Messa
     ------
     BackboneMismatchError
         If this node's pre-trained weights are not the server's.
+    DataError
+        If the node's data cannot be read (the message names the node and the path).
     ValueError
         If the node's partition does not fit the run's config, or the plan is malformed.
     """
-    pid, n = node_partition(context, cfg)
-    if is_held_out(cfg, pid):
-        reason = f"partition {pid} is held out of training (data.held-out-clients = {cfg.data.held_out_clients})"
-        return Message(RecordDict({"metrics": MetricRecord({"partition-id": pid}),
+    node = node_data(context, cfg)
+    if node.held_out:
+        reason = f"node {node.key} is held out of training (data.held-out-clients or its node config's held-out)"
+        return Message(RecordDict({"metrics": MetricRecord(node.metrics),
                                    DECLINED: ConfigRecord({"reason": reason})}), reply_to=msg)
-    model, plan = received_model(msg, cfg)
+    data = node.train()
+    model, plan = received_model(msg, cfg, node_device(context, cfg))
     load_local_state(model, context)  # this node's own head / norms from its earlier rounds
     config = msg.content["config"]
 
-    data = client_data(cfg.data, pid, n, cfg.seed)
     rnd = int(config["server-round"])
     try:
         result, extra = personalisation(cfg).local_round(
-            privacy_mode(cfg).local_round, model, data, plan, cfg, context, derived_seed(f"train:{rnd}:{pid}", cfg.seed))
+            privacy_mode(cfg).local_round, model, data, plan, cfg, context, derived_seed(f"train:{rnd}:{node.key}", cfg.seed))
     except BudgetSpentError as spent:
         # Not a failure: the client declines, says why, and the round goes on without it.
-        metrics = MetricRecord({**spent.metrics, "partition-id": pid})
+        metrics = MetricRecord({**spent.metrics, **node.metrics})
         return Message(RecordDict({"metrics": metrics, DECLINED: ConfigRecord({"reason": str(spent)})}), reply_to=msg)
 
     save_local_state(model, context, list(plan.lrs))  # never in the reply: it holds only travelling keys
     metrics = MetricRecord({
         "train-loss": result.loss, "num-examples": result.examples, UNIT_WEIGHT: 1, "steps": result.steps,
-        "partition-id": pid, **extra,
+        **node.metrics, **extra,
     })
     content = RecordDict({"arrays": ArrayRecord(model.travelling_state()), "metrics": metrics})
     return Message(content=content, reply_to=msg)

@@ -25,7 +25,6 @@ from pathlib import Path
 
 import torch
 from flwr.app import ConfigRecord, Context
-from opacus import PrivacyEngine
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import DataLoader, TensorDataset
@@ -246,9 +245,15 @@ def train_private(
     q, _ = poisson_schedule(len(data), ft.batch_size)
     if not math.isclose(q, state.sample_rate):
         raise DPConfigError(f"this client's data changed size during the run (sample rate {q} != {state.sample_rate})")
-    g = noise_generator or torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
+    dev = model.device
+    # Opacus draws the noise on the parameters' device, so the generator must live there too.
+    g = noise_generator or torch.Generator(device=dev).manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
     opt = torch.optim.SGD(model.param_groups(plan.lrs), momentum=ft.momentum, weight_decay=ft.weight_decay)
-    loader = DataLoader(TensorDataset(data.x, data.y), batch_size=ft.batch_size, generator=g)
+    loader = DataLoader(TensorDataset(data.x, data.y), batch_size=ft.batch_size,
+                        generator=torch.Generator().manual_seed(g.initial_seed()))
+    # lazily: ~1.5 s to import, unused by most processes
+    from opacus import PrivacyEngine
+
     engine = PrivacyEngine(accountant=p.accountant)
     engine.accountant.history = list(state.history)
     model.train()
@@ -264,6 +269,7 @@ def train_private(
             for x, y in dp_loader:
                 optimizer.zero_grad(set_to_none=True)
                 # An empty Poisson batch still steps: its noise is released (and accounted) all the same.
+                x, y = x.to(dev), y.to(dev)
                 loss = loss_fn(module(x), y)
                 loss.backward()
                 optimizer.step()

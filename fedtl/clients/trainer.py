@@ -30,7 +30,7 @@ def train_local(
     Parameters
     ----------
     model : TransferModel
-        Its trainable set must already be ``plan``'s (``set_trainable``).
+        Its trainable set must already be ``plan``'s (``set_trainable``); it trains on its own device.
     data : LabelledImages
         The client's labelled images.
     plan : RoundPlan
@@ -52,12 +52,13 @@ def train_local(
     # FedProx: (mu / 2) ||w - w_global||^2 keeps the local model near the received one.
     anchor = [(p, p.detach().clone()) for group in groups for p in group["params"]] if plan.proximal_mu else []
     g = torch.Generator().manual_seed(seed)
+    x, y = data.x.to(model.device), data.y.to(model.device)  # once, not per batch
     model.train()
     total, steps = 0.0, 0
     for _ in range(plan.local_epochs):
         for idx in torch.randperm(len(data), generator=g).split(ft.batch_size):
             opt.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(data.x[idx]), data.y[idx])
+            loss = F.cross_entropy(model(x[idx.to(x.device)]), y[idx.to(y.device)])
             if anchor:
                 loss = loss + plan.proximal_mu / 2 * sum(((p - p0) ** 2).sum() for p, p0 in anchor)
             loss.backward()

@@ -51,6 +51,10 @@ class DataConfig(Validated):
     max_length: int = field(default=64, metadata=in_range(2, 4096))  # text: tokens per text (padded, truncated)
     # Feature skew on any image data: client i sees its images in style i mod 5 (as the digits study).
     domain_skew: bool = False
+    # Data on the nodes (deployment): the class names labels index, comma-separated ("" : a node's
+    # class subfolders, sorted), and the images' channels under data.scenario = "nodes".
+    classes: str = ""
+    channels: int = field(default=3, metadata=one_of((1, 3)))
 
 
 @dataclass(frozen=True)
@@ -199,6 +203,9 @@ class ExperimentConfig(Validated):
     clients: int = field(default=10, metadata=in_range(1, 100_000))
     init: str = field(default="pretrained", metadata=one_of(("pretrained", "scratch")))
     out: str = ""
+    # Where clients train and evaluate: "auto" (CUDA when this process sees a GPU), "cpu" or "cuda".
+    # A node's own node config "device" overrides it.
+    device: str = field(default="auto", metadata=one_of("fedtl.devices:DEVICES"))
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)

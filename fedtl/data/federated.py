@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from fedtl.config import ConfigError, DataConfig
+from fedtl.data.nodes import DATA_ON_NODES, Task
 from fedtl.data.partition import partition_indices
 from fedtl.data.scenarios import Scenario, load_scenario
 from fedtl.data.styles import apply_style
@@ -54,6 +55,12 @@ def _partitions(cfg: DataConfig, num_clients: int, seed: int) -> tuple[tuple[np.
         cap = cfg.labelled_per_client
         out.append((train[:cap] if cap > 0 else train, test))
     return tuple(out)
+
+
+def task(cfg: DataConfig) -> Task:
+    """The classes and input channels a model for ``cfg`` needs: from the config where the scenario
+    says them (``"nodes"``: a node never reads the server's data), else from the loaded scenario."""
+    return DATA_ON_NODES.get(cfg.scenario)(cfg) if cfg.scenario in DATA_ON_NODES else Task.of(scenario(cfg))
 
 
 def check_partitions(cfg: DataConfig, num_clients: int, seed: int) -> None:

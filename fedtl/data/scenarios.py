@@ -84,4 +84,4 @@ def load_scenario(cfg: DataConfig) -> Scenario:
 
 
 # Real data sets register themselves in SCENARIOS too (after it exists: sources imports it).
-from fedtl.data import sources, text  # noqa: E402, F401
+from fedtl.data import nodes, sources, text  # noqa: E402, F401

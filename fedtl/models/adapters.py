@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
-from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
 
 from fedtl.config import ConfigError, FinetuneConfig
@@ -84,6 +83,9 @@ def inject_lora(model: TransferModel, blocks: Sequence[str], ft: FinetuneConfig)
         raise ConfigError(f"LoRA found no {'attention ' if ft.lora_targets == 'attention' else ''}Conv2d or Linear "
                           f"layer in blocks {list(blocks)}: choose more blocks (finetune.adapter-blocks = 0 is all), "
                           "other finetune.lora-targets, or another mode")
+    # lazily: ~1.4 s to import, unused by most processes
+    from peft import LoraConfig, inject_adapter_in_model
+
     config = LoraConfig(r=ft.lora_rank, lora_alpha=ft.lora_alpha, lora_dropout=ft.lora_dropout, target_modules=targets)
     inject_adapter_in_model(config, model)  # it freezes all else; ``adapt`` then applies the model's trainable set
     return targets

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from fedtl.config import ConfigError, ExperimentConfig
-from fedtl.data.federated import scenario
+from fedtl.data.federated import task
 from fedtl.models.adapters import adapt
 from fedtl.models.backbones import Backbone, build_backbone
 from fedtl.models.modes import MODES, adapter_blocks
@@ -26,23 +26,23 @@ def build_model(cfg: ExperimentConfig, *, load_weights: bool = True) -> Transfer
     ``load_weights = False`` builds the same architecture (outside weights' preprocessing
     included) with random weights, for loading a checkpoint into.
     """
-    sc = scenario(cfg.data)
+    t = task(cfg.data)
     m = cfg.model
     outside = cfg.init == "pretrained" and not pretrains_itself(cfg)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         if outside:
-            backbone = outside_backbone(cfg, sc.in_channels, load=load_weights)
+            backbone = outside_backbone(cfg, t.in_channels, load=load_weights)
         else:
-            backbone = build_backbone(m.backbone, sc.in_channels, m.norm, image_size=cfg.data.image_size,
+            backbone = build_backbone(m.backbone, t.in_channels, m.norm, image_size=cfg.data.image_size,
                                       path=m.weights_path)
-        tokens = not sc.pool_x.is_floating_point()
+        tokens = t.tokens
         if (backbone.takes == "tokens") != tokens:
             raise ConfigError(
                 f"model.backbone = {m.backbone!r} takes {backbone.takes}, but data.scenario = {cfg.data.scenario!r} "
                 f"gives {'token ids' if tokens else 'images'}: pair text data with a text backbone (minilm, hf-text) "
                 "and images with an image one")
-        model = TransferModel(backbone, sc.num_classes)
+        model = TransferModel(backbone, t.num_classes)
         # The head draws from its own stream. Drawn after the same backbone draws as the
         # pre-training head, it would start where that head started: still aligned with
         # the pre-trained features, it would carry the source task into round 0.

@@ -211,11 +211,18 @@ class TransferModel(nn.Module):
             for k, v in state.items():
                 sd[k].copy_(torch.as_tensor(v).to(sd[k].dtype))
 
+    @property
+    def device(self) -> torch.device:
+        """Where the model's parameters are."""
+        return next(self.parameters()).device
+
     @torch.no_grad()
     def predict(self, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
-        """Logits for ``x`` in eval mode, ``batch_size`` (default 512) images at a time."""
+        """Logits for ``x`` in eval mode, ``batch_size`` (default 512) images at a time, computed on
+        the model's device and returned on the CPU."""
         self.eval()
-        return torch.cat([self(xb) for xb in x.split(batch_size)])
+        dev = self.device
+        return torch.cat([self(xb.to(dev)).cpu() for xb in x.split(batch_size)])
 
     def num_parameters(self, units: Iterable[str] | None = None) -> int:
         """Parameters of ``units`` (all units when ``None``), adapters excluded: the model's own size."""

@@ -89,7 +89,8 @@ def run_server(grid: Grid, cfg: ExperimentConfig) -> dict[str, Any]:
     ledger = PrivacyLedger(recorder.out, cfg, privacy.level, accountant) if privacy.level != "none" else None
 
     def observe(report: RoundReport) -> None:
-        recorder.on_train(report.round, report.totals)
+        # Why nodes failed goes into the round's line too: a deployment's only record of a broken node.
+        recorder.on_train(report.round, {**report.totals, **({"client_errors": report.problems} if report.problems else {})})
         if ledger is not None:
             ledger.on_round(report)
 

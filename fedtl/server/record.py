@@ -104,7 +104,7 @@ class RunRecorder:
             for c in self.client_evaluation:
                 f.write(json.dumps({"round": rnd, **c}) + "\n")
 
-    def on_train(self, rnd: int, info: dict[str, float | int]) -> None:
+    def on_train(self, rnd: int, info: dict[str, Any]) -> None:
         """Keep a round's traffic and training figures until its evaluation ends the round."""
         self._pending[rnd] = info
 

@@ -60,11 +60,14 @@ class RoundReport:
         replies, refused updates, timeouts), ``clients_declined`` and ``train_loss``.
     clients : list of dict
         The metrics of every reply that carried any, with its ``node-id``.
+    problems : list of str
+        Why each failed node's update was not merged: its error reply, a refused update, no reply.
     """
 
     round: int
     totals: dict[str, float | int]
     clients: list[dict[str, Any]] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
 
 
 RoundObserver = Callable[[RoundReport], None]
@@ -193,7 +196,7 @@ class TransferStrategy(Strategy):
         self.statistics_by_mean = statistics_by_mean
         self.declined: dict[int, str] = {}  # node -> why it trains no more
         self._views: dict[int, Grid] = {}
-        self._sent: dict[int, tuple[_Spec, int, int]] = {}  # round -> (spec, messages, bytes)
+        self._sent: dict[int, tuple[_Spec, list[int], int]] = {}  # round -> (spec, destination nodes, bytes)
 
     def summary(self) -> None:
         log(INFO, "\t├──> TransferStrategy: only travelling tensors are sent and merged")
@@ -227,14 +230,16 @@ class TransferStrategy(Strategy):
         align_server_state(self.inner, record)  # keys that join (gradual unfreezing) start fresh
         messages = list(self.inner.configure_train(server_round, record, cfg, grid))
         spec = {k: (tuple(a.shape), a.dtype) for k, a in record.items()}
-        self._sent[server_round] = (spec, len(messages), sum(m.content["arrays"].count_bytes() for m in messages))
+        self._sent[server_round] = (spec, [m.metadata.dst_node_id for m in messages],
+                                    sum(m.content["arrays"].count_bytes() for m in messages))
         return messages
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
-        spec, sent, bytes_down = self._sent.pop(server_round)
+        spec, sent_to, bytes_down = self._sent.pop(server_round)
+        sent = len(sent_to)
         accepted, declined, problems = [], [], []
         for msg in replies:
             reason = declined_reason(msg)
@@ -249,9 +254,13 @@ class TransferStrategy(Strategy):
             else:
                 problems.append(f"node {msg.metadata.src_node_id}: {problem}")
                 log(WARNING, "Round %s: not merging the update of %s", server_round, problems[-1])
+        silent = sorted(set(sent_to) - {m.metadata.src_node_id for m in replies})
+        problems += [f"node {n}: no reply within the round timeout (stopped, or disconnected?)" for n in silent]
+        for problem in problems[len(problems) - len(silent):]:
+            log(WARNING, "Round %s: %s", server_round, problem)
         if declined and len(declined) == sent:  # nothing to merge, nothing failed: the model stays as it is
             if self.observer is not None:
-                self.observer(self._report(server_round, replies, [], len(declined), sent, bytes_down, None))
+                self.observer(self._report(server_round, replies, [], len(declined), sent, bytes_down, None, problems))
             return None, None
         if sent and not accepted:
             reasons = "; ".join(problems[:3]) or f"no replies within the round timeout ({sent} sent)"
@@ -265,12 +274,13 @@ class TransferStrategy(Strategy):
         if arrays is not None:
             arrays = as_sent(arrays, spec)
         if self.observer is not None:
-            self.observer(self._report(server_round, replies, accepted, len(declined), sent, bytes_down, metrics))
+            self.observer(self._report(server_round, replies, accepted, len(declined), sent, bytes_down, metrics,
+                                       problems))
         return arrays, metrics
 
     @staticmethod
     def _report(server_round: int, replies: list[Message], accepted: list[Message], declined: int, sent: int,
-                bytes_down: int, metrics: MetricRecord | None) -> RoundReport:
+                bytes_down: int, metrics: MetricRecord | None, problems: list[str]) -> RoundReport:
         received = [m for m in replies if not m.has_error() and "arrays" in m.content.array_records]
         totals: dict[str, float | int] = {
             "bytes_down": bytes_down,
@@ -284,7 +294,7 @@ class TransferStrategy(Strategy):
         clients = [{"node-id": m.metadata.src_node_id, "declined": declined_reason(m) is not None,
                     **dict(m.content.metric_records["metrics"])}
                    for m in replies if not m.has_error() and "metrics" in m.content.metric_records]
-        return RoundReport(server_round, totals, clients)
+        return RoundReport(server_round, totals, clients, problems)
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

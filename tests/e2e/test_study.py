@@ -1,4 +1,5 @@
-"""Studies end to end: a 2 x 2 grid x 2 seeds on real Flower + Ray, resume, the report in Chromium."""
+"""Studies end to end: a 2-point grid on real Flower + Ray, resume, the report in Chromium (how several
+seeds aggregate is tested in tests/unit/test_study.py)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ CHROMIUM = Path("/usr/bin/chromium")
 STUDY = f"""
 [study]
 name = "tiny"
-seeds = [0, 1]
+seeds = [0]
 target-accuracy = 0.2
 
 [study.set]
@@ -31,10 +32,10 @@ rounds = 2
 "pretrain.epochs" = 2
 "pretrain.cache-dir" = "{CACHE}"
 "data.held-out-clients" = 1
+"data.partitioner" = "dirichlet"
 
 [study.grid]
 "finetune.mode" = ["feature-extraction", "full"]
-"data.partitioner" = ["iid", "dirichlet"]
 """
 
 
@@ -51,25 +52,25 @@ def study_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_study_runs_every_point_and_seed_and_writes_the_table(study_dir: Path) -> None:
     out = study_dir / "out"
     plan = json.loads((out / "plan.json").read_text())
-    assert len(plan["runs"]) == 8 and plan["command"].startswith("fedtl study ")
+    assert len(plan["runs"]) == 2 and plan["command"].startswith("fedtl study ")
     # Scratch baselines are shared by the runs whose baseline is the same config: the mode
-    # does not change it (scratch is always full), the partitioner does.
-    assert len({r["scratch_dir"] for r in plan["runs"]}) == 4
+    # does not change it (scratch is always full).
+    assert len({r["scratch_dir"] for r in plan["runs"]}) == 1
     rows = list(csv.reader((out / "report" / "results.csv").open()))
     header, body = rows[0], rows[1:]
-    assert len(body) == 4 and {r[1] for r in body} == {"2"}
+    assert len(body) == 2 and {r[1] for r in body} == {"1"}
     for column in ("final accuracy", "transfer gain", "worst-10 % client accuracy", "ECE", "bytes per round",
                    "held-out accuracy after local fine-tuning", "rounds to 0.200"):
         assert column in header, column
     md = (out / "report" / "results.md").read_text()
-    assert md.count("\n") == 6 and "finetune.mode=full, data.partitioner=dirichlet" in md
+    assert md.count("\n") == 4 and "finetune.mode=full" in md
     for figure in ("curves", "scratch", "bytes", "clients", "domains", "adaptability", "confusion", "saliency"):
         assert (out / "report" / f"{figure}.png").stat().st_size > 5_000, figure
 
 
 def test_a_rerun_skips_finished_runs_and_redoes_an_interrupted_one(study_dir: Path) -> None:
     out = study_dir / "out"
-    victim = out / "runs" / "mode-full_partitioner-iid-s1"
+    victim = out / "runs" / "mode-full-s0"
     (victim / "summary.json").unlink()  # as if the run had been killed before its end
     before = {p: p.stat().st_mtime_ns for p in out.glob("**/summary.json")}
     ran: list[str] = []
@@ -77,7 +78,7 @@ def test_a_rerun_skips_finished_runs_and_redoes_an_interrupted_one(study_dir: Pa
     def simulate(cfg, overwrite: bool = False) -> dict:
         ran.append(cfg.out)
         assert overwrite  # the interrupted run's folder is replaced
-        shutil.copy(out / "runs" / "mode-full_partitioner-iid-s0" / "summary.json", Path(cfg.out) / "summary.json")
+        shutil.copy(out / "runs" / "mode-feature-extraction-s0" / "summary.json", Path(cfg.out) / "summary.json")
         return {}
 
     spec = load_study(study_dir / "tiny.toml")
@@ -114,7 +115,7 @@ def test_report_renders_in_headless_chromium(study_dir: Path, tmp_path: Path) ->
         page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
         browser.close()
     assert title == "Study: tiny"
-    assert rows == 1 + 4  # header + one row per configuration
+    assert rows == 1 + 2  # header + one row per configuration
     assert len(images) >= 8 and all(done and width > 100 for done, width in images)
     assert (tmp_path / "report.png").stat().st_size > 50_000
 
@@ -123,7 +124,7 @@ def test_cli_report_and_compare(study_dir: Path) -> None:
     out = study_dir / "out"
     done = _fedtl("report", str(out))
     assert done.returncode == 0 and "report:" in done.stdout
-    a, b = out / "runs" / "mode-full_partitioner-iid-s0", out / "runs" / "mode-feature-extraction_partitioner-iid-s0"
+    a, b = out / "runs" / "mode-full-s0", out / "runs" / "mode-feature-extraction-s0"
     done = _fedtl("compare", str(a), str(b))
     assert done.returncode == 0 and "final_accuracy" in done.stdout and "travelling_params" in done.stdout
     missing = _fedtl("report", str(study_dir))

@@ -1,0 +1,223 @@
+"""Data that lives on the nodes: each SuperNode reads its own files, named in its node config.
+
+In a deployment every SuperNode is started with ``--node-config "data-path='/its/data'"``;
+the server never learns the path. The files are one of
+
+- an image folder: ``<path>/<class>/<image>``, or ``<path>/train/<class>/...`` and
+  ``<path>/test/<class>/...`` when the node keeps its own test images apart;
+- an ``.npz`` file: ``x`` (``N x H x W`` or ``N x C x H x W``; uint8 0-255 or float 0-1)
+  and ``y`` (integer labels), optionally ``x_test`` and ``y_test``.
+
+Without a test split of its own, a node's last ``data.client-test-fraction`` (a fixed
+stratified share) is its test set, as a simulated client's is. Labels index ``data.classes``
+(comma-separated class names), or a folder's class subfolders sorted.
+
+The ``"nodes"`` scenario is the server's side of such a run: the task's shape comes from
+the config (``data.classes``, ``data.channels``) and the server's own test set from
+``data.path`` (either layout above); no client data is on the server.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision.transforms.v2.functional as TF
+from sklearn.model_selection import train_test_split
+
+from fedtl.config import DataConfig
+from fedtl.data.scenarios import SCENARIOS, Scenario
+from fedtl.data.sources import SPLIT_SEED, DataError, read_folder
+from fedtl.registry import Registry
+
+DATA_PATH = "data-path"  # the node config key naming a node's own data
+
+
+@dataclass(frozen=True)
+class Task:
+    """What a model needs to know of the data: its classes, its input channels, images or token ids."""
+
+    num_classes: int
+    in_channels: int
+    tokens: bool = False
+
+    @classmethod
+    def of(cls, sc: Scenario) -> Task:
+        """The task of a loaded scenario."""
+        return cls(sc.num_classes, sc.in_channels, not sc.pool_x.is_floating_point())
+
+
+def class_names(cfg: DataConfig) -> list[str] | None:
+    """``data.classes`` as a list, or ``None`` when unset."""
+    names = [c.strip() for c in cfg.classes.split(",") if c.strip()]
+    return names or None
+
+
+# -- reading a node's files: one reader per layout ------------------------------------------
+Split = tuple[torch.Tensor, torch.Tensor]
+Reader = Callable[[Path, DataConfig, Task], tuple[Split, Split | None]]
+LAYOUTS: Registry[Reader] = Registry("node data layout")
+
+
+def _fit(x: torch.Tensor, size: int, channels: int) -> torch.Tensor:
+    # Any stored size and channel count to the run's: resized, grey repeated to RGB or RGB to grey.
+    if x.shape[-1] != size or x.shape[-2] != size:
+        x = TF.resize(x, [size, size], antialias=True).clamp(0.0, 1.0)
+    if x.shape[1] == channels:
+        return x
+    return x.repeat(1, 3, 1, 1) if channels == 3 else TF.rgb_to_grayscale(x)
+
+
+@LAYOUTS.register("folder")
+def _folder(path: Path, cfg: DataConfig, task: Task) -> tuple[Split, Split | None]:
+    names = class_names(cfg)
+    split = (path / "train").is_dir() and (path / "test").is_dir()
+    root = path / "train" if split else path
+    if names is None:
+        from torchvision.datasets.folder import find_classes
+
+        found = find_classes(str(root))[0] if root.is_dir() and any(p.is_dir() for p in root.iterdir()) else []
+        if len(found) != task.num_classes:
+            raise DataError(
+                f"{root} has {len(found)} class folders ({', '.join(found[:6])}) but the model has {task.num_classes} "
+                "classes: name them all, in label order, in data.classes (e.g. --run-config \"data.classes='a,b,c'\"), "
+                "or give the node a folder for every class (empty ones too)")
+        names = found
+    grey = task.in_channels == 1
+    x, y, _, _ = read_folder(root, cfg.image_size, bad_images=cfg.bad_images, classes=names, grey=grey)
+    test = None
+    if split:
+        tx, ty, _, _ = read_folder(path / "test", cfg.image_size, bad_images=cfg.bad_images, classes=names, grey=grey)
+        test = (tx, ty)
+    return (x, y), test
+
+
+def _npz_images(a: np.ndarray, file: Path, key: str) -> torch.Tensor:
+    if a.ndim == 3:
+        a = a[:, None]
+    if a.ndim != 4 or a.shape[1] not in (1, 3):
+        raise DataError(f"{file}: {key!r} has shape {a.shape}; expected N x H x W or N x C x H x W with C = 1 or 3")
+    x = torch.from_numpy(np.ascontiguousarray(a))
+    return x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+
+
+@LAYOUTS.register(".npz")
+def _npz(path: Path, cfg: DataConfig, task: Task) -> tuple[Split, Split | None]:
+    try:
+        with np.load(path, allow_pickle=False) as z:  # never unpickle a file's objects
+            arrays = {k: z[k] for k in z.files}
+    except (OSError, ValueError) as err:
+        raise DataError(f"{path} is not a readable .npz file ({err})") from None
+    missing = [k for k in ("x", "y") if k not in arrays]
+    if missing:
+        raise DataError(f"{path} has no {missing} array(s) (it holds {sorted(arrays)}): save images as 'x' and "
+                        "labels as 'y' (np.savez(path, x=..., y=...))")
+
+    def split(xk: str, yk: str) -> Split:
+        x = _fit(_npz_images(arrays[xk], path, xk), cfg.image_size, task.in_channels)
+        y = torch.from_numpy(np.asarray(arrays[yk]).astype(np.int64).reshape(-1))
+        if len(y) != len(x):
+            raise DataError(f"{path}: {xk!r} holds {len(x)} images but {yk!r} {len(y)} labels")
+        return x, y
+
+    test = split("x_test", "y_test") if "x_test" in arrays and "y_test" in arrays else None
+    return split("x", "y"), test
+
+
+@dataclass(frozen=True)
+class NodeImages:
+    """A node's labelled images for training and its own test images."""
+
+    train: Split
+    test: Split
+
+
+@lru_cache(maxsize=2)
+def read_node_data(path: str, cfg: DataConfig, task: Task) -> NodeImages:
+    """A node's own data at ``path``, labelled as the run's ``task`` says.
+
+    Parameters
+    ----------
+    path : str
+        An image folder or an ``.npz`` file (see the module's docstring).
+    cfg : DataConfig
+        Image size, ``classes``, ``bad-images``, ``client-test-fraction`` and ``labelled-per-client``
+        (at most that many training images are kept; 0: all).
+    task : Task
+        The run's classes and channels.
+
+    Raises
+    ------
+    DataError
+        If the path is missing or unreadable, its layout unknown, or a label outside the task's classes.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"data-path {path!r} does not exist on this node")
+    layout = "folder" if p.is_dir() else p.suffix
+    if layout not in LAYOUTS:
+        raise DataError(f"data-path {path!r} is neither a folder nor one of {[n for n in LAYOUTS if n != 'folder']}")
+    (x, y), test = LAYOUTS.get(layout)(p, cfg, task)
+    bad = sorted(set(y.tolist()) | set(test[1].tolist() if test else [])) if len(y) else []
+    bad = [v for v in bad if not 0 <= v < task.num_classes]
+    if bad:
+        raise DataError(f"data-path {path!r} has labels {bad[:5]} outside the model's {task.num_classes} classes")
+    if test is None:
+        x, y, test = _own_test_split(x, y, cfg.client_test_fraction)
+    cap = cfg.labelled_per_client
+    x, y = (x[:cap], y[:cap]) if cap > 0 else (x, y)
+    if not len(y):
+        raise DataError(f"data-path {path!r} holds no training images")
+    return NodeImages((x, y), test)
+
+
+def _own_test_split(x: torch.Tensor, y: torch.Tensor, fraction: float) -> tuple[torch.Tensor, torch.Tensor, Split]:
+    n_test = min(int(len(y) * fraction), len(y) - 1)
+    if n_test < 1:
+        return x, y, (x[:0], y[:0])
+    counts = np.bincount(y.numpy())
+    strat = y.numpy() if counts[counts > 0].min() >= 2 and n_test >= len(counts[counts > 0]) else None
+    keep, held = train_test_split(np.arange(len(y)), test_size=n_test, random_state=SPLIT_SEED, stratify=strat)
+    return x[keep], y[keep], (x[held], y[held])
+
+
+# -- the server's side ------------------------------------------------------------------------
+def nodes_task(cfg: DataConfig) -> Task:
+    """The ``"nodes"`` scenario's task, from the config alone (no data read).
+
+    Raises
+    ------
+    DataError
+        If ``data.classes`` is unset.
+    """
+    names = class_names(cfg)
+    if names is None:
+        raise DataError("data.scenario = \"nodes\" needs data.classes: the class names, comma-separated in label "
+                        "order (e.g. data.classes = \"benign,malignant\"), so that the server and every node agree")
+    return Task(len(names), cfg.channels)
+
+
+@SCENARIOS.register("nodes")
+def nodes_scenario(cfg: DataConfig) -> Scenario:
+    """The server's view of a deployment whose data lives on the nodes: no pool, no source data,
+    the server's own test set from ``data.path`` (an image folder or ``.npz``; a folder's
+    ``test/`` subfolder if it has one)."""
+    task = nodes_task(cfg)
+    if not cfg.path:
+        raise DataError("data.scenario = \"nodes\" needs data.path on the server: its own labelled test images (an "
+                        "image folder or .npz), on which it evaluates the global model each round")
+    images = read_node_data(cfg.path, replace(cfg, client_test_fraction=0.0, labelled_per_client=0), task)
+    tx, ty = images.test if len(images.test[1]) else images.train
+    empty_x = torch.zeros(0, task.in_channels, cfg.image_size, cfg.image_size)
+    empty_y = torch.zeros(0, dtype=torch.long)
+    return Scenario(task.num_classes, 0, task.in_channels, ("clean",), empty_x, empty_y, empty_x, empty_y, tx, ty)
+
+
+# Scenarios whose client data lives on the nodes. Each gives its task from the config alone, so that
+# a node builds the model without reading the server's data.
+DATA_ON_NODES: Registry[Callable[[DataConfig], Task]] = Registry("scenario with data on the nodes")
+DATA_ON_NODES.register("nodes")(nodes_task)

@@ -1,0 +1,225 @@
+"""``fedtl deploy``: run a federation on real machines with Flower's deployment runtime.
+
+Each command prints the Flower command it runs, so that nothing is hidden and a user
+can run Flower's own tools instead.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Annotated, NoReturn
+
+import typer
+from rich.console import Console
+
+from fedtl.deploy.commands import (
+    INSECURE_WARNING, Keys, register_command, run_command, save_connection, superlink_command, supernode_command,
+)
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Deploy on real machines: a SuperLink with TLS and node authentication, SuperNodes that "
+                       "each read only their own data, and `flwr run`.")
+console = Console(soft_wrap=True)  # paths and commands unbroken, to copy
+
+CertsOpt = Annotated[Path, typer.Option("--certs", help="The folder `fedtl deploy certs` wrote.")]
+InsecureOpt = Annotated[bool, typer.Option("--insecure", help="No TLS and no node authentication (one machine, "
+                                                              "a first try only).")]
+DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the command, do not run it.")]
+
+
+def _fail(err: Exception | str) -> NoReturn:
+    console.print(f"[bold red]error:[/] {err}")
+    raise typer.Exit(2)
+
+
+def _tool(name: str) -> str:
+    # Flower's tools sit beside this interpreter when fedtl runs from a venv that is not on PATH.
+    beside = Path(sys.executable).parent / name
+    found = str(beside) if beside.is_file() else shutil.which(name)
+    if found is None:
+        _fail(f"{name} not found: install fedtl (it brings flwr) into this environment")
+    return found
+
+
+def _exec(cmd: list[str], dry_run: bool, insecure: bool) -> None:
+    if insecure:
+        console.print(f"[bold yellow]warning:[/] {INSECURE_WARNING}")
+    typer.echo(shlex.join(cmd))  # unwrapped: a line to copy
+    if dry_run:
+        return
+    sys.stdout.flush()
+    os.execv(_tool(cmd[0]), [cmd[0], *cmd[1:]])  # Flower's process takes this one's place (and its signals)
+
+
+@app.command()
+def certs(
+    out: Annotated[Path, typer.Option("--out", help="Folder to write into.")] = Path("certs"),
+    nodes: Annotated[int, typer.Option("--nodes", help="Key pairs for node0 .. node<N-1>.")] = 0,
+    node: Annotated[list[str] | None, typer.Option("--node", help="A node key pair by name (repeatable).")] = None,
+    host: Annotated[list[str] | None, typer.Option("--host", help="A name or IP the SuperLink is reached at, "
+                                                                  "besides loopback (repeatable).")] = None,
+    days: Annotated[int, typer.Option("--days", help="Validity of the certificates.")] = 365,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing CA.")] = False,
+) -> None:
+    """Make a test federation's CA, SuperLink certificate and SuperNode key pairs."""
+    from fedtl.deploy.certs import make_federation_keys
+
+    names = [*(f"node{i}" for i in range(nodes)), *(node or [])]
+    try:
+        keys = make_federation_keys(out, nodes=names, hosts=tuple(host or ()), days=days, overwrite=overwrite)
+    except FileExistsError as err:
+        _fail(err)
+    console.print(f"CA: {keys.ca_cert} (its key {keys.ca_key}: keep it off every machine of the federation)")
+    console.print(f"SuperLink: {keys.server_cert}, {keys.server_key}")
+    for name, (private, public) in keys.nodes.items():
+        console.print(f"{name}: {private} (copy to its machine only), {public} (register it)")
+
+
+@app.command()
+def connection(
+    name: Annotated[str, typer.Argument(help="The connection's name (what `flwr run . <name>` uses).")],
+    address: Annotated[str, typer.Option("--address", help="host:port of the SuperLink.")],
+    certs_: CertsOpt = Path("certs"),
+    insecure: InsecureOpt = False,
+) -> None:
+    """Save a SuperLink connection in $FLWR_HOME/config.toml (TLS: trusting the federation's CA)."""
+    if insecure:
+        console.print(f"[bold yellow]warning:[/] {INSECURE_WARNING}")
+    try:
+        save_connection(name, address, Keys(certs_), insecure=insecure)
+    except FileNotFoundError as err:
+        _fail(err)
+    home = os.environ.get("FLWR_HOME", "~/.flwr")
+    console.print(f"connection {name!r} -> {address} saved in {home}/config.toml")
+
+
+@app.command()
+def superlink(
+    certs_: CertsOpt = Path("certs"),
+    host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "0.0.0.0",
+    port: Annotated[int, typer.Option("--port", help="Port of the Fleet, Control and Runtime APIs.")] = 8000,
+    database: Annotated[str | None, typer.Option("--database", help="Keep state in this file (default: memory).")] = None,
+    insecure: InsecureOpt = False,
+    dry_run: DryRunOpt = False,
+) -> None:
+    """Start the SuperLink: TLS, and only registered SuperNodes may join."""
+    try:
+        cmd = superlink_command(Keys(certs_), host=host, port=port, insecure=insecure, database=database)
+    except FileNotFoundError as err:
+        _fail(err)
+    _exec(cmd, dry_run, insecure)
+
+
+@app.command()
+def register(
+    names: Annotated[list[str], typer.Argument(help="Node names whose public keys to register.")],
+    connection_: Annotated[str, typer.Option("--connection", help="The SuperLink connection.")] = "deploy",
+    certs_: CertsOpt = Path("certs"),
+) -> None:
+    """Register SuperNodes' public keys with the SuperLink (only registered nodes may join)."""
+    for name in names:
+        try:
+            cmd = register_command(Keys(certs_), name, connection_)
+        except FileNotFoundError as err:
+            _fail(err)
+        typer.echo(shlex.join(cmd))
+        done = subprocess.run([_tool(cmd[0]), *cmd[1:]], check=False)
+        if done.returncode:
+            raise typer.Exit(done.returncode)
+
+
+@app.command()
+def supernode(
+    name: Annotated[str, typer.Argument(help="This node's name (its key file in <certs>/nodes/).")],
+    superlink_: Annotated[str, typer.Option("--superlink", help="host:port of the SuperLink.")],
+    data_path: Annotated[str | None, typer.Option("--data-path", help="This node's own data: an image folder or "
+                                                                      ".npz (node config data-path).")] = None,
+    port: Annotated[int, typer.Option("--port", help="Local ClientAppIo port (one per SuperNode on a machine).")] = 9094,
+    node_config: Annotated[list[str] | None, typer.Option(
+        "--node-config", help="More node config, key=value (repeatable): held-out=true, device=\"cpu\", or "
+        "partition-id=0 num-partitions=3 for a dry run on a built-in scenario.")] = None,
+    certs_: CertsOpt = Path("certs"),
+    insecure: InsecureOpt = False,
+    dry_run: DryRunOpt = False,
+) -> None:
+    """Start a SuperNode that reads only its own data and authenticates with its own key."""
+    import tomllib
+
+    extra = {}
+    for item in node_config or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            _fail(f"--node-config {item!r} is not key=value")
+        try:
+            extra[key.strip()] = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            extra[key.strip()] = value  # a bare string
+    if data_path is None and "partition-id" not in extra:
+        _fail("a SuperNode needs its data: --data-path /its/data (or, for a dry run on a built-in scenario, "
+              "--node-config partition-id=<i> --node-config num-partitions=<n>)")
+    if data_path is not None and not Path(data_path).exists():
+        console.print(f"[bold yellow]warning:[/] {data_path} does not exist (yet): every round will fail on this "
+                      "node until it does")
+    try:
+        # Absolute: Flower starts the ClientApp in a process of its own, whose working folder may differ.
+        data_path = str(Path(data_path).resolve()) if data_path is not None else None
+        cmd = supernode_command(Keys(certs_), name, superlink=superlink_, data_path=data_path, port=port,
+                                insecure=insecure, extra=extra)
+    except FileNotFoundError as err:
+        _fail(err)
+    _exec(cmd, dry_run, insecure)
+
+
+@app.command("export-data")
+def export_data(
+    out: Annotated[Path, typer.Option("--out", help="Folder for one data folder per node.")] = Path("nodes"),
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="TOML config file.")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", "-s", help="Override a key.")] = None,
+) -> None:
+    """A dry run's node data: each partition of a built-in scenario written as node-<i>/{train,test}/<class>/."""
+    from fedtl.config import ConfigError, load_config
+    from fedtl.data.export import export_partitions
+
+    try:
+        cfg = load_config(config, set_ or [])
+        folders = export_partitions(cfg, out)
+    except (ConfigError, FileExistsError) as err:
+        _fail(err)
+    for i, folder in enumerate(folders):
+        console.print(f"partition {i}: {folder}")
+
+
+@app.command()
+def run(
+    connection_: Annotated[str, typer.Option("--connection", help="The SuperLink connection.")] = "deploy",
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="TOML config file.")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", "-s", help="Override a key.")] = None,
+    out: Annotated[str | None, typer.Option("--out", "-o", help="Run folder, a path on the SuperLink's machine "
+                                                               "(default: runs/<name>-<time> there).")] = None,
+    app_dir: Annotated[Path, typer.Option("--app", help="fedtl's project folder (its pyproject.toml).")] = Path("."),
+) -> None:
+    """Run the federation: `flwr run <app> <connection> --stream` with the resolved config."""
+    from fedtl.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(config, set_ or [])
+    except ConfigError as err:
+        _fail(err)
+    if out is not None:
+        cfg = cfg.replace(out=out)
+    if not (app_dir / "pyproject.toml").is_file():
+        _fail(f"{app_dir} has no pyproject.toml: run from fedtl's project folder or pass --app")
+    with tempfile.TemporaryDirectory() as tmp:
+        file = Path(tmp) / "run-config.toml"
+        file.write_text(cfg.to_toml())
+        cmd = run_command(connection_, file, app_dir)
+        typer.echo(shlex.join(cmd))
+        sys.stdout.flush()
+        done = subprocess.run([_tool(cmd[0]), *cmd[1:]], check=False)
+    raise typer.Exit(done.returncode)

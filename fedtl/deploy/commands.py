@@ -1,0 +1,139 @@
+"""The Flower commands of a deployment, with fedtl's defaults: TLS on, node authentication on.
+
+Each function returns an argv list; ``fedtl deploy ...`` prints it and runs it, and a user
+can copy it instead. ``insecure = True`` turns TLS (and so node authentication, which
+needs it) off: for a first try on one machine only, and never without saying so.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from flwr.cli.flower_config import write_superlink_connection
+from flwr.cli.typing import SuperLinkConnection
+
+from fedtl.data.nodes import DATA_PATH
+
+INSECURE_WARNING = ("TLS is OFF (--insecure): every model update and the node keys' challenges cross the network "
+                    "in clear, and nodes cannot be authenticated. Use it on one machine, for a first try only")
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Where ``fedtl deploy certs`` put the federation's files (``certs/`` by default)."""
+
+    folder: Path
+
+    @property
+    def ca(self) -> Path:
+        return self.folder / "ca.crt"
+
+    @property
+    def server_cert(self) -> Path:
+        return self.folder / "server.pem"
+
+    @property
+    def server_key(self) -> Path:
+        return self.folder / "server.key"
+
+    def node_key(self, name: str) -> Path:
+        """Node ``name``'s private key."""
+        return self.folder / "nodes" / name
+
+    def node_public_key(self, name: str) -> Path:
+        """Node ``name``'s public key (what the SuperLink registers)."""
+        return self.folder / "nodes" / f"{name}.pub"
+
+    def check(self, *paths: Path) -> None:
+        """Raise ``FileNotFoundError`` naming the first missing file and how to make it."""
+        for p in paths:
+            if not p.is_file():
+                raise FileNotFoundError(f"{p} is missing: make the federation's keys with `fedtl deploy certs --out "
+                                        f"{self.folder}` (and copy each file to the machine that needs it)")
+
+
+def _node_config(values: dict[str, str | bool | int | float]) -> str:
+    # Flower parses each value as TOML: strings in double quotes (TOML's basic strings escape as JSON does).
+    def value(v: str | bool | int | float) -> str:
+        return str(v).lower() if isinstance(v, bool) else str(v) if isinstance(v, int | float) else json.dumps(str(v))
+    return " ".join(f"{k}={value(v)}" for k, v in values.items())
+
+
+def superlink_command(keys: Keys, *, host: str = "0.0.0.0", port: int = 8000, insecure: bool = False,
+                      database: str | None = None) -> list[str]:
+    """``flower-superlink`` serving the Fleet, Control and Runtime APIs on ``host:port``.
+
+    With TLS (the default) it also authenticates SuperNodes: only registered keys may join.
+    ``database``: a file to keep the SuperLink's state in across restarts (default: memory).
+    """
+    cmd = ["flower-superlink", "--host", host, "--port", str(port), "--disable-runtime-dependency-installation"]
+    if database:
+        cmd += ["--database", database]
+    if insecure:
+        return [*cmd, "--insecure"]
+    keys.check(keys.ca, keys.server_cert, keys.server_key)
+    return [*cmd, "--ssl-ca-certfile", str(keys.ca), "--ssl-certfile", str(keys.server_cert),
+            "--ssl-keyfile", str(keys.server_key), "--enable-supernode-auth"]
+
+
+def supernode_command(keys: Keys, name: str, *, superlink: str, data_path: str | None = None, port: int = 9094,
+                      insecure: bool = False, extra: dict[str, str | bool | int] | None = None,
+                      max_retries: int | None = None) -> list[str]:
+    """``flower-supernode`` ``name`` connecting to ``superlink`` (host:port), its own data at ``data_path``.
+
+    Parameters
+    ----------
+    keys : Keys
+        The federation's files (this node needs ``ca.crt`` and its own private key).
+    name : str
+        The node's name (its key file's name).
+    superlink : str
+        ``host:port`` of the SuperLink.
+    data_path : str, optional
+        Its data (an image folder or ``.npz``); the node config's ``data-path``.
+    port : int
+        Its local ClientAppIo port; each SuperNode on one machine needs its own (default 9094).
+    insecure : bool
+        No TLS, no node key (``INSECURE_WARNING``).
+    extra : dict, optional
+        More node config (``partition-id``/``num-partitions`` for a dry run, ``held-out``, ``device``).
+    max_retries : int, optional
+        Give up connecting after this many tries (default: Flower's, retry forever).
+    """
+    config = {**({DATA_PATH: data_path} if data_path else {}), **(extra or {})}
+    cmd = ["flower-supernode", "--superlink", superlink, "--port", str(port)]
+    if config:
+        cmd += ["--node-config", _node_config(config)]
+    if max_retries is not None:
+        cmd += ["--max-retries", str(max_retries)]
+    if insecure:
+        return [*cmd, "--insecure"]
+    keys.check(keys.ca, keys.node_key(name))
+    return [*cmd, "--root-certificates", str(keys.ca), "--auth-supernode-private-key", str(keys.node_key(name))]
+
+
+def register_command(keys: Keys, name: str, connection: str) -> list[str]:
+    """``flwr supernode register``: let node ``name``'s key join the federation behind ``connection``."""
+    keys.check(keys.node_public_key(name))
+    return ["flwr", "supernode", "register", str(keys.node_public_key(name)), connection, "--name", name]
+
+
+def run_command(connection: str, run_config: Path, app: Path = Path(".")) -> list[str]:
+    """``flwr run``: the app at ``app`` (fedtl's checkout) on ``connection`` with the config file ``run_config``."""
+    return ["flwr", "run", str(app), connection, "--stream", "--run-config", str(run_config)]
+
+
+def save_connection(name: str, address: str, keys: Keys, *, insecure: bool = False) -> None:
+    """Add (or replace) SuperLink connection ``name`` in ``$FLWR_HOME/config.toml``, with Flower's own writer.
+
+    The connection trusts the federation's CA; it is what ``flwr run . <name>`` and
+    ``flwr supernode register ... <name>`` connect with.
+    """
+    if insecure:
+        write_superlink_connection(SuperLinkConnection(name, address=address, insecure=True))
+        return
+    keys.check(keys.ca)
+    write_superlink_connection(SuperLinkConnection(name, address=address,
+                                                   root_certificates=str(keys.ca.resolve())))

@@ -1,0 +1,274 @@
+"""A real deployment on this machine: a SuperLink and SuperNodes as separate OS processes, with TLS
+and node authentication, every command the README's "Deploy on real machines" gives.
+
+Where the machine allows network namespaces (root, ``ip netns``), each SuperNode runs in its own
+namespace behind a veth pair, with a private address: separate hosts on a network, reaching the
+SuperLink at the server's address on their link. Elsewhere they share loopback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from fedtl.server.record import read_metrics
+from fedtl.simulations.simulate import simulate
+from tests.conftest import CACHE, ROOT, make_config
+
+pytestmark = pytest.mark.e2e
+
+BIN = Path(sys.executable).parent
+NODES = 3
+# Common run config: the shared pre-training cache, so that every process loads the same backbone.
+BASE = ["rounds=2", f"pretrain.cache-dir='{CACHE}'", "pretrain.epochs=2"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_port(host: str, port: int, proc: subprocess.Popen, log: Path, timeout: float = 60.0) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode}: {log.read_text()[-2000:]}")
+        with socket.socket() as s:
+            if s.connect_ex((host, port)) == 0:
+                return
+        time.sleep(0.3)
+    raise TimeoutError(f"nothing listens on {host}:{port} after {timeout} s: {log.read_text()[-2000:]}")
+
+
+def _namespaces_allowed() -> str | None:
+    """``None`` if this process may make network namespaces, else why not."""
+    if os.geteuid() != 0:
+        return "network namespaces need root"
+    name = f"fedtl-probe-{os.getpid()}"
+    done = subprocess.run(["ip", "netns", "add", name], capture_output=True, text=True, check=False)
+    if done.returncode:
+        return f"`ip netns add` is refused here: {done.stderr.strip()}"
+    subprocess.run(["ip", "netns", "del", name], check=False)
+    return None
+
+
+@dataclass
+class Federation:
+    """The processes and files of a running test federation."""
+
+    root: Path
+    env: dict[str, str]
+    port: int
+    links: list[str]  # the SuperLink's address as each node reaches it
+    prefixes: list[list[str]]  # how to run a command on each node's "host"
+    node_ports: list[int]
+    namespaces: list[str]
+    why_not_namespaces: str | None
+    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    def fedtl(self, *args: str, timeout: float = 300, prefix: list[str] | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run([*(prefix or []), str(BIN / "fedtl"), *args], capture_output=True, text=True,
+                              env=self.env, cwd=ROOT, timeout=timeout, check=False)
+
+    def start(self, name: str, *args: str, prefix: list[str] | None = None) -> subprocess.Popen:
+        log = (self.root / f"{name}.log").open("w")
+        proc = subprocess.Popen([*(prefix or []), str(BIN / "fedtl"), *args], stdout=log, stderr=subprocess.STDOUT,
+                                env=self.env, cwd=ROOT, start_new_session=True)  # its own group: killed whole
+        self.procs[name] = proc
+        return proc
+
+    def log(self, name: str) -> str:
+        return (self.root / f"{name}.log").read_text(errors="replace")
+
+    def start_node(self, i: int, data: str, name: str | None = None) -> subprocess.Popen:
+        name = name or f"node{i}"
+        return self.start(name, "deploy", "supernode", name, "--superlink", self.links[i % len(self.links)],
+                          "--data-path", data, "--port", str(self.node_ports[i]), "--certs", str(self.root / "certs"),
+                          prefix=self.prefixes[i % len(self.prefixes)])
+
+    def attempt(self, name: str, cmd: list[str], node: int = 0, timeout: float = 120) -> tuple[int, str]:
+        """Run a SuperNode command on node ``node``'s host until it exits: its exit code and output.
+
+        Its output goes to a file, not a pipe: the SuperExec a SuperNode starts outlives it briefly
+        and would hold a pipe open."""
+        log = self.root / f"{name}.log"
+        with log.open("w") as out:
+            proc = subprocess.Popen([*self.prefixes[node], *cmd], stdout=out, stderr=subprocess.STDOUT, env=self.env,
+                                    cwd=ROOT, start_new_session=True)
+            try:
+                code = proc.wait(timeout=timeout)
+            finally:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        return code, log.read_text(errors="replace")
+
+    def stop(self, name: str, sig: int = signal.SIGTERM) -> None:
+        proc = self.procs.pop(name)
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def _make_hosts(n: int) -> tuple[list[str], list[list[str]], list[str], str | None]:
+    """Namespaces ``fedtl<pid>-<i>``, each with a veth pair 10.<k>.<i>.1 (host) <-> .2 (node); or loopback."""
+    why_not = _namespaces_allowed()
+    if why_not is not None:
+        return ["127.0.0.1"] * n, [[] for _ in range(n)], [], why_not
+    tag, k = os.getpid() % 10000, 100 + os.getpid() % 100
+    links, prefixes, names = [], [], []
+    for i in range(n):
+        ns, host_if, node_if = f"fedtl{tag}-{i}", f"ftl{tag}h{i}", f"ftl{tag}n{i}"
+        for cmd in (["ip", "netns", "add", ns],
+                    ["ip", "link", "add", host_if, "type", "veth", "peer", "name", node_if],
+                    ["ip", "link", "set", node_if, "netns", ns],
+                    ["ip", "addr", "add", f"10.{k}.{i}.1/24", "dev", host_if],
+                    ["ip", "link", "set", host_if, "up"],
+                    ["ip", "netns", "exec", ns, "ip", "addr", "add", f"10.{k}.{i}.2/24", "dev", node_if],
+                    ["ip", "netns", "exec", ns, "ip", "link", "set", node_if, "up"],
+                    ["ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up"]):
+            subprocess.run(cmd, check=True, capture_output=True)
+        names.append(ns)
+        links.append(f"10.{k}.{i}.1")
+        prefixes.append(["ip", "netns", "exec", ns])
+    return links, prefixes, names, None
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]:
+    """A SuperLink (TLS, node auth) and three registered SuperNodes, each with its own data folder;
+    a fourth key is registered for a node the kill test starts."""
+    root = tmp_path_factory.mktemp("federation")
+    env = {**os.environ, "FLWR_HOME": str(root / "flwr-home"), "PYTHONUNBUFFERED": "1",
+           "PATH": f"{BIN}:{os.environ['PATH']}"}
+    links, prefixes, namespaces, why_not = _make_hosts(NODES + 1)
+    port = _free_port()
+    # In its own namespace every node has its own loopback, so all can use Flower's default port.
+    fed = Federation(root, env, port, [f"{a}:{port}" for a in links], prefixes,
+                     [9094 if namespaces else _free_port() for _ in range(NODES + 1)], namespaces, why_not)
+    try:
+        hosts = [a for link in dict.fromkeys(links) if link != "127.0.0.1" for a in ("--host", link)]
+        names = [a for i in range(NODES + 1) for a in ("--node", f"node{i}")]
+        done = fed.fedtl("deploy", "certs", "--out", str(root / "certs"), *names, *hosts)
+        assert done.returncode == 0, done.stdout + done.stderr
+        done = fed.fedtl("deploy", "export-data", "--out", str(root / "nodes"), "--set", f"clients={NODES}")
+        assert done.returncode == 0, done.stdout + done.stderr
+        link = fed.start("superlink", "deploy", "superlink", "--certs", str(root / "certs"),
+                         "--host", "0.0.0.0" if namespaces else "127.0.0.1", "--port", str(port))
+        _wait_port("127.0.0.1", port, link, root / "superlink.log")
+        done = fed.fedtl("deploy", "connection", "deploy", "--address", f"127.0.0.1:{port}", "--certs",
+                         str(root / "certs"))
+        assert done.returncode == 0, done.stdout + done.stderr
+        done = fed.fedtl("deploy", "register", *(f"node{i}" for i in range(NODES + 1)), "--certs", str(root / "certs"))
+        assert done.returncode == 0 and done.stdout.count("registered successfully") == NODES + 1, done.stdout + done.stderr
+        for i in range(NODES):
+            fed.start_node(i, str(root / "nodes" / f"node-{i}"))
+        yield fed
+    finally:
+        for name in list(fed.procs):
+            fed.stop(name)
+        for ns in namespaces:
+            subprocess.run(["ip", "netns", "del", ns], check=False)  # takes its veth pair with it
+
+
+def _sets(*sets: str) -> list[str]:
+    return [a for s in [*BASE, *sets] for a in ("--set", s)]
+
+
+def test_a_deployment_with_tls_and_node_auth_matches_the_simulation(federation: Federation, tmp_path: Path) -> None:
+    """Three SuperNodes on their own data folders train as the simulation of the same partitions does."""
+    done = federation.fedtl("deploy", "run", "--connection", "deploy", "--out", str(tmp_path / "deployed"),
+                            *_sets(f"clients={NODES}", f"strategy.min-available-nodes={NODES}"), timeout=400)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    rows = read_metrics(tmp_path / "deployed")
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert all((r["clients_ok"], r["clients_failed"]) == (NODES, 0) for r in rows[1:])
+    simulated = simulate(make_config("rounds=2", f"clients={NODES}", f"strategy.min-available-nodes={NODES}",
+                                     f"out={str(tmp_path / 'simulated')!r}"))
+    sim = read_metrics(tmp_path / "simulated")
+    # Same partitions, same seeds; the nodes read them back from 8-bit PNGs and in another order.
+    assert abs(rows[-1]["accuracy"] - simulated["final_accuracy"]) <= 0.03, (rows, sim)
+    assert rows[0]["accuracy"] == pytest.approx(sim[0]["accuracy"])  # the same pre-trained model and head
+    summary = json.loads((tmp_path / "deployed" / "summary.json").read_text())
+    assert len(summary["per_client"]["accuracy"]) == NODES  # every good node's own test images
+    assert summary["backbone_fingerprint"] == simulated["backbone_fingerprint"]
+
+
+def test_unregistered_key_and_wrong_certificate_are_rejected(federation: Federation) -> None:
+    root = federation.root
+    assert federation.fedtl("deploy", "certs", "--out", str(root / "other"), "--node", "stranger").returncode == 0
+    link = federation.links[0]
+    base = ["--superlink", link, "--port", str(_free_port()), "--node-config", "partition-id=0",
+            "--node-config", f"num-partitions={NODES}"]
+    stranger = federation.fedtl("deploy", "supernode", "stranger", *base, "--certs", str(root / "other"),
+                                "--dry-run")
+    # The stranger trusts the right CA but holds a key the SuperLink never registered.
+    cmd = shlex.split(stranger.stdout.strip().splitlines()[-1])
+    cmd[cmd.index("--root-certificates") + 1] = str(root / "certs" / "ca.crt")
+    code, output = federation.attempt("stranger", [str(BIN / cmd[0]), *cmd[1:]])
+    assert code != 0 and "Failed to activate SuperNode" in output, output[-2000:]
+    # A registered key, but a CA that did not sign the SuperLink's certificate.
+    wrong = federation.fedtl("deploy", "supernode", "node0", *base, "--certs", str(root / "certs"), "--dry-run")
+    cmd = shlex.split(wrong.stdout.strip().splitlines()[-1])
+    cmd[cmd.index("--root-certificates") + 1] = str(root / "other" / "ca.crt")
+    code, output = federation.attempt("wrong-ca", [str(BIN / cmd[0]), *cmd[1:]])
+    assert code != 0 and "CERTIFICATE_VERIFY_FAILED" in output, output[-2000:]
+
+
+def test_nodes_are_separate_hosts(federation: Federation) -> None:
+    """Each SuperNode's namespace has its own address and cannot reach another node's."""
+    if not federation.namespaces:
+        pytest.skip(f"SuperNodes share loopback here: {federation.why_not_namespaces}")
+    own = subprocess.run([*federation.prefixes[0], "ip", "-4", "-o", "addr"], capture_output=True, text=True,
+                         check=True).stdout
+    assert federation.links[0].rsplit(".", 1)[0] + ".2" in own and federation.links[1].rsplit(".", 1)[0] not in own
+    other_node = federation.links[1].rsplit(".", 1)[0] + ".2"
+    probe = f"import socket; s = socket.socket(); s.settimeout(2); print(s.connect_ex(({other_node!r}, 9094)))"
+    reach = subprocess.run([*federation.prefixes[0], sys.executable, "-c", probe], capture_output=True, text=True,
+                           check=True).stdout.strip()
+    assert reach != "0"  # node 1's ClientAppIo port is not reachable from node 0's host
+
+
+def test_a_node_killed_mid_round_or_without_its_data_fails_and_the_round_completes(
+        federation: Federation, tmp_path: Path) -> None:
+    """SIGKILL one SuperNode while it trains, and add one whose data-path does not exist: the round
+    ends at its timeout with the others merged, and the round's line records both failures, the
+    second with its node and path named."""
+    federation.start_node(NODES, str(federation.root / "nodes" / "missing"))  # a registered node, its data elsewhere
+    before = federation.log("node2").count("Receiving: train message")
+    run = federation.start("kill-run", "deploy", "run", "--connection", "deploy", "--out", str(tmp_path / "run"),
+                           *_sets("rounds=1", f"clients={NODES + 1}", f"strategy.min-available-nodes={NODES + 1}",
+                                  "strategy.round-timeout=45"))
+    end = time.monotonic() + 240
+    while federation.log("node2").count("Receiving: train message") == before:
+        assert time.monotonic() < end and run.poll() is None, federation.log("kill-run")[-3000:]
+        time.sleep(0.2)
+    federation.stop("node2", signal.SIGKILL)  # the SuperNode and the ClientApp it started
+    assert run.wait(timeout=300) == 0, federation.log("kill-run")[-4000:]
+    federation.procs.pop("kill-run")
+    rows = read_metrics(tmp_path / "run")
+    assert rows[1]["clients_ok"] == NODES - 1 and rows[1]["clients_failed"] == 2, rows[1]
+    silent, broken = sorted(rows[1]["client_errors"], key=lambda e: "no reply within the round timeout" in e)[::-1]
+    assert "no reply within the round timeout" in silent, rows[1]["client_errors"]
+    assert str(federation.root / "nodes" / "missing") in broken and "does not exist on this node" in broken
+    assert broken.startswith("node ") and "--node-config" in broken  # which node, and the fix
+    assert (tmp_path / "run" / "summary.json").is_file()
