@@ -66,7 +66,7 @@ def simulate(
     console.print(f"privacy: {summary['privacy']['guarantee']}")
     if summary.get("stopped_early"):
         console.print(f"[yellow]{summary['stopped_early']}[/]")
-    console.print(f"run folder: {summary['out_dir']}")
+    console.print(f"run folder: {summary['out_dir']}", soft_wrap=True)
 
 
 @app.command()
@@ -84,7 +84,7 @@ def pretrain(config: ConfigOpt = None, set_: SetOpt = None) -> None:
         path = ensure_pretrained(cfg)
     except _USER_ERRORS as err:
         _fail(err)
-    console.print(f"{'cached' if cached else 'pre-trained'}: {path}")
+    console.print(f"{'cached' if cached else 'pre-trained'}: {path}", soft_wrap=True)
 
 
 @app.command("config")
@@ -138,7 +138,7 @@ def report(
         page = build_report(study_dir)
     except _USER_ERRORS as err:
         _fail(err)
-    console.print(f"report: {page}")
+    console.print(f"report: {page}", soft_wrap=True)
 
 
 @app.command()
