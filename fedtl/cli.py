@@ -10,9 +10,8 @@ from rich.console import Console
 from rich.table import Table
 
 from fedtl.config import ConfigError, ExperimentConfig, all_keys, flwr_app_config_table, load_config
-from fedtl.data.partition import PartitionError
+from fedtl.errors import PartitionError, RoundFailedError
 from fedtl.registry import RegistryError
-from fedtl.strategies.transfer import RoundFailedError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Federated transfer learning on Flower.")
 console = Console()

@@ -10,6 +10,7 @@ only the travelling tensors.
 from __future__ import annotations
 
 import copy
+import sys
 from collections.abc import Callable, Mapping
 from functools import lru_cache
 from typing import Any
@@ -191,6 +192,17 @@ def parsed_config(run_config: tuple[tuple[str, Any], ...]) -> ExperimentConfig:
     return ExperimentConfig.from_run_config(dict(run_config))
 
 
+def set_threads(context: Context, cfg: ExperimentConfig) -> None:
+    """Torch's CPU threads for this node: its node config's ``threads`` if set; under Ray (simulation), as
+    many as CPUs Ray reserves for each client (``simulation.num-cpus``), so clients do not oversubscribe the
+    cores; else (a deployed SuperNode) torch's default, every core."""
+    ray = sys.modules.get("ray")
+    if "threads" in context.node_config:
+        torch.set_num_threads(max(1, int(context.node_config["threads"])))
+    elif ray is not None and ray.is_initialized():
+        torch.set_num_threads(max(1, int(cfg.simulation.num_cpus)))
+
+
 def make_client_app(run_config: Mapping[str, Any] | None = None) -> ClientApp:
     """A ClientApp for ``run_config`` (a flattened ExperimentConfig).
 
@@ -214,8 +226,7 @@ def make_client_app(run_config: Mapping[str, Any] | None = None) -> ClientApp:
     def handler(handle: Callable[[Message, Context, ExperimentConfig], Message]) -> Callable[[Message, Context], Message]:
         def run(msg: Message, context: Context) -> Message:
             cfg = config_of(context)
-            # As many threads as CPUs Ray reserves for this client: clients do not oversubscribe cores.
-            torch.set_num_threads(max(1, int(cfg.simulation.num_cpus)))
+            set_threads(context, cfg)
             return handle(msg, context, cfg)
         return run
 

@@ -34,6 +34,7 @@ from fedtl.clients.trainer import TrainResult
 from fedtl.config import ConfigError, ExperimentConfig, PrivacyConfig
 from fedtl.data.federated import LabelledImages
 from fedtl.models.transfer import TransferModel
+from fedtl.seeds import derived_seed
 from fedtl.server.plan import RoundPlan
 
 STATE_KEY = "fedtl.privacy"
@@ -195,6 +196,22 @@ def privacy_metrics(state: PrivacyState, p: PrivacyConfig) -> dict[str, float | 
     }
 
 
+def dp_generators(device: torch.device, noise: torch.Generator | None = None) -> tuple[torch.Generator, torch.Generator]:
+    """The generators of a DP-SGD round: Opacus's noise (on ``device``, where it draws the noise) and the
+    Poisson sampler's (on the CPU), as independent streams.
+
+    Were they one seed's streams, whether a record was sampled would show in the size of the noise,
+    and the accountant's epsilon would not hold. ``noise`` given (tests): the sampler's seed is derived
+    from its seed by a named stream, so the round is reproducible; else both seeds come from ``os.urandom``.
+    """
+    def fresh() -> int:
+        return int.from_bytes(os.urandom(8), "little") >> 1  # 63 bits: any generator takes it
+
+    g = noise or torch.Generator(device=device).manual_seed(fresh())
+    sampler_seed = fresh() if noise is None else derived_seed(f"poisson-sampler:{g.initial_seed()}", 0)
+    return g, torch.Generator().manual_seed(sampler_seed)
+
+
 def dp_round(
     model: TransferModel, data: LabelledImages, plan: RoundPlan, cfg: ExperimentConfig, context: Context
 ) -> tuple[TrainResult, dict[str, float | int]]:
@@ -231,7 +248,8 @@ def train_private(
     state : PrivacyState
         The noise multiplier, sample rate and history so far.
     noise_generator : torch.Generator, optional
-        Source of the noise and the Poisson sampling; default: seeded from ``os.urandom``.
+        Source of the noise, on the model's device (tests); see ``dp_generators``. Default: seeded
+        from ``os.urandom``.
 
     Returns
     -------
@@ -245,12 +263,9 @@ def train_private(
     q, _ = poisson_schedule(len(data), ft.batch_size)
     if not math.isclose(q, state.sample_rate):
         raise DPConfigError(f"this client's data changed size during the run (sample rate {q} != {state.sample_rate})")
-    dev = model.device
-    # Opacus draws the noise on the parameters' device, so the generator must live there too.
-    g = noise_generator or torch.Generator(device=dev).manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
+    g, sampler = dp_generators(model.device, noise_generator)
     opt = torch.optim.SGD(model.param_groups(plan.lrs), momentum=ft.momentum, weight_decay=ft.weight_decay)
-    loader = DataLoader(TensorDataset(data.x, data.y), batch_size=ft.batch_size,
-                        generator=torch.Generator().manual_seed(g.initial_seed()))
+    loader = DataLoader(TensorDataset(data.x, data.y), batch_size=ft.batch_size, generator=sampler)
     # lazily: ~1.5 s to import, unused by most processes
     from opacus import PrivacyEngine
 
@@ -269,7 +284,7 @@ def train_private(
             for x, y in dp_loader:
                 optimizer.zero_grad(set_to_none=True)
                 # An empty Poisson batch still steps: its noise is released (and accounted) all the same.
-                x, y = x.to(dev), y.to(dev)
+                x, y = x.to(model.device), y.to(model.device)
                 loss = loss_fn(module(x), y)
                 loss.backward()
                 optimizer.step()

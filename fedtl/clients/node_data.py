@@ -28,7 +28,8 @@ class NodeData:
     Attributes
     ----------
     train, test : callable
-        Its labelled training images and its own test images (read on first call, cached).
+        Its labelled training images and its own test images, read when called (cached per process: a
+        simulated client keeps them between rounds; a deployed node starts a process per message).
     held_out : bool
         Kept out of training (it only adapts the final model, for the adaptability figures).
     key : str
@@ -45,7 +46,13 @@ class NodeData:
 
 
 def node_partition(context: Context, cfg: ExperimentConfig) -> tuple[int, int]:
-    """This node's partition id and the number of partitions, checked against the run's config."""
+    """This node's partition id and the number of partitions, checked against the run's config.
+
+    Raises
+    ------
+    ValueError
+        If the node config's ``num-partitions`` is not the run's ``clients``.
+    """
     pid, n = int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
     if n != cfg.clients:
         raise ValueError(
@@ -110,5 +117,5 @@ def node_data(context: Context, cfg: ExperimentConfig) -> NodeData:
         if key in context.node_config:
             return source(context, cfg)
     raise DataError(f"node {context.node_id} has neither {DATA_PATH!r} nor 'partition-id' in its node config "
-                    f"({dict(context.node_config)}): start its SuperNode with --node-config "
+                    f"(keys: {sorted(context.node_config)}): start its SuperNode with --node-config "
                     f"\"{DATA_PATH}='/path/to/its/data'\"")

@@ -56,7 +56,8 @@ def apply_overrides(raw: dict[str, Any], overrides: typing.Iterable[str]) -> dic
     return unflatten(flat)
 
 
-def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] = ()) -> ExperimentConfig:
+def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] = (), *,
+                resolve_paths: bool = True) -> ExperimentConfig:
     """Load a TOML config file (or the defaults), apply overrides, validate, resolve paths.
 
     Parameters
@@ -65,11 +66,14 @@ def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] 
         A TOML file; ``None`` uses the defaults (the offline default study).
     overrides : iterable of str
         ``key=value`` strings applied after the file, in order.
+    resolve_paths : bool, optional
+        Make ``pretrain.cache-dir`` absolute, so that every process on this machine agrees on it
+        (default). ``False`` for a deployment: each machine reads it from its own working folder.
 
     Returns
     -------
     ExperimentConfig
-        Validated, with ``pretrain.cache-dir`` made absolute so every process agrees on it.
+        Validated.
     """
     raw: dict[str, Any] = {}
     if path is not None:
@@ -81,6 +85,8 @@ def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] 
         except tomllib.TOMLDecodeError as err:
             raise ConfigError(f"config file {str(p)!r} is not valid TOML: {err}") from None
     cfg = from_dict(apply_overrides(raw, overrides))
+    if not resolve_paths:
+        return cfg
     cache = str(Path(cfg.pretrain.cache_dir).expanduser().resolve())
     return dataclasses.replace(cfg, pretrain=dataclasses.replace(cfg.pretrain, cache_dir=cache))
 

@@ -14,11 +14,24 @@ from PIL import Image
 
 from fedtl.config import ConfigError, ExperimentConfig
 from fedtl.data.federated import check_partitions, client_data, client_test_data, task
+from fedtl.data.nodes import DATA_ON_NODES
 
 
 def save_images(x: torch.Tensor, y: torch.Tensor, folder: Path, names: list[str]) -> None:
-    """Images ``x`` (N x C x H x W in [0, 1]) as 8-bit PNGs in ``folder/<class name>/``. Every class gets a
-    folder, empty or not, so that a node's sorted class folders are the run's classes."""
+    """Images as 8-bit PNGs in ``folder/<class name>/``; every class gets a folder, empty or not, so that
+    a node's sorted class folders are the run's classes.
+
+    Parameters
+    ----------
+    x : torch.Tensor
+        N x C x H x W images in [0, 1] (C = 1: grey PNGs, 3: RGB).
+    y : torch.Tensor
+        Their labels, indices into ``names``.
+    folder : Path
+        Where the class folders go (created).
+    names : list of str
+        The class names, in label order.
+    """
     for name in names:
         (folder / name).mkdir(parents=True, exist_ok=True)
     arr = (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
@@ -32,13 +45,30 @@ def export_partitions(cfg: ExperimentConfig, out: str | Path) -> list[Path]:
 
     Class folders are named ``00``, ``01``, ... so that they sort in label order.
 
+    Parameters
+    ----------
+    cfg : ExperimentConfig
+        The run whose partitions to write (its data section, ``clients`` and ``seed``).
+    out : str or Path
+        The folder to write ``node-<i>/`` into.
+
+    Returns
+    -------
+    list of Path
+        Each partition's folder, in partition order.
+
     Raises
     ------
     ConfigError
-        If the scenario has no client data (``"nodes"``), or the split leaves a client without data.
+        If the scenario is text, or has no client data (``"nodes"``).
+    PartitionError
+        If the split would leave a client without data.
     FileExistsError
         If a node folder is already there (the images would mix).
     """
+    if cfg.data.scenario in DATA_ON_NODES:
+        raise ConfigError(f"data.scenario = {cfg.data.scenario!r} keeps its client data on the nodes: there are no "
+                          "partitions to export (pick a built-in scenario for a dry run)")
     t = task(cfg.data)
     if t.tokens:
         raise ConfigError(f"data.scenario = {cfg.data.scenario!r} is text: node folders hold images")

@@ -30,11 +30,11 @@ import torchvision.transforms.v2.functional as TF
 from sklearn.model_selection import train_test_split
 
 from fedtl.config import DataConfig
+from fedtl.data import DATA_PATH  # noqa: F401 - the node config key, re-exported
 from fedtl.data.scenarios import SCENARIOS, Scenario
 from fedtl.data.sources import SPLIT_SEED, DataError, read_folder
 from fedtl.registry import Registry
 
-DATA_PATH = "data-path"  # the node config key naming a node's own data
 
 
 @dataclass(frozen=True)
@@ -179,9 +179,11 @@ def _own_test_split(x: torch.Tensor, y: torch.Tensor, fraction: float) -> tuple[
     n_test = min(int(len(y) * fraction), len(y) - 1)
     if n_test < 1:
         return x, y, (x[:0], y[:0])
-    counts = np.bincount(y.numpy())
-    strat = y.numpy() if counts[counts > 0].min() >= 2 and n_test >= len(counts[counts > 0]) else None
-    keep, held = train_test_split(np.arange(len(y)), test_size=n_test, random_state=SPLIT_SEED, stratify=strat)
+    idx = np.arange(len(y))
+    try:  # stratified where every class can give its share to both sides
+        keep, held = train_test_split(idx, test_size=n_test, random_state=SPLIT_SEED, stratify=y.numpy())
+    except ValueError:  # a class too small for that: a plain fixed split
+        keep, held = train_test_split(idx, test_size=n_test, random_state=SPLIT_SEED)
     return x[keep], y[keep], (x[held], y[held])
 
 

@@ -12,14 +12,11 @@ import numpy as np
 from datasets import Dataset
 from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, NaturalIdPartitioner, Partitioner
 
+from fedtl.errors import PartitionError  # noqa: F401 - raised here; importable from here too
 from fedtl.registry import Registry
 
 PartitionerFactory = Callable[[int, float, int, int], Partitioner]
 PARTITIONERS: Registry[PartitionerFactory] = Registry("partitioner")
-
-
-class PartitionError(ValueError):
-    """A split that leaves some client without data; the message says how to fix it."""
 
 
 @PARTITIONERS.register("iid")

@@ -40,6 +40,7 @@ class FederationKeys:
 def _private(path: Path, data: bytes) -> None:
     # Owner-only from creation: a key is never world-readable, not even for a moment.
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # an existing file (--overwrite) keeps its mode through os.open
     with os.fdopen(fd, "wb") as f:
         f.write(data)
 
@@ -73,17 +74,29 @@ def make_federation_keys(out: str | Path, *, nodes: list[str], hosts: tuple[str,
     overwrite : bool, optional
         Replace files already there (default: refuse).
 
+    Returns
+    -------
+    FederationKeys
+        Where each file was written.
+
     Raises
     ------
     FileExistsError
         If ``out`` already holds a CA and ``overwrite`` is false: new certificates would lock out
         every node that trusts the old CA.
+    ValueError
+        If ``days`` < 1, a node name is no file name, or a host is neither an IP address nor a DNS name.
     """
     out = Path(out)
-    (out / "nodes").mkdir(parents=True, exist_ok=True)
     if (out / "ca.crt").exists() and not overwrite:
         raise FileExistsError(f"{out / 'ca.crt'} exists: nodes that trust it would be locked out by a new CA. "
                               "Use another folder, or pass --overwrite")
+    if days < 1:
+        raise ValueError(f"--days {days}: certificates must be valid for at least a day")
+    bad = [n for n in nodes if not n or "/" in n or n.startswith(".")]
+    if bad:
+        raise ValueError(f"node names {bad} cannot be file names: use letters, digits, '-' and '_'")
+    (out / "nodes").mkdir(parents=True, exist_ok=True)
     now = dt.datetime.now(dt.timezone.utc)
     ca_key = ec.generate_private_key(ec.SECP384R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedtl test federation CA")])

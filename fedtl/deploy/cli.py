@@ -47,10 +47,19 @@ def _tool(name: str) -> str:
     return found
 
 
+def shown(cmd: list[str]) -> str:
+    """``cmd`` as a shell line to copy: ``shlex.join``, but an argument holding single quotes (a node config's
+    TOML strings) goes in double quotes rather than shlex's ``'"'"'`` splices, where the shell allows it."""
+    def word(arg: str) -> str:
+        plain = shlex.quote(arg)
+        return f'"{arg}"' if "'" in arg and not any(c in arg for c in '"$`\\!') else plain
+    return " ".join(word(a) for a in cmd)
+
+
 def _exec(cmd: list[str], dry_run: bool, insecure: bool) -> None:
     if insecure:
         console.print(f"[bold yellow]warning:[/] {INSECURE_WARNING}")
-    typer.echo(shlex.join(cmd))  # unwrapped: a line to copy
+    typer.echo(shown(cmd))  # unwrapped: a line to copy
     if dry_run:
         return
     sys.stdout.flush()
@@ -73,9 +82,10 @@ def certs(
     names = [*(f"node{i}" for i in range(nodes)), *(node or [])]
     try:
         keys = make_federation_keys(out, nodes=names, hosts=tuple(host or ()), days=days, overwrite=overwrite)
-    except FileExistsError as err:
+    except (ValueError, OSError) as err:  # an existing CA, a bad host name or node name, --days < 1
         _fail(err)
-    console.print(f"CA: {keys.ca_cert} (its key {keys.ca_key}: keep it off every machine of the federation)")
+    console.print(f"CA: {keys.ca_cert} (its key {keys.ca_key}: keep it safe; whoever holds it can make certificates "
+                  "the nodes trust)")
     console.print(f"SuperLink: {keys.server_cert}, {keys.server_key}")
     for name, (private, public) in keys.nodes.items():
         console.print(f"{name}: {private} (copy to its machine only), {public} (register it)")
@@ -128,7 +138,7 @@ def register(
             cmd = register_command(Keys(certs_), name, connection_)
         except FileNotFoundError as err:
             _fail(err)
-        typer.echo(shlex.join(cmd))
+        typer.echo(shown(cmd))
         done = subprocess.run([_tool(cmd[0]), *cmd[1:]], check=False)
         if done.returncode:
             raise typer.Exit(done.returncode)
@@ -140,26 +150,28 @@ def supernode(
     superlink_: Annotated[str, typer.Option("--superlink", help="host:port of the SuperLink.")],
     data_path: Annotated[str | None, typer.Option("--data-path", help="This node's own data: an image folder or "
                                                                       ".npz (node config data-path).")] = None,
-    port: Annotated[int, typer.Option("--port", help="Local ClientAppIo port (one per SuperNode on a machine).")] = 9094,
+    port: Annotated[int, typer.Option("--port", help="Its local Runtime API port, which its ClientApps connect "
+                                                    "to (one per SuperNode on a machine).")] = 9094,
     node_config: Annotated[list[str] | None, typer.Option(
-        "--node-config", help="More node config, key=value (repeatable): held-out=true, device=\"cpu\", or "
-        "partition-id=0 num-partitions=3 for a dry run on a built-in scenario.")] = None,
+        "--node-config", help="More node config, as Flower's --node-config takes it (repeatable): held-out=true, "
+        "device=\"cpu\", threads=4, or \"partition-id=0 num-partitions=3\" for a dry run on a built-in "
+        "scenario.")] = None,
     certs_: CertsOpt = Path("certs"),
     insecure: InsecureOpt = False,
     dry_run: DryRunOpt = False,
 ) -> None:
     """Start a SuperNode that reads only its own data and authenticates with its own key."""
-    import tomllib
+    import click
+    from flwr.common.config import parse_config_args
 
-    extra = {}
-    for item in node_config or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            _fail(f"--node-config {item!r} is not key=value")
-        try:
-            extra[key.strip()] = tomllib.loads(f"v = {value}")["v"]
-        except tomllib.TOMLDecodeError:
-            extra[key.strip()] = value  # a bare string
+    items = node_config or []
+    bad = [item for item in items if "=" not in item]
+    if bad:
+        _fail(f"--node-config {bad[0]!r} is not key=value")
+    try:
+        extra = parse_config_args([" ".join(items)]) if items else {}  # exactly as flower-supernode reads it
+    except click.ClickException as err:
+        _fail(f"--node-config {' '.join(items)!r}: {err.message}")
     if data_path is None and "partition-id" not in extra:
         _fail("a SuperNode needs its data: --data-path /its/data (or, for a dry run on a built-in scenario, "
               "--node-config partition-id=<i> --node-config num-partitions=<n>)")
@@ -171,7 +183,7 @@ def supernode(
         data_path = str(Path(data_path).resolve()) if data_path is not None else None
         cmd = supernode_command(Keys(certs_), name, superlink=superlink_, data_path=data_path, port=port,
                                 insecure=insecure, extra=extra)
-    except FileNotFoundError as err:
+    except (FileNotFoundError, ValueError) as err:
         _fail(err)
     _exec(cmd, dry_run, insecure)
 
@@ -185,11 +197,12 @@ def export_data(
     """A dry run's node data: each partition of a built-in scenario written as node-<i>/{train,test}/<class>/."""
     from fedtl.config import ConfigError, load_config
     from fedtl.data.export import export_partitions
+    from fedtl.data.partition import PartitionError
 
     try:
         cfg = load_config(config, set_ or [])
         folders = export_partitions(cfg, out)
-    except (ConfigError, FileExistsError) as err:
+    except (ConfigError, PartitionError, FileExistsError) as err:
         _fail(err)
     for i, folder in enumerate(folders):
         console.print(f"partition {i}: {folder}")
@@ -208,7 +221,9 @@ def run(
     from fedtl.config import ConfigError, load_config
 
     try:
-        cfg = load_config(config, set_ or [])
+        # Paths stay as written: the SuperLink's and each SuperNode's machine read them from its own
+        # working folder (pre-trained weights in its .fedtl-cache/), not this machine's.
+        cfg = load_config(config, set_ or [], resolve_paths=False)
     except ConfigError as err:
         _fail(err)
     if out is not None:
@@ -219,7 +234,7 @@ def run(
         file = Path(tmp) / "run-config.toml"
         file.write_text(cfg.to_toml())
         cmd = run_command(connection_, file, app_dir)
-        typer.echo(shlex.join(cmd))
+        typer.echo(shown(cmd))
         sys.stdout.flush()
         done = subprocess.run([_tool(cmd[0]), *cmd[1:]], check=False)
     raise typer.Exit(done.returncode)

@@ -14,7 +14,7 @@ from pathlib import Path
 from flwr.cli.flower_config import write_superlink_connection
 from flwr.cli.typing import SuperLinkConnection
 
-from fedtl.data.nodes import DATA_PATH
+from fedtl.data import DATA_PATH
 
 INSECURE_WARNING = ("TLS is OFF (--insecure): every model update and the node keys' challenges cross the network "
                     "in clear, and nodes cannot be authenticated. Use it on one machine, for a first try only")
@@ -28,14 +28,17 @@ class Keys:
 
     @property
     def ca(self) -> Path:
+        """The CA certificate every SuperNode and every ``flwr`` connection trusts."""
         return self.folder / "ca.crt"
 
     @property
     def server_cert(self) -> Path:
+        """The SuperLink's TLS certificate."""
         return self.folder / "server.pem"
 
     @property
     def server_key(self) -> Path:
+        """The SuperLink's TLS private key."""
         return self.folder / "server.key"
 
     def node_key(self, name: str) -> Path:
@@ -54,19 +57,46 @@ class Keys:
                                         f"{self.folder}` (and copy each file to the machine that needs it)")
 
 
+def _toml_value(v: str | bool | int | float) -> str:
+    # Flower reads each value with TOML after splitting on a regex that takes '...' or "..." whole and
+    # allows no quote inside either: a literal string ('...', no escapes) unless the value holds a "'".
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, int | float):
+        return repr(v)
+    if "'" not in v and "\n" not in v:
+        return f"'{v}'"
+    if '"' not in v:
+        return json.dumps(v, ensure_ascii=False)
+    raise ValueError(f"node config value {v!r} holds both quote characters, which Flower's --node-config cannot "
+                     "carry: rename the path")
+
+
 def _node_config(values: dict[str, str | bool | int | float]) -> str:
-    # Flower parses each value as TOML: strings in double quotes (TOML's basic strings escape as JSON does).
-    def value(v: str | bool | int | float) -> str:
-        return str(v).lower() if isinstance(v, bool) else str(v) if isinstance(v, int | float) else json.dumps(str(v))
-    return " ".join(f"{k}={value(v)}" for k, v in values.items())
+    return " ".join(f"{k}={_toml_value(v)}" for k, v in values.items())
 
 
 def superlink_command(keys: Keys, *, host: str = "0.0.0.0", port: int = 8000, insecure: bool = False,
                       database: str | None = None) -> list[str]:
     """``flower-superlink`` serving the Fleet, Control and Runtime APIs on ``host:port``.
 
-    With TLS (the default) it also authenticates SuperNodes: only registered keys may join.
-    ``database``: a file to keep the SuperLink's state in across restarts (default: memory).
+    Parameters
+    ----------
+    keys : Keys
+        The federation's files (the SuperLink needs ``ca.crt``, ``server.pem`` and ``server.key``).
+    host : str, optional
+        Address to listen on (default ``"0.0.0.0"``: every interface).
+    port : int, optional
+        Its one port (default 8000).
+    insecure : bool, optional
+        No TLS and no node authentication (``INSECURE_WARNING``).
+    database : str, optional
+        A file to keep the SuperLink's state in across restarts (default: memory).
+
+    Raises
+    ------
+    FileNotFoundError
+        If a TLS file is missing (with the command that makes it).
     """
     cmd = ["flower-superlink", "--host", host, "--port", str(port), "--disable-runtime-dependency-installation"]
     if database:
@@ -94,7 +124,8 @@ def supernode_command(keys: Keys, name: str, *, superlink: str, data_path: str |
     data_path : str, optional
         Its data (an image folder or ``.npz``); the node config's ``data-path``.
     port : int
-        Its local ClientAppIo port; each SuperNode on one machine needs its own (default 9094).
+        Its local Runtime API port, which its ClientApps connect to; each SuperNode on one machine needs
+        its own (default 9094).
     insecure : bool
         No TLS, no node key (``INSECURE_WARNING``).
     extra : dict, optional
@@ -115,7 +146,13 @@ def supernode_command(keys: Keys, name: str, *, superlink: str, data_path: str |
 
 
 def register_command(keys: Keys, name: str, connection: str) -> list[str]:
-    """``flwr supernode register``: let node ``name``'s key join the federation behind ``connection``."""
+    """``flwr supernode register``: let node ``name``'s key join the federation behind ``connection``.
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``nodes/<name>.pub`` is missing.
+    """
     keys.check(keys.node_public_key(name))
     return ["flwr", "supernode", "register", str(keys.node_public_key(name)), connection, "--name", name]
 
@@ -130,6 +167,22 @@ def save_connection(name: str, address: str, keys: Keys, *, insecure: bool = Fal
 
     The connection trusts the federation's CA; it is what ``flwr run . <name>`` and
     ``flwr supernode register ... <name>`` connect with.
+
+    Parameters
+    ----------
+    name : str
+        The connection's name.
+    address : str
+        ``host:port`` of the SuperLink.
+    keys : Keys
+        The federation's files (``ca.crt``).
+    insecure : bool, optional
+        A connection without TLS.
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``ca.crt`` is missing.
     """
     if insecure:
         write_superlink_connection(SuperLinkConnection(name, address=address, insecure=True))

@@ -74,7 +74,7 @@ class RunRecorder:
         self.cfg = cfg
         self.console = console or Console()
         self.rows: list[dict[str, Any]] = []
-        self._pending: dict[int, dict[str, float | int]] = {}
+        self._pending: dict[int, dict[str, Any]] = {}  # figures, and client_errors: a list of reasons
         self.client_evaluation: list[dict[str, Any]] = []
         self._t0 = time.perf_counter()
         title = f"{cfg.name}: {cfg.finetune.mode}, {cfg.init}"

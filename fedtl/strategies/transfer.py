@@ -32,19 +32,12 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from fedtl.errors import RoundFailedError, RunStoppedError  # noqa: F401 - raised here; importable from here too
 from fedtl.server.nodes import FilteredGrid
 from fedtl.server.plan import DECLINED, FINGERPRINT_KEY, RoundPlan
 from fedtl.strategies.state import align_server_state
 
 _Spec = dict[str, tuple[tuple[int, ...], str]]
-
-
-class RoundFailedError(RuntimeError):
-    """No client update could be merged in a round."""
-
-
-class RunStoppedError(RuntimeError):
-    """Too few clients can still train (the others declined for good, e.g. their privacy budgets are spent)."""
 
 
 @dataclass
@@ -254,10 +247,9 @@ class TransferStrategy(Strategy):
             else:
                 problems.append(f"node {msg.metadata.src_node_id}: {problem}")
                 log(WARNING, "Round %s: not merging the update of %s", server_round, problems[-1])
-        silent = sorted(set(sent_to) - {m.metadata.src_node_id for m in replies})
-        problems += [f"node {n}: no reply within the round timeout (stopped, or disconnected?)" for n in silent]
-        for problem in problems[len(problems) - len(silent):]:
-            log(WARNING, "Round %s: %s", server_round, problem)
+        for node in sorted(set(sent_to) - {m.metadata.src_node_id for m in replies}):
+            problems.append(f"node {node}: no reply within the round timeout (stopped, or disconnected?)")
+            log(WARNING, "Round %s: %s", server_round, problems[-1])
         if declined and len(declined) == sent:  # nothing to merge, nothing failed: the model stays as it is
             if self.observer is not None:
                 self.observer(self._report(server_round, replies, [], len(declined), sent, bytes_down, None, problems))

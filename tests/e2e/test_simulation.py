@@ -29,9 +29,11 @@ SUMMARY_KEYS = {"final_accuracy", "best_accuracy", "rounds", "bytes_up_total", "
 
 
 # The adapter modes' own machinery (peft LoRA, FFA-LoRA, BN-only, bias-only) is tested on the model in
-# tests/unit/test_adapters.py, and LoRA runs end to end here and under FedAdam (test_personal.py): the
-# suite's 15 minutes go to the deployment tests instead.
-@pytest.mark.parametrize("mode", [m for m in MODES.names() if m not in ("ffa-lora", "bn-only", "bias-only")])
+# tests/unit/test_adapters.py, and LoRA runs end to end here and under FedAdam (test_personal.py);
+# discriminative rates are full fine-tuning with other rates (tests/unit/test_modes.py). The suite's
+# 15 minutes go to the deployment tests instead.
+@pytest.mark.parametrize("mode", [m for m in MODES.names()
+                                  if m not in ("ffa-lora", "bn-only", "bias-only", "discriminative")])
 def test_every_mode_three_clients_two_rounds(mode: str, tmp_path: Path) -> None:
     out = tmp_path / "run"
     cfg = make_config(f"finetune.mode={mode}", "clients=3", "rounds=2", "unfreeze-every=1", f"out={str(out)!r}")
@@ -94,8 +96,12 @@ def test_cli_simulate_writes_where_asked_and_refuses_to_overwrite(tmp_path: Path
     assert done.returncode == 0, done.stderr[-3000:]
     assert "accuracy" in done.stdout and f"run folder: {out}" in done.stdout
     assert (out / "summary.json").is_file()
-    again = _fedtl(*args)
-    assert again.returncode == 2 and "already holds a run; pass --overwrite" in again.stdout
+    from typer.testing import CliRunner
+
+    from fedtl.cli import app
+
+    again = CliRunner().invoke(app, args)  # refused before any work: no need for another interpreter
+    assert again.exit_code == 2 and "already holds a run; pass --overwrite" in " ".join(again.output.split())
 
 
 def test_cli_bad_config_is_one_clear_error() -> None:

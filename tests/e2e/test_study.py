@@ -121,11 +121,19 @@ def test_report_renders_in_headless_chromium(study_dir: Path, tmp_path: Path) ->
 
 
 def test_cli_report_and_compare(study_dir: Path) -> None:
+    from typer.testing import CliRunner
+
+    from fedtl.cli import app
+
+    def fedtl(*args: str) -> tuple[int, str]:  # in this process: the commands run no simulation
+        result = CliRunner().invoke(app, list(args))
+        return result.exit_code, " ".join(result.output.split())
+
     out = study_dir / "out"
-    done = _fedtl("report", str(out))
-    assert done.returncode == 0 and "report:" in done.stdout
+    code, text = fedtl("report", str(out))
+    assert code == 0 and "report:" in text
     a, b = out / "runs" / "mode-full-s0", out / "runs" / "mode-feature-extraction-s0"
-    done = _fedtl("compare", str(a), str(b))
-    assert done.returncode == 0 and "final_accuracy" in done.stdout and "travelling_params" in done.stdout
-    missing = _fedtl("report", str(study_dir))
-    assert missing.returncode == 2 and "holds no study" in missing.stdout
+    code, text = fedtl("compare", str(a), str(b))
+    assert code == 0 and "final_accuracy" in text and "travelling_params" in text
+    code, text = fedtl("report", str(study_dir))
+    assert code == 2 and "holds no study" in text

@@ -71,3 +71,55 @@ def test_a_saved_connection_is_what_flower_reads(tmp_path: Path, monkeypatch: py
     save_connection("try", "127.0.0.1:8000", Keys(tmp_path / "none"), insecure=True)
     assert read_superlink_connection("try").insecure
     assert "[tool.flwr.federations]" not in (tmp_path / "home" / "config.toml").read_text()
+
+
+def test_node_config_values_survive_flowers_parser() -> None:
+    from fedtl.deploy.commands import _node_config
+
+    values = {"data-path": "/data/my silo/ünï", "other": "it's here", "held-out": False, "threads": 4, "x": 0.5}
+    assert parse_config_args([_node_config(values)]) == values
+    with pytest.raises(ValueError, match="both quote characters"):
+        _node_config({"data-path": "/a'b\"c"})
+
+
+def test_certs_refuse_what_would_break_later(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="at least a day"):
+        make_federation_keys(tmp_path / "a", nodes=["n"], days=0)
+    with pytest.raises(ValueError, match="cannot be file names"):
+        make_federation_keys(tmp_path / "b", nodes=["../n"])
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # refused before writing anything
+    keys = make_federation_keys(tmp_path / "c", nodes=["n"])
+    os.chmod(keys.ca_key, 0o644)
+    make_federation_keys(tmp_path / "c", nodes=["n"], overwrite=True)
+    assert stat.S_IMODE(os.stat(keys.ca_key).st_mode) == 0o600  # rewritten owner-only, not left as it was
+
+
+def test_cli_supernode_takes_flowers_node_config_syntax(tmp_path: Path) -> None:
+    import shlex
+
+    from typer.testing import CliRunner
+
+    from fedtl.cli import app
+
+    make_federation_keys(tmp_path, nodes=["n0"])
+    result = CliRunner().invoke(app, ["deploy", "supernode", "n0", "--superlink", "h:1", "--certs", str(tmp_path),
+                                      "--node-config", "partition-id=0 num-partitions=3", "--node-config",
+                                      "device='cpu'", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    cmd = shlex.split(result.output.strip().splitlines()[-1])
+    assert parse_config_args([cmd[cmd.index("--node-config") + 1]]) == {
+        "partition-id": 0, "num-partitions": 3, "device": "cpu"}
+    result = CliRunner().invoke(app, ["deploy", "supernode", "n0", "--superlink", "h:1", "--certs", str(tmp_path),
+                                      "--dry-run"])
+    assert result.exit_code == 2 and "needs its data: --data-path" in " ".join(result.output.split())
+    result = CliRunner().invoke(app, ["deploy", "certs", "--out", str(tmp_path / "x"), "--days", "0"])
+    assert result.exit_code == 2 and "at least a day" in result.output and result.exception is not None
+    assert isinstance(result.exception, SystemExit)  # one clear error, no traceback
+
+
+def test_deploy_run_leaves_paths_to_each_machine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fedtl.config import load_config
+
+    monkeypatch.chdir(tmp_path)
+    assert load_config(None, [], resolve_paths=False).pretrain.cache_dir == ".fedtl-cache"
+    assert load_config(None, []).pretrain.cache_dir == str(tmp_path / ".fedtl-cache")

@@ -172,3 +172,18 @@ def test_every_fine_tuning_mode_trains_under_dp_sgd(mode: str, task_identity: No
     expected = set(model.unit_keys(plan_round(cfg, model.block_names, 1).lrs))
     assert set(reply.content["arrays"].keys()) == expected
     assert reply.content["metrics"]["privacy.steps"] == 10
+
+
+def test_noise_and_poisson_sampling_draw_independent_streams() -> None:
+    """One seed for both would tie the noise's size to which records were sampled (and void the epsilon)."""
+    from fedtl.clients.dp_sgd import dp_generators
+
+    noise, sampler = dp_generators(torch.device("cpu"), torch.Generator().manual_seed(7))
+    assert noise.initial_seed() == 7 and sampler.initial_seed() != 7
+    u = torch.rand(10_000, generator=sampler)
+    z = torch.normal(0.0, 1.0, (10_000,), generator=noise)
+    assert abs(float(torch.corrcoef(torch.stack([u, z.abs()]))[0, 1])) < 0.05
+    again = dp_generators(torch.device("cpu"), torch.Generator().manual_seed(7))[1]
+    assert again.initial_seed() == sampler.initial_seed()  # reproducible when the noise is seeded
+    a, b = dp_generators(torch.device("cpu"))
+    assert a.initial_seed() != b.initial_seed()

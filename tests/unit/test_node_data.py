@@ -171,3 +171,28 @@ def test_a_deployment_on_own_data_needs_nothing_of_the_server_on_a_node(tmp_path
     assert reply.content["metrics"]["num-examples"] == 8  # 9 images, one kept as its own test image
     with pytest.raises(DataError, match="has no client data to partition: start each SuperNode with its own data"):
         handle_train(_instruction(server_cfg), _node({"partition-id": 0, "num-partitions": 2}), node_cfg)
+
+
+def test_a_large_own_test_share_falls_back_to_a_plain_split(tmp_path: Path) -> None:
+    _folder(tmp_path / "n", {"a": 4, "b": 1})  # "b" cannot give an image to both sides
+    images = read_node_data(str(tmp_path / "n"), DataConfig(image_size=8, client_test_fraction=0.6,
+                                                            labelled_per_client=0), Task(2, 1))
+    assert (len(images.train[1]), len(images.test[1])) == (2, 3)
+
+
+def test_threads_follow_the_node_config_else_ray_else_torchs_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from fedtl.clients.app import set_threads
+
+    monkeypatch.delitem(sys.modules, "ray", raising=False)  # as in a deployed ClientApp's process
+    before = torch.get_num_threads()
+    cfg = make_config()
+    try:
+        set_threads(_node({"threads": 1}), cfg)
+        assert torch.get_num_threads() == 1
+        torch.set_num_threads(2)
+        set_threads(_node({"data-path": "/x"}), cfg)  # no Ray: a deployed node keeps torch's count
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
