@@ -50,7 +50,8 @@ def node_device(context: Context, cfg: ExperimentConfig) -> torch.device:
     return resolve_device(str(context.node_config.get("device", cfg.device)))
 
 
-def received_model(msg: Message, cfg: ExperimentConfig, device: torch.device | str = "cpu") -> tuple[TransferModel, RoundPlan]:
+def received_model(msg: Message, cfg: ExperimentConfig,
+                   device: torch.device | str = "cpu") -> tuple[TransferModel, RoundPlan]:
     """The run's model with the message's travelling tensors loaded, on ``device``, and the message's plan.
 
     Local tensors (personalisation) keep the run's initial values: this is the global model.
@@ -111,7 +112,8 @@ def handle_evaluate(msg: Message, context: Context, cfg: ExperimentConfig) -> Me
             data = node.train()
             train_local(model, data, plan, cfg.finetune, seed=derived_seed(f"adapt:{node.key}", cfg.seed))
             if personalisation(cfg).tunes_head:  # FedBABU: the head was never trained; tune it as the others do
-                model = personalised_model(model, context, cfg, data, seed=derived_seed(f"tune-head:{node.key}", cfg.seed))
+                model = personalised_model(model, context, cfg, data,
+                                           seed=derived_seed(f"tune-head:{node.key}", cfg.seed))
             metrics["accuracy-before"] = before["accuracy"]
             metrics.update(evaluate_model(model, test))
         else:
@@ -166,12 +168,10 @@ def handle_train(msg: Message, context: Context, cfg: ExperimentConfig) -> Messa
     data = node.train()
     model, plan = received_model(msg, cfg, node_device(context, cfg))
     load_local_state(model, context)  # this node's own head / norms from its earlier rounds
-    config = msg.content["config"]
-
-    rnd = int(config["server-round"])
+    seed = derived_seed(f"train:{int(msg.content['config']['server-round'])}:{node.key}", cfg.seed)
     try:
         result, extra = personalisation(cfg).local_round(
-            privacy_mode(cfg).local_round, model, data, plan, cfg, context, derived_seed(f"train:{rnd}:{node.key}", cfg.seed))
+            privacy_mode(cfg).local_round, model, data, plan, cfg, context, seed)
     except BudgetSpentError as spent:
         # Not a failure: the client declines, says why, and the round goes on without it.
         metrics = MetricRecord({**spent.metrics, **node.metrics})

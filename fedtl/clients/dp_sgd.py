@@ -196,7 +196,8 @@ def privacy_metrics(state: PrivacyState, p: PrivacyConfig) -> dict[str, float | 
     }
 
 
-def dp_generators(device: torch.device, noise: torch.Generator | None = None) -> tuple[torch.Generator, torch.Generator]:
+def dp_generators(device: torch.device,
+                  noise: torch.Generator | None = None) -> tuple[torch.Generator, torch.Generator]:
     """The generators of a DP-SGD round: Opacus's noise (on ``device``, where it draws the noise) and the
     Poisson sampler's (on the CPU), as independent streams.
 
@@ -279,12 +280,13 @@ def train_private(
     )
     loss_fn = criterion[0] if criterion else nn.CrossEntropyLoss()  # ghost clipping returns its own criterion
     total, losses, steps = 0.0, 0, 0
+    dev = model.device
     try:
         for _ in range(plan.local_epochs):
             for x, y in dp_loader:
                 optimizer.zero_grad(set_to_none=True)
                 # An empty Poisson batch still steps: its noise is released (and accounted) all the same.
-                x, y = x.to(model.device), y.to(model.device)
+                x, y = x.to(dev), y.to(dev)
                 loss = loss_fn(module(x), y)
                 loss.backward()
                 optimizer.step()

@@ -37,7 +37,8 @@ def save_images(x: torch.Tensor, y: torch.Tensor, folder: Path, names: list[str]
     arr = (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     for i, (img, label) in enumerate(zip(arr, y.tolist(), strict=True)):
         grey = img.shape[-1] == 1
-        Image.fromarray(img[..., 0] if grey else img, "L" if grey else "RGB").save(folder / names[label] / f"{i:05d}.png")
+        image = Image.fromarray(img[..., 0] if grey else img, "L" if grey else "RGB")
+        image.save(folder / names[label] / f"{i:05d}.png")
 
 
 def export_partitions(cfg: ExperimentConfig, out: str | Path) -> list[Path]:
@@ -79,7 +80,8 @@ def export_partitions(cfg: ExperimentConfig, out: str | Path) -> list[Path]:
         folder = Path(out) / f"node-{pid}"
         if folder.exists():
             raise FileExistsError(f"{folder} exists: export into an empty folder")
-        train, test = client_data(cfg.data, pid, cfg.clients, cfg.seed), client_test_data(cfg.data, pid, cfg.clients, cfg.seed)
+        train = client_data(cfg.data, pid, cfg.clients, cfg.seed)
+        test = client_test_data(cfg.data, pid, cfg.clients, cfg.seed)
         save_images(train.x, train.y, folder / "train", names)
         save_images(test.x, test.y, folder / "test", names)
         folders.append(folder)

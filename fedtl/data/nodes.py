@@ -1,7 +1,7 @@
 """Data that lives on the nodes: each SuperNode reads its own files, named in its node config.
 
 In a deployment every SuperNode is started with ``--node-config "data-path='/its/data'"``;
-the server never learns the path. The files are one of
+the server is never given the path. The files are one of
 
 - an image folder: ``<path>/<class>/<image>``, or ``<path>/train/<class>/...`` and
   ``<path>/test/<class>/...`` when the node keeps its own test images apart;
@@ -9,7 +9,8 @@ the server never learns the path. The files are one of
   and ``y`` (integer labels), optionally ``x_test`` and ``y_test``.
 
 Without a test split of its own, a node's last ``data.client-test-fraction`` (a fixed
-stratified share) is its test set, as a simulated client's is. Labels index ``data.classes``
+share, stratified where every class can give to both sides) is its test set, as a
+simulated client's is. Labels index ``data.classes``
 (comma-separated class names), or a folder's class subfolders sorted.
 
 The ``"nodes"`` scenario is the server's side of such a run: the task's shape comes from

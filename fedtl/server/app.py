@@ -90,7 +90,8 @@ def run_server(grid: Grid, cfg: ExperimentConfig) -> dict[str, Any]:
 
     def observe(report: RoundReport) -> None:
         # Why nodes failed goes into the round's line too: a deployment's only record of a broken node.
-        recorder.on_train(report.round, {**report.totals, **({"client_errors": report.problems} if report.problems else {})})
+        errors = {"client_errors": report.problems} if report.problems else {}
+        recorder.on_train(report.round, {**report.totals, **errors})
         if ledger is not None:
             ledger.on_round(report)
 
