@@ -75,21 +75,16 @@ def _fit(x: torch.Tensor, size: int, channels: int) -> torch.Tensor:
 
 @LAYOUTS.register("folder")
 def _folder(path: Path, cfg: DataConfig, task: Task) -> tuple[Split, Split | None]:
-    names = class_names(cfg)
     split = (path / "train").is_dir() and (path / "test").is_dir()
     root = path / "train" if split else path
-    if names is None:
-        from torchvision.datasets.folder import find_classes
-
-        found = find_classes(str(root))[0] if root.is_dir() and any(p.is_dir() for p in root.iterdir()) else []
-        if len(found) != task.num_classes:
-            raise DataError(
-                f"{root} has {len(found)} class folders ({', '.join(found[:6])}) but the model has {task.num_classes} "
-                "classes: name them all, in label order, in data.classes (e.g. --run-config \"data.classes='a,b,c'\"), "
-                "or give the node a folder for every class (empty ones too)")
-        names = found
     grey = task.in_channels == 1
-    x, y, _, _ = read_folder(root, cfg.image_size, bad_images=cfg.bad_images, classes=names, grey=grey)
+    # Without data.classes, read_folder labels by the folder's own class subfolders, sorted: all of the model's.
+    x, y, names, _ = read_folder(root, cfg.image_size, bad_images=cfg.bad_images, classes=class_names(cfg), grey=grey)
+    if len(names) != task.num_classes:
+        raise DataError(
+            f"{root} has {len(names)} class folders ({', '.join(names[:6])}) but the model has {task.num_classes} "
+            "classes: name them all, in label order, in data.classes (e.g. --run-config \"data.classes='a,b,c'\"), "
+            "or give the node a folder for every class (empty ones too)")
     test = None
     if split:
         tx, ty, _, _ = read_folder(path / "test", cfg.image_size, bad_images=cfg.bad_images, classes=names, grey=grey)
@@ -163,8 +158,8 @@ def read_node_data(path: str, cfg: DataConfig, task: Task) -> NodeImages:
     if layout not in LAYOUTS:
         raise DataError(f"data-path {path!r} is neither a folder nor one of {[n for n in LAYOUTS if n != 'folder']}")
     (x, y), test = LAYOUTS.get(layout)(p, cfg, task)
-    bad = sorted(set(y.tolist()) | set(test[1].tolist() if test else [])) if len(y) else []
-    bad = [v for v in bad if not 0 <= v < task.num_classes]
+    labels = torch.cat([y, test[1]]) if test is not None else y
+    bad = sorted({v for v in labels.tolist() if not 0 <= v < task.num_classes})
     if bad:
         raise DataError(f"data-path {path!r} has labels {bad[:5]} outside the model's {task.num_classes} classes")
     if test is None:

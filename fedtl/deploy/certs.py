@@ -27,14 +27,50 @@ LOOPBACK = ("localhost", "127.0.0.1", "::1")
 
 
 @dataclass(frozen=True)
-class FederationKeys:
-    """Paths of the files ``make_federation_keys`` wrote."""
+class Keys:
+    """Where ``fedtl deploy certs`` put the federation's files (``certs/`` by default)."""
 
-    ca_cert: Path
-    ca_key: Path
-    server_cert: Path
-    server_key: Path
-    nodes: dict[str, tuple[Path, Path]]  # name -> (private key, public key)
+    folder: Path
+
+    @property
+    def ca(self) -> Path:
+        """The CA certificate every SuperNode and every ``flwr`` connection trusts."""
+        return self.folder / "ca.crt"
+
+    @property
+    def server_cert(self) -> Path:
+        """The SuperLink's TLS certificate."""
+        return self.folder / "server.pem"
+
+    @property
+    def server_key(self) -> Path:
+        """The SuperLink's TLS private key."""
+        return self.folder / "server.key"
+
+    @property
+    def ca_key(self) -> Path:
+        """The CA's private key: whoever holds it can make certificates the nodes trust."""
+        return self.folder / "ca.key"
+
+    @property
+    def nodes(self) -> Path:
+        """The folder of the nodes' key pairs."""
+        return self.folder / "nodes"
+
+    def node_key(self, name: str) -> Path:
+        """Node ``name``'s private key."""
+        return self.nodes / name
+
+    def node_public_key(self, name: str) -> Path:
+        """Node ``name``'s public key (what the SuperLink registers)."""
+        return self.nodes / f"{name}.pub"
+
+    def check(self, *paths: Path) -> None:
+        """Raise ``FileNotFoundError`` naming the first missing file and how to make it."""
+        for p in paths:
+            if not p.is_file():
+                raise FileNotFoundError(f"{p} is missing: make the federation's keys with `fedtl deploy certs --out "
+                                        f"{self.folder}` (and copy each file to the machine that needs it)")
 
 
 def _private(path: Path, data: bytes) -> None:
@@ -58,7 +94,7 @@ def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
 
 
 def make_federation_keys(out: str | Path, *, nodes: list[str], hosts: tuple[str, ...] = (), days: int = 365,
-                         overwrite: bool = False) -> FederationKeys:
+                         overwrite: bool = False) -> Keys:
     """Write a CA, a SuperLink certificate and node key pairs into ``out``.
 
     Parameters
@@ -76,8 +112,8 @@ def make_federation_keys(out: str | Path, *, nodes: list[str], hosts: tuple[str,
 
     Returns
     -------
-    FederationKeys
-        Where each file was written.
+    Keys
+        The folder's layout, every file of it written (``node_key(name)`` for each of ``nodes``).
 
     Raises
     ------
@@ -87,16 +123,16 @@ def make_federation_keys(out: str | Path, *, nodes: list[str], hosts: tuple[str,
     ValueError
         If ``days`` < 1, a node name is no file name, or a host is neither an IP address nor a DNS name.
     """
-    out = Path(out)
-    if (out / "ca.crt").exists() and not overwrite:
-        raise FileExistsError(f"{out / 'ca.crt'} exists: nodes that trust it would be locked out by a new CA. "
+    keys = Keys(Path(out))
+    if keys.ca.exists() and not overwrite:
+        raise FileExistsError(f"{keys.ca} exists: nodes that trust it would be locked out by a new CA. "
                               "Use another folder, or pass --overwrite")
     if days < 1:
         raise ValueError(f"--days {days}: certificates must be valid for at least a day")
     bad = [n for n in nodes if not n or "/" in n or n.startswith(".")]
     if bad:
         raise ValueError(f"node names {bad} cannot be file names: use letters, digits, '-' and '_'")
-    (out / "nodes").mkdir(parents=True, exist_ok=True)
+    keys.nodes.mkdir(parents=True, exist_ok=True)
     now = dt.datetime.now(dt.timezone.utc)
     ca_key = ec.generate_private_key(ec.SECP384R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedtl test federation CA")])
@@ -120,17 +156,14 @@ def make_federation_keys(out: str | Path, *, nodes: list[str], hosts: tuple[str,
               .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
               .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
               .sign(ca_key, hashes.SHA384()))
-    (out / "ca.crt").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    _private(out / "ca.key", _pem_key(ca_key))
-    (out / "server.pem").write_bytes(server.public_bytes(serialization.Encoding.PEM))
-    _private(out / "server.key", _pem_key(server_key))
-    pairs = {}
+    keys.ca.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    _private(keys.ca_key, _pem_key(ca_key))
+    keys.server_cert.write_bytes(server.public_bytes(serialization.Encoding.PEM))
+    _private(keys.server_key, _pem_key(server_key))
     for name in nodes:
         key = ec.generate_private_key(ec.SECP384R1())
-        private, public = out / "nodes" / name, out / "nodes" / f"{name}.pub"
-        _private(private, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                            serialization.NoEncryption()))
-        public.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH,
-                                                         serialization.PublicFormat.OpenSSH) + b"\n")
-        pairs[name] = (private, public)
-    return FederationKeys(out / "ca.crt", out / "ca.key", out / "server.pem", out / "server.key", pairs)
+        _private(keys.node_key(name), key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                                        serialization.NoEncryption()))
+        keys.node_public_key(name).write_bytes(
+            key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH) + b"\n")
+    return keys

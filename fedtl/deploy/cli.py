@@ -84,11 +84,12 @@ def certs(
         keys = make_federation_keys(out, nodes=names, hosts=tuple(host or ()), days=days, overwrite=overwrite)
     except (ValueError, OSError) as err:  # an existing CA, a bad host name or node name, --days < 1
         _fail(err)
-    console.print(f"CA: {keys.ca_cert} (its key {keys.ca_key}: keep it safe; whoever holds it can make certificates "
+    console.print(f"CA: {keys.ca} (its key {keys.ca_key}: keep it safe; whoever holds it can make certificates "
                   "the nodes trust)")
     console.print(f"SuperLink: {keys.server_cert}, {keys.server_key}")
-    for name, (private, public) in keys.nodes.items():
-        console.print(f"{name}: {private} (copy to its machine only), {public} (register it)")
+    for name in names:
+        console.print(f"{name}: {keys.node_key(name)} (copy to its machine only), {keys.node_public_key(name)} "
+                      "(register it)")
 
 
 @app.command()

@@ -8,53 +8,16 @@ needs it) off: for a first try on one machine only, and never without saying so.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 from flwr.cli.flower_config import write_superlink_connection
 from flwr.cli.typing import SuperLinkConnection
 
 from fedtl.data import DATA_PATH
+from fedtl.deploy.certs import Keys
 
 INSECURE_WARNING = ("TLS is OFF (--insecure): every model update and the node keys' challenges cross the network "
                     "in clear, and nodes cannot be authenticated. Use it on one machine, for a first try only")
-
-
-@dataclass(frozen=True)
-class Keys:
-    """Where ``fedtl deploy certs`` put the federation's files (``certs/`` by default)."""
-
-    folder: Path
-
-    @property
-    def ca(self) -> Path:
-        """The CA certificate every SuperNode and every ``flwr`` connection trusts."""
-        return self.folder / "ca.crt"
-
-    @property
-    def server_cert(self) -> Path:
-        """The SuperLink's TLS certificate."""
-        return self.folder / "server.pem"
-
-    @property
-    def server_key(self) -> Path:
-        """The SuperLink's TLS private key."""
-        return self.folder / "server.key"
-
-    def node_key(self, name: str) -> Path:
-        """Node ``name``'s private key."""
-        return self.folder / "nodes" / name
-
-    def node_public_key(self, name: str) -> Path:
-        """Node ``name``'s public key (what the SuperLink registers)."""
-        return self.folder / "nodes" / f"{name}.pub"
-
-    def check(self, *paths: Path) -> None:
-        """Raise ``FileNotFoundError`` naming the first missing file and how to make it."""
-        for p in paths:
-            if not p.is_file():
-                raise FileNotFoundError(f"{p} is missing: make the federation's keys with `fedtl deploy certs --out "
-                                        f"{self.folder}` (and copy each file to the machine that needs it)")
 
 
 def _toml_value(v: str | bool | int | float) -> str:

@@ -19,7 +19,7 @@ from fedtl.deploy.commands import Keys, register_command, save_connection, super
 
 def test_certificates_chain_to_the_ca_and_name_every_host(tmp_path: Path) -> None:
     keys = make_federation_keys(tmp_path, nodes=["a", "b"], hosts=("10.0.0.5", "link.example"))
-    ca = x509.load_pem_x509_certificate(keys.ca_cert.read_bytes())
+    ca = x509.load_pem_x509_certificate(keys.ca.read_bytes())
     server = x509.load_pem_x509_certificate(keys.server_cert.read_bytes())
     server.verify_directly_issued_by(ca)  # raises if the CA did not sign it
     assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
@@ -28,7 +28,7 @@ def test_certificates_chain_to_the_ca_and_name_every_host(tmp_path: Path) -> Non
     assert set(san.get_values_for_type(x509.IPAddress)) == {ipaddress.ip_address(a) for a in ("127.0.0.1", "::1", "10.0.0.5")}
     server_key = load_pem_private_key(keys.server_key.read_bytes(), None)
     assert server_key.public_key().public_numbers() == server.public_key().public_numbers()
-    for name, (private, public) in keys.nodes.items():
+    for name, private, public in ((n, keys.node_key(n), keys.node_public_key(n)) for n in ("a", "b")):
         key = load_ssh_private_key(private.read_bytes(), None)  # the format Flower's SuperNode reads
         assert isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp384r1", name
         assert load_ssh_public_key(public.read_bytes()).public_numbers() == key.public_key().public_numbers()
