@@ -19,7 +19,7 @@ export PYTHONUNBUFFERED := 1
 # every process (each Ray worker too) compile torch again.
 unexport PYTHONDONTWRITEBYTECODE
 
-.PHONY: demo test test-fast bench bench-privacy clean venv
+.PHONY: demo test test-fast lint bench bench-privacy clean venv
 
 venv: $(STAMP)
 
@@ -40,7 +40,13 @@ $(CHROMIUM):
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	else echo "note: the report test needs Debian's chromium (apt-get install chromium, as root); it will be skipped"; fi
 
-test: $(STAMP) $(CHROMIUM)
+# Lint and import order (ruff), the layers and the server/clients independence (import-linter,
+# configured in pyproject.toml), then the whole suite.
+lint: $(STAMP)
+	$(BIN)/ruff check fedtl tests benchmarks
+	$(BIN)/lint-imports --no-cache
+
+test: $(STAMP) $(CHROMIUM) lint
 	$(BIN)/python -m pytest tests
 
 test-fast: $(STAMP)

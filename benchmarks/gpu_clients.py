@@ -26,8 +26,8 @@ from flwr.supercore.task_identity import TaskIdentity
 from fedtl.clients.app import handle_evaluate, handle_train
 from fedtl.config import ExperimentConfig, load_config
 from fedtl.models.factory import build_model
+from fedtl.models.modes import plan_round
 from fedtl.models.transfer import TransferModel
-from fedtl.server.plan import plan_round
 
 CASES = {
     "small-cnn full": ["finetune.mode=full"],
@@ -43,7 +43,7 @@ CASES = {
 
 
 def _message(cfg: ExperimentConfig, model: TransferModel, message_type: str) -> Message:
-    plan = plan_round(cfg, model.block_names, 1)
+    plan = plan_round(cfg.finetune, model.block_names, 1)
     plan.apply_to(model)
     config = ConfigRecord({**plan.to_config(), "backbone-fingerprint": model.backbone_fingerprint, "server-round": 1})
     return Message(RecordDict({"arrays": ArrayRecord(model.travelling_state()), "config": config}), dst_node_id=1,

@@ -23,7 +23,7 @@ from fedtl.clients.trainer import train_local
 from fedtl.config import ExperimentConfig, load_config
 from fedtl.data.federated import client_data
 from fedtl.models.factory import build_model
-from fedtl.server.plan import plan_round
+from fedtl.models.modes import plan_round
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "experiments" / "privacy.toml"
@@ -31,7 +31,7 @@ CONFIG = ROOT / "experiments" / "privacy.toml"
 
 def _round_timer(cfg: ExperimentConfig, engine: str | None) -> Callable[[], float]:
     model = build_model(cfg)
-    plan = plan_round(cfg, model.block_names, 1)
+    plan = plan_round(cfg.finetune, model.block_names, 1)
     plan.apply_to(model)
     data = client_data(cfg.data, 0, cfg.clients, cfg.seed)
     dp_cfg = load_config(CONFIG, ["privacy.mode=dp-sgd", f"privacy.grad-sample-mode={engine or 'hooks'}",

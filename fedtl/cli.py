@@ -9,9 +9,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from fedtl.config import ConfigError, ExperimentConfig, all_keys, flwr_app_config_table, load_config
-from fedtl.errors import PartitionError, RoundFailedError
-from fedtl.registry import RegistryError
+from fedtl.config import ExperimentConfig, all_keys, flwr_app_config_table, load_config
+from fedtl.errors import ConfigError, FedtlError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Federated transfer learning on Flower.")
 console = Console()
@@ -20,7 +19,7 @@ ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML con
 SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override a key: --set rounds=20 --set finetune.mode=full.")]
 # Errors a user can fix from the command line, or a run that could not go on: one message,
 # not a traceback (the run folder keeps the rounds already done).
-_USER_ERRORS = (ConfigError, PartitionError, RegistryError, FileExistsError, RoundFailedError)
+_USER_ERRORS = (FedtlError, FileExistsError)
 
 
 def _load(config: Path | None, sets: list[str] | None, out: Path | None = None) -> ExperimentConfig:
@@ -45,10 +44,11 @@ def simulate(
         "host:port of its head (simulation.ray-address).")] = None,
 ) -> None:
     """Run a federated fine-tuning simulation on Ray."""
-    from fedtl.simulations.simulate import simulate as run, simulate_with_scratch
-
-    try:
+    try:  # the config first: a mistake is reported before torch, Flower and Ray are imported
         cfg = _load(config, [*(set_ or []), *([f"simulation.ray-address={ray_address!r}"] if ray_address else [])], out)
+        from fedtl.simulations.simulate import simulate as run
+        from fedtl.simulations.simulate import simulate_with_scratch
+
         summary = simulate_with_scratch(cfg, overwrite=overwrite) if compare_scratch else run(cfg, overwrite=overwrite)
     except _USER_ERRORS as err:
         _fail(err)
@@ -131,7 +131,7 @@ def report(
     study_dir: Annotated[Path, typer.Argument(help="A study folder (what `fedtl study` wrote).")],
 ) -> None:
     """Rebuild a study's report (HTML, CSV, Markdown) from its saved runs."""
-    from fedtl.simulations.report import build_report
+    from fedtl.reports.report import build_report
 
     try:
         page = build_report(study_dir)
@@ -147,9 +147,9 @@ def compare(
     plot: Annotated[Path | None, typer.Option("--plot", help="Also write both accuracy curves to this PNG.")] = None,
 ) -> None:
     """Two runs side by side: summary figures and their difference."""
-    from fedtl.server.record import read_metrics
-    from fedtl.simulations.plots import plot_accuracy
-    from fedtl.simulations.results import compare_runs
+    from fedtl.reports.plots import plot_accuracy
+    from fedtl.reports.results import compare_runs
+    from fedtl.reports.runs import read_metrics
 
     try:
         header, rows = compare_runs(run_a, run_b)

@@ -1,69 +1,117 @@
-"""Privacy modes by name: what a client does in a round, and what the server wraps its strategy in.
+"""Privacy modes: one registry entry each, holding what both sides must agree on.
 
 - ``off``: plain local training, plain strategy.
 - ``dp-sgd``: sample-level DP; each client trains with Opacus and keeps its accountant
-  for the whole run (``clients.dp_sgd``); the strategy is untouched.
+  for the whole run; the strategy is untouched.
 - ``client-level``: plain local training; Flower's DP wrapper clips each client's
-  update and noises the mean (``strategies.client_dp``), with Flower's RDP accountant.
+  update and noises the mean, with Flower's RDP accountant on the server.
+
+An entry is a description: its facts (what one unit of protection is, how updates are
+weighted, whether the server noises the merged update), the checks both sides run (on the
+config, and on every round's plan before round one) and the sentence that states the
+guarantee. Its halves live with the side that runs them, each in a registry of its own
+keyed by the same names: the client's local round and Flower mod in ``fedtl.clients.privacy``,
+the server's strategy wrapper in ``fedtl.strategies.privacy``. No code compares mode names.
+
+Light on purpose: the config validates ``privacy.mode`` against this registry.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from flwr.app import Context
-from flwr.clientapp.typing import Mod
-from flwr.serverapp import RdpAccountant
-from flwr.serverapp.strategy import Strategy
-
-from fedtl.clients.dp_sgd import DPConfigError, check_dp_plans, dp_round
-from fedtl.clients.trainer import TrainResult, train_local
-from fedtl.config import ExperimentConfig
-from fedtl.data.federated import LabelledImages
-from fedtl.models.transfer import TransferModel
+from fedtl.config import ExperimentConfig, PrivacyConfig
+from fedtl.errors import ConfigError, DPConfigError
+from fedtl.protocol import RoundPlan
 from fedtl.registry import Registry
-from fedtl.server.plan import RoundPlan
-from fedtl.strategies.client_dp import CLIENT_MODS, wrap_client_level, wrapper_name
 
-LocalRound = Callable[[TransferModel, LabelledImages, RoundPlan, ExperimentConfig, Context, int],
-                      tuple[TrainResult, dict[str, float | int]]]
-StrategyWrap = Callable[[Strategy, ExperimentConfig], tuple[Strategy, RdpAccountant | None]]
+if TYPE_CHECKING:
+    from fedtl.models.transfer import TransferModel
+
+Guarantee = Callable[[PrivacyConfig, float, "float | None"], str]
+"""(privacy config, largest epsilon spent, noise multiplier of the releases) -> the run's guarantee."""
+
+
+def _no_config_check(cfg: ExperimentConfig) -> None:
+    return None
+
+
+def _no_plan_check(model: TransferModel, plans: Sequence[RoundPlan]) -> None:
+    return None
 
 
 @dataclass(frozen=True)
 class PrivacyMode:
-    """One privacy mode's client and server halves.
+    """One privacy mode, as both sides see it.
 
     Attributes
     ----------
     level : str
-        What one unit of protection is: ``"sample"``, ``"client"`` or ``"none"``.
-    local_round : LocalRound
-        Trains a client's round; returns its result and the metrics it adds to the reply.
-    wrap : StrategyWrap
-        Wraps the server's strategy; returns it and the server's accountant, if any.
-    client_mod : Callable[[ExperimentConfig], Mod | None]
-        The Flower mod the ClientApp runs around training, if any.
+        What one unit of protection is, as the ledger records it: ``"sample"``, ``"client"`` or ``"none"``.
+    guarantee : Guarantee
+        The run's guarantee in one sentence.
+    accounted : bool
+        Whether the server keeps a privacy ledger (``privacy.jsonl``) and an epsilon column.
+    per_sample : bool
+        Whether clients build their updates from clipped per-sample gradients of the data loss alone
+        (DP-SGD): nothing else may enter the local loss or train outside the accountant.
+    uniform_weights : bool
+        Whether its noise is calibrated to equal client weights (``strategy.weighting = "auto"``
+        then weights clients uniformly).
+    noised_update : bool
+        Whether the server noises the merged update: BatchNorm statistics must then be merged by
+        the wrapper's own rule, never by their exact mean (which would leak them).
+    check_config : Callable[[ExperimentConfig], None]
+        Raises ``ConfigError`` for settings the mode cannot honour.
     check_plans : Callable[[TransferModel, Sequence[RoundPlan]], None]
         Run by the server before round one on every round's plan: refuses what the mode cannot train.
     """
 
     level: str
-    local_round: LocalRound
-    wrap: StrategyWrap
-    client_mod: Callable[[ExperimentConfig], Mod | None]
-    check_plans: Callable[[TransferModel, Sequence[RoundPlan]], None] = lambda model, plans: None
+    guarantee: Guarantee
+    accounted: bool = True
+    per_sample: bool = False
+    uniform_weights: bool = False
+    noised_update: bool = False
+    check_config: Callable[[ExperimentConfig], None] = _no_config_check
+    check_plans: Callable[[TransferModel, Sequence[RoundPlan]], None] = _no_plan_check
 
 
-def _plain_round(model: TransferModel, data: LabelledImages, plan: RoundPlan, cfg: ExperimentConfig,
-                 context: Context, seed: int) -> tuple[TrainResult, dict[str, float | int]]:
-    return train_local(model, data, plan, cfg.finetune, seed=seed), {}
+def check_dp_trainable(model: TransferModel, units: Sequence[str]) -> None:
+    """Refuse trainable BatchNorm in ``units``, with the reason and the fixes (checked by the server before
+    round one and by every DP-SGD client each round).
+
+    Raises
+    ------
+    DPConfigError
+        If a BatchNorm layer would train under DP-SGD.
+    """
+    from torch.nn.modules.batchnorm import _BatchNorm  # lazily: this module stays light for the config
+
+    bad = [f"{u}.{name}" if name else u for u in units
+           for name, m in model.unit(u).named_modules()
+           if isinstance(m, _BatchNorm) and any(p.requires_grad for p in m.parameters(recurse=False))]
+    if bad:
+        raise DPConfigError(
+            f"DP-SGD cannot train BatchNorm layers ({', '.join(bad[:4])}{', ...' if len(bad) > 4 else ''}): "
+            "BatchNorm normalises each image with its batch's statistics, so one image's gradient depends on the "
+            "others in its batch and clipping per sample no longer bounds any one image's influence. Fix: keep "
+            "those blocks frozen (e.g. finetune.mode = \"feature-extraction\"), or set model.norm = \"group\" "
+            "(every BatchNorm becomes a GroupNorm, via Opacus's ModuleValidator, before pre-training)."
+        )
 
 
-def _dp_sgd_round(model: TransferModel, data: LabelledImages, plan: RoundPlan, cfg: ExperimentConfig,
-                  context: Context, seed: int) -> tuple[TrainResult, dict[str, float | int]]:
-    return dp_round(model, data, plan, cfg, context)  # batch order and noise from OS entropy, not ``seed``
+def check_dp_plans(model: TransferModel, plans: Sequence[RoundPlan]) -> None:
+    """``check_dp_trainable`` for every round's trainable set (gradual unfreezing grows it), before round one."""
+    before = model.trainable_units
+    try:
+        for plan in plans:
+            plan.apply_to(model)
+            check_dp_trainable(model, model.trainable_units)
+    finally:
+        model.set_trainable_units(before)
 
 
 def check_client_level_plans(model: TransferModel, plans: Sequence[RoundPlan]) -> None:
@@ -83,13 +131,34 @@ def check_client_level_plans(model: TransferModel, plans: Sequence[RoundPlan]) -
                 "or use GroupNorm (model.norm = \"group\", or the built-in small-cnn)")
 
 
+def _check_client_level(cfg: ExperimentConfig) -> None:
+    if cfg.strategy.weighting == "examples":
+        raise ConfigError(
+            "client-level DP calibrates its noise to equal client weights, but strategy.weighting = \"examples\": "
+            "set strategy.weighting = \"uniform\" (or \"auto\")"
+        )
+
+
+def _none(p: PrivacyConfig, epsilon: float, noise: float | None) -> str:
+    return "no differential privacy: client updates are sent as trained (privacy.mode = \"off\")"
+
+
+def _sample_level(p: PrivacyConfig, epsilon: float, noise: float | None) -> str:
+    return (f"each client's data is (ε, δ)-DP at sample level for ε ≤ {epsilon:.4g}, δ = {p.delta:g} "
+            f"(DP-SGD with Opacus, {p.accountant.upper()} accountant over every step each client took)")
+
+
+def _client_level(p: PrivacyConfig, epsilon: float, noise: float | None) -> str:
+    return (f"each client's participation is (ε, δ)-DP at client level for ε ≤ {epsilon:.4g}, "
+            f"δ = {p.delta:g} (Flower's {p.clipping} clipping on the {p.clip_on}, noise multiplier "
+            f"{noise or 0:.4g}, Flower's RDP accountant, no sampling amplification)")
+
+
 PRIVACY_MODES: Registry[PrivacyMode] = Registry("privacy mode")
-PRIVACY_MODES.register("off")(PrivacyMode("none", _plain_round, lambda s, cfg: (s, None), lambda cfg: None))
-PRIVACY_MODES.register("dp-sgd")(PrivacyMode(
-    "sample", _dp_sgd_round, lambda s, cfg: (s, None), lambda cfg: None, check_plans=check_dp_plans,
-))
+PRIVACY_MODES.register("off")(PrivacyMode("none", _none, accounted=False))
+PRIVACY_MODES.register("dp-sgd")(PrivacyMode("sample", _sample_level, per_sample=True, check_plans=check_dp_plans))
 PRIVACY_MODES.register("client-level")(PrivacyMode(
-    "client", _plain_round, wrap_client_level, lambda cfg: CLIENT_MODS.get(wrapper_name(cfg)),
+    "client", _client_level, uniform_weights=True, noised_update=True, check_config=_check_client_level,
     check_plans=check_client_level_plans,
 ))
 
@@ -99,4 +168,5 @@ def privacy_mode(cfg: ExperimentConfig) -> PrivacyMode:
     return PRIVACY_MODES.get(cfg.privacy.mode)
 
 
-__all__ = ["PRIVACY_MODES", "PrivacyMode", "privacy_mode"]
+__all__ = ["PRIVACY_MODES", "PrivacyMode", "check_client_level_plans", "check_dp_plans", "check_dp_trainable",
+           "privacy_mode"]

@@ -10,14 +10,9 @@ import difflib
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
+from fedtl.errors import RegistryError
+
 T = TypeVar("T")
-
-
-class RegistryError(KeyError):
-    """An unknown or duplicate registry name."""
-
-    def __str__(self) -> str:  # KeyError quotes its message; we want it plain.
-        return str(self.args[0])
 
 
 class Registry(Generic[T]):

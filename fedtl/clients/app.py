@@ -20,34 +20,48 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, M
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable
 
-from fedtl.clients.dp_sgd import BudgetSpentError
+from fedtl.clients.node_data import node_data
+from fedtl.clients.personal import load_local_state, local_round, personalised_model, save_local_state
+from fedtl.clients.privacy import client_privacy
 from fedtl.clients.trainer import train_local
 from fedtl.config import ExperimentConfig
-from fedtl.clients.node_data import node_data
-from fedtl.data.federated import LabelledImages
 from fedtl.devices import resolve_device
-from fedtl.models.factory import build_model
+from fedtl.errors import BackboneMismatchError, BudgetSpentError
+from fedtl.models.metrics import evaluate_model
 from fedtl.models.transfer import TransferModel
-from fedtl.privacy import privacy_mode
+from fedtl.personalisation import personalisation, run_model
+from fedtl.protocol import (
+    ACCURACY,
+    ACCURACY_BEFORE,
+    ACCURACY_PERSONAL,
+    ARRAYS,
+    CONFIG,
+    DECLINED,
+    DEVICE,
+    FINGERPRINT,
+    HELD_OUT,
+    METRICS,
+    NUM_EXAMPLES,
+    REASON,
+    SERVER_ROUND,
+    STEPS,
+    THREADS,
+    TRAIN_LOSS,
+    UNIT_WEIGHT,
+    RoundPlan,
+)
 from fedtl.seeds import derived_seed
-from fedtl.server.evaluate import evaluate_model
-from fedtl.server.plan import DECLINED, FINGERPRINT_KEY, UNIT_WEIGHT, RoundPlan
-from fedtl.strategies.personal import head_plan, load_local_state, personalisation, save_local_state
-
-
-class BackboneMismatchError(RuntimeError):
-    """The client's pre-trained weights differ from the server's."""
 
 
 @lru_cache(maxsize=2)
 def base_model(cfg: ExperimentConfig) -> TransferModel:
     """The run's model as every round starts it, built (weights read, fingerprinted) once per process."""
-    return build_model(cfg)
+    return run_model(cfg)
 
 
 def node_device(context: Context, cfg: ExperimentConfig) -> torch.device:
     """Where this node computes: its node config's ``device`` if set, else the run's ``device``."""
-    return resolve_device(str(context.node_config.get("device", cfg.device)))
+    return resolve_device(str(context.node_config.get(DEVICE, cfg.device)))
 
 
 def received_model(msg: Message, cfg: ExperimentConfig,
@@ -61,9 +75,9 @@ def received_model(msg: Message, cfg: ExperimentConfig,
     BackboneMismatchError
         If this node's pre-trained weights are not the server's.
     """
-    config = msg.content["config"]
+    config = msg.content[CONFIG]
     model = copy.deepcopy(base_model(cfg))
-    theirs = config.get(FINGERPRINT_KEY)
+    theirs = config.get(FINGERPRINT)
     if theirs != model.backbone_fingerprint:
         raise BackboneMismatchError(
             f"backbone fingerprint mismatch: server {theirs}, this node {model.backbone_fingerprint}. "
@@ -71,25 +85,8 @@ def received_model(msg: Message, cfg: ExperimentConfig,
         )
     plan = RoundPlan.from_config(config)
     plan.apply_to(model)
-    model.load_travelling_state(msg.content["arrays"].to_torch_state_dict())
+    model.load_travelling_state(msg.content[ARRAYS].to_torch_state_dict())
     return model.to(device), plan
-
-
-def personalised_model(model: TransferModel, context: Context, cfg: ExperimentConfig,
-                       data: LabelledImages, seed: int) -> TransferModel:
-    """The model this node would use: the global ``model`` with its own local tensors and, under a
-    personalisation that tunes the head (FedBABU), a head fine-tuned on its data ``data``
-    (batch order from ``seed``)."""
-    person = personalisation(cfg)
-    if not model.local_keys and not person.tunes_head:
-        return model  # nothing personal: the global model is the client's
-    mine = copy.deepcopy(model)
-    load_local_state(mine, context)
-    if person.tunes_head and len(data):
-        tune = head_plan(cfg)
-        tune.apply_to(mine)
-        train_local(mine, data, tune, cfg.finetune, seed=seed)
-    return mine
 
 
 def handle_evaluate(msg: Message, context: Context, cfg: ExperimentConfig) -> Message:
@@ -105,7 +102,7 @@ def handle_evaluate(msg: Message, context: Context, cfg: ExperimentConfig) -> Me
     node = node_data(context, cfg)
     model, plan = received_model(msg, cfg, node_device(context, cfg))
     test = node.test()
-    metrics: dict[str, float | int] = {**node.metrics, "held-out": int(node.held_out), "num-examples": len(test)}
+    metrics: dict[str, float | int] = {**node.metrics, HELD_OUT: int(node.held_out), NUM_EXAMPLES: len(test)}
     if len(test):
         before = evaluate_model(model, test)
         if node.held_out:
@@ -114,22 +111,22 @@ def handle_evaluate(msg: Message, context: Context, cfg: ExperimentConfig) -> Me
             if personalisation(cfg).tunes_head:  # FedBABU: the head was never trained; tune it as the others do
                 model = personalised_model(model, context, cfg, data,
                                            seed=derived_seed(f"tune-head:{node.key}", cfg.seed))
-            metrics["accuracy-before"] = before["accuracy"]
+            metrics[ACCURACY_BEFORE] = before[ACCURACY]
             metrics.update(evaluate_model(model, test))
         else:
             mine = personalised_model(model, context, cfg, node.train(),
                                       seed=derived_seed(f"tune-head:{node.key}", cfg.seed))
             metrics.update(before)
-            metrics["accuracy-personal"] = before["accuracy"] if mine is model else evaluate_model(mine, test)["accuracy"]
-    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+            metrics[ACCURACY_PERSONAL] = before[ACCURACY] if mine is model else evaluate_model(mine, test)[ACCURACY]
+    return Message(RecordDict({METRICS: MetricRecord(metrics)}), reply_to=msg)
 
 
 def handle_query(msg: Message, context: Context, cfg: ExperimentConfig) -> Message:
     """This node's partition (if it has one) and whether it is held out of training (the server asks once
     per node)."""
     node = node_data(context, cfg)
-    metrics = MetricRecord({**node.metrics, "held-out": int(node.held_out)})
-    return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+    metrics = MetricRecord({**node.metrics, HELD_OUT: int(node.held_out)})
+    return Message(RecordDict({METRICS: metrics}), reply_to=msg)
 
 
 def handle_train(msg: Message, context: Context, cfg: ExperimentConfig) -> Message:
@@ -163,26 +160,25 @@ def handle_train(msg: Message, context: Context, cfg: ExperimentConfig) -> Messa
     node = node_data(context, cfg)
     if node.held_out:
         reason = f"node {node.key} is held out of training (data.held-out-clients or its node config's held-out)"
-        return Message(RecordDict({"metrics": MetricRecord(node.metrics),
-                                   DECLINED: ConfigRecord({"reason": reason})}), reply_to=msg)
+        return Message(RecordDict({METRICS: MetricRecord(node.metrics),
+                                   DECLINED: ConfigRecord({REASON: reason})}), reply_to=msg)
     data = node.train()
     model, plan = received_model(msg, cfg, node_device(context, cfg))
     load_local_state(model, context)  # this node's own head / norms from its earlier rounds
-    seed = derived_seed(f"train:{int(msg.content['config']['server-round'])}:{node.key}", cfg.seed)
+    seed = derived_seed(f"train:{int(msg.content[CONFIG][SERVER_ROUND])}:{node.key}", cfg.seed)
     try:
-        result, extra = personalisation(cfg).local_round(
-            privacy_mode(cfg).local_round, model, data, plan, cfg, context, seed)
+        result, extra = local_round(client_privacy(cfg).local_round, model, data, plan, cfg, context, seed)
     except BudgetSpentError as spent:
         # Not a failure: the client declines, says why, and the round goes on without it.
         metrics = MetricRecord({**spent.metrics, **node.metrics})
-        return Message(RecordDict({"metrics": metrics, DECLINED: ConfigRecord({"reason": str(spent)})}), reply_to=msg)
+        return Message(RecordDict({METRICS: metrics, DECLINED: ConfigRecord({REASON: str(spent)})}), reply_to=msg)
 
     save_local_state(model, context, list(plan.lrs))  # never in the reply: it holds only travelling keys
     metrics = MetricRecord({
-        "train-loss": result.loss, "num-examples": result.examples, UNIT_WEIGHT: 1, "steps": result.steps,
+        TRAIN_LOSS: result.loss, NUM_EXAMPLES: result.examples, UNIT_WEIGHT: 1, STEPS: result.steps,
         **node.metrics, **extra,
     })
-    content = RecordDict({"arrays": ArrayRecord(model.travelling_state()), "metrics": metrics})
+    content = RecordDict({ARRAYS: ArrayRecord(model.travelling_state()), METRICS: metrics})
     return Message(content=content, reply_to=msg)
 
 
@@ -197,8 +193,8 @@ def set_threads(context: Context, cfg: ExperimentConfig) -> None:
     many as CPUs Ray reserves for each client (``simulation.num-cpus``), so clients do not oversubscribe the
     cores; else (a deployed SuperNode) torch's default, every core."""
     ray = sys.modules.get("ray")
-    if "threads" in context.node_config:
-        torch.set_num_threads(max(1, int(context.node_config["threads"])))
+    if THREADS in context.node_config:
+        torch.set_num_threads(max(1, int(context.node_config[THREADS])))
     elif ray is not None and ray.is_initialized():
         torch.set_num_threads(max(1, int(cfg.simulation.num_cpus)))
 
@@ -216,7 +212,7 @@ def make_client_app(run_config: Mapping[str, Any] | None = None) -> ClientApp:
         # The mode's own Flower mod (client-side clipping for client-level DP), chosen per run.
         # Flower's clipping mods act on training replies only (they would refuse other messages).
         cfg = config_of(context)
-        mod = privacy_mode(cfg).client_mod(cfg)
+        mod = client_privacy(cfg).client_mod(cfg)
         if mod is None or msg.metadata.message_type != MessageType.TRAIN:
             return call_next(msg, context)
         return mod(msg, context, call_next)

@@ -19,40 +19,32 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from flwr.app import ConfigRecord, Context
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedtl.accounting import History, calibrate_sample_noise, compose, poisson_schedule, sample_epsilon
 from fedtl.clients.trainer import TrainResult
-from fedtl.config import ConfigError, ExperimentConfig, PrivacyConfig
+from fedtl.config import ExperimentConfig, PrivacyConfig
 from fedtl.data.federated import LabelledImages
+from fedtl.errors import BudgetSpentError, DPConfigError
 from fedtl.models.transfer import TransferModel
+from fedtl.privacy import check_dp_trainable
+from fedtl.protocol import (
+    PRIVACY_DELTA,
+    PRIVACY_EPSILON,
+    PRIVACY_NOISE,
+    PRIVACY_SAMPLE_RATE,
+    PRIVACY_STATE,
+    PRIVACY_STEPS,
+    STATE_DIR,
+    RoundPlan,
+)
 from fedtl.seeds import derived_seed
-from fedtl.server.plan import RoundPlan
-
-STATE_KEY = "fedtl.privacy"
-
-
-class DPConfigError(ConfigError):
-    """The model or plan cannot be trained with DP-SGD as configured."""
-
-
-class BudgetSpentError(RuntimeError):
-    """Training this round would take the client past its privacy budget.
-
-    ``metrics`` holds the client's spend so far, for its reply.
-    """
-
-    def __init__(self, message: str, metrics: dict[str, float | int]) -> None:
-        super().__init__(message)
-        self.metrics = metrics
 
 
 @dataclass
@@ -87,14 +79,14 @@ class PrivacyState:
 def _state_file(context: Context) -> Path | None:
     # Deployment: a node that names a state folder keeps its spend on its own disk, so a
     # restarted SuperNode still knows what it has spent in this run.
-    folder = context.node_config.get("state-dir")
+    folder = context.node_config.get(STATE_DIR)
     return Path(str(folder)) / f"run-{context.run_id}-privacy.json" if folder else None
 
 
 def load_state(context: Context) -> PrivacyState | None:
     """The client's privacy state from ``context.state`` (or its state file), ``None`` before round one."""
-    if STATE_KEY in context.state.config_records:
-        return PrivacyState.from_record(context.state.config_records[STATE_KEY])
+    if PRIVACY_STATE in context.state.config_records:
+        return PrivacyState.from_record(context.state.config_records[PRIVACY_STATE])
     path = _state_file(context)
     if path is not None and path.exists():
         raw = json.loads(path.read_text())
@@ -104,7 +96,7 @@ def load_state(context: Context) -> PrivacyState | None:
 
 def save_state(context: Context, state: PrivacyState) -> None:
     """Keep ``state`` in ``context.state`` (and the node's state file, when it has one)."""
-    context.state.config_records[STATE_KEY] = state.to_record()
+    context.state.config_records[PRIVACY_STATE] = state.to_record()
     path = _state_file(context)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -112,38 +104,6 @@ def save_state(context: Context, state: PrivacyState) -> None:
         tmp.write_text(json.dumps({"noise_multiplier": state.noise_multiplier, "sample_rate": state.sample_rate,
                                    "history": state.history}))
         tmp.replace(path)
-
-
-def check_dp_trainable(model: TransferModel, units: tuple[str, ...] | list[str]) -> None:
-    """Refuse trainable BatchNorm in ``units``, with the reason and the fixes.
-
-    Raises
-    ------
-    DPConfigError
-        If a BatchNorm layer would train under DP-SGD.
-    """
-    bad = [f"{u}.{name}" if name else u for u in units
-           for name, m in model.unit(u).named_modules()
-           if isinstance(m, _BatchNorm) and any(p.requires_grad for p in m.parameters(recurse=False))]
-    if bad:
-        raise DPConfigError(
-            f"DP-SGD cannot train BatchNorm layers ({', '.join(bad[:4])}{', ...' if len(bad) > 4 else ''}): "
-            "BatchNorm normalises each image with its batch's statistics, so one image's gradient depends on the "
-            "others in its batch and clipping per sample no longer bounds any one image's influence. Fix: keep "
-            "those blocks frozen (e.g. finetune.mode = \"feature-extraction\"), or set model.norm = \"group\" "
-            "(every BatchNorm becomes a GroupNorm, via Opacus's ModuleValidator, before pre-training)."
-        )
-
-
-def check_dp_plans(model: TransferModel, plans: Sequence[RoundPlan]) -> None:
-    """``check_dp_trainable`` for every round's trainable set (gradual unfreezing grows it), before round one."""
-    before = model.trainable_units
-    try:
-        for plan in plans:
-            plan.apply_to(model)
-            check_dp_trainable(model, model.trainable_units)
-    finally:
-        model.set_trainable_units(before)
 
 
 def initial_state(cfg: ExperimentConfig, num_examples: int) -> PrivacyState:
@@ -190,9 +150,9 @@ def check_budget(state: PrivacyState, plan: RoundPlan, p: PrivacyConfig) -> None
 def privacy_metrics(state: PrivacyState, p: PrivacyConfig) -> dict[str, float | int]:
     """What a client reports of its spend: cumulative epsilon at delta, steps, noise and sample rate."""
     return {
-        "privacy.epsilon": sample_epsilon(state.history, accountant=p.accountant, delta=p.delta),
-        "privacy.delta": p.delta, "privacy.steps": state.steps,
-        "privacy.noise-multiplier": state.noise_multiplier, "privacy.sample-rate": state.sample_rate,
+        PRIVACY_EPSILON: sample_epsilon(state.history, accountant=p.accountant, delta=p.delta),
+        PRIVACY_DELTA: p.delta, PRIVACY_STEPS: state.steps,
+        PRIVACY_NOISE: state.noise_multiplier, PRIVACY_SAMPLE_RATE: state.sample_rate,
     }
 
 

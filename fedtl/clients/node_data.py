@@ -17,8 +17,9 @@ from flwr.app import Context
 
 from fedtl.config import ExperimentConfig
 from fedtl.data.federated import LabelledImages, client_data, client_test_data, task
-from fedtl.data.nodes import DATA_ON_NODES, DATA_PATH, read_node_data
-from fedtl.data.sources import DataError
+from fedtl.data.nodes import DATA_ON_NODES, read_node_data
+from fedtl.errors import DataError
+from fedtl.protocol import DATA_PATH, HELD_OUT, NUM_PARTITIONS, PARTITION_ID
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,7 @@ def node_partition(context: Context, cfg: ExperimentConfig) -> tuple[int, int]:
     ValueError
         If the node config's ``num-partitions`` is not the run's ``clients``.
     """
-    pid, n = int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
+    pid, n = int(context.node_config[PARTITION_ID]), int(context.node_config[NUM_PARTITIONS])
     if n != cfg.clients:
         raise ValueError(
             f"this node is partition {pid} of {n} (node config) but the run config says clients = {cfg.clients}: "
@@ -72,7 +73,7 @@ def _partition(context: Context, cfg: ExperimentConfig) -> NodeData:
         train=lambda: client_data(cfg.data, pid, n, cfg.seed),
         test=lambda: client_test_data(cfg.data, pid, n, cfg.seed),
         held_out=pid >= cfg.clients - cfg.data.held_out_clients,
-        key=str(pid), metrics={"partition-id": pid},
+        key=str(pid), metrics={PARTITION_ID: pid},
     )
 
 
@@ -88,7 +89,7 @@ def _data_path(context: Context, cfg: ExperimentConfig) -> NodeData:
         x, y = (images.train, images.test)[split]
         return LabelledImages(x, y, ("own",) * len(y))
 
-    return NodeData(train=lambda: read(0), test=lambda: read(1), held_out=_flag(context.node_config.get("held-out")),
+    return NodeData(train=lambda: read(0), test=lambda: read(1), held_out=_flag(context.node_config.get(HELD_OUT)),
                     key=f"node-{context.node_id}", metrics={})
 
 
@@ -99,7 +100,7 @@ def _flag(value: Any) -> bool:
 # The node config key that selects each source, in the order they are tried.
 SOURCES: tuple[tuple[str, Callable[[Context, ExperimentConfig], NodeData]], ...] = (
     (DATA_PATH, _data_path),
-    ("partition-id", _partition),
+    (PARTITION_ID, _partition),
 )
 
 
@@ -116,6 +117,6 @@ def node_data(context: Context, cfg: ExperimentConfig) -> NodeData:
     for key, source in SOURCES:
         if key in context.node_config:
             return source(context, cfg)
-    raise DataError(f"node {context.node_id} has neither {DATA_PATH!r} nor 'partition-id' in its node config "
+    raise DataError(f"node {context.node_id} has neither {DATA_PATH!r} nor {PARTITION_ID!r} in its node config "
                     f"(keys: {sorted(context.node_config)}): start its SuperNode with --node-config "
                     f"\"{DATA_PATH}='/path/to/its/data'\"")

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from fedtl.config import FinetuneConfig
 from fedtl.data.federated import LabelledImages
 from fedtl.models.transfer import TransferModel
-from fedtl.server.plan import RoundPlan
+from fedtl.protocol import RoundPlan
 
 
 @dataclass(frozen=True)

@@ -14,11 +14,9 @@ import math
 import typing
 from typing import Any
 
+from fedtl.errors import ConfigError
+
 Scalar = bool | int | float | str
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot be run; the message names the key and the fix."""
 
 
 def in_range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False) -> dict[str, Any]:
@@ -51,7 +49,7 @@ def kebab(name: str) -> str:
     return name.replace("_", "-")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def fields_of(cls: type) -> dict[str, tuple[dataclasses.Field[Any], Any]]:
     """Kebab-case key -> (field, resolved type) of a dataclass."""
     hints = typing.get_type_hints(cls)
@@ -82,8 +80,12 @@ def unknown_key(key: str, root: type) -> ConfigError:
     return ConfigError(f"unknown config key {key!r}.{hint}")
 
 
-def check_value(key: str, value: Any, tp: Any, meta: typing.Mapping[str, Any]) -> Any:
-    """Return ``value`` (an int made float where a float is meant) or raise ``ConfigError``."""
+def check_value(key: str, value: Any, tp: Any, meta: typing.Mapping[str, Any], *, registries: bool = True) -> Any:
+    """Return ``value`` (an int made float where a float is meant) or raise ``ConfigError``.
+
+    ``registries = False`` skips choices read from a registry (``"module:REGISTRY"``), whose
+    modules may import torch: the quick first pass over a whole config (``precheck``).
+    """
     # bool is an int subclass in Python; a bool where a number is meant is a mistake.
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
@@ -103,7 +105,7 @@ def check_value(key: str, value: Any, tp: Any, meta: typing.Mapping[str, Any]) -
                 f"config key {key!r} = {value!r} is out of range; allowed: "
                 f"{left}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]"
             )
-    if "choices" in meta:
+    if "choices" in meta and (registries or isinstance(meta["choices"], tuple)):
         allowed = resolve_choices(meta["choices"])
         if value not in allowed:
             close = difflib.get_close_matches(value, allowed, n=2)
@@ -120,8 +122,54 @@ def resolve_choices(source: tuple[str, ...] | str) -> list[str]:
     return list(getattr(importlib.import_module(module), attr).names())
 
 
+def registry_entry(source: str, name: str) -> Any:
+    """The entry ``name`` of the registry ``source`` (``"module:REGISTRY"``, as ``one_of`` names it)."""
+    module, attr = source.split(":")
+    return getattr(importlib.import_module(module), attr).get(name)
+
+
+def entry_checks(obj: Any) -> list[typing.Callable[[Any], None]]:
+    """The ``check_config`` of every registry entry ``obj``'s tree chooses, in field order.
+
+    A registry entry (a privacy mode, a strategy, a personalisation) may refuse settings of
+    other sections that it cannot honour; the config calls these once every field is valid,
+    so that no code outside the registries compares names.
+    """
+    checks = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            checks.extend(entry_checks(value))
+        elif isinstance(f.metadata.get("choices"), str):
+            check = getattr(registry_entry(f.metadata["choices"], value), "check_config", None)
+            if check is not None:
+                checks.append(check)
+    return checks
+
+
+def precheck(cls: type, raw: typing.Mapping[str, Any], root: type, prefix: str = "") -> None:
+    """Check a whole nested dict's keys, types, ranges and fixed choices without building anything.
+
+    Importing nothing, it fails in a fraction of a second on what most mistakes are; the
+    registries' choices (which import the families) are checked when the config is built.
+    """
+    fields = fields_of(cls)
+    for key, value in raw.items():
+        if key not in fields:
+            raise unknown_key(prefix + key, root)
+        f, tp = fields[key]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key {prefix + key!r} must be a table of keys, got {value!r}")
+            precheck(tp, value, root, f"{prefix}{key}.")
+        else:
+            check_value(prefix + key, value, tp, f.metadata, registries=False)
+
+
 def build(cls: type, raw: typing.Mapping[str, Any], root: type, prefix: str = "") -> Any:
     """Construct dataclass ``cls`` from a nested kebab-case dict; unknown keys are errors."""
+    if not prefix and cls is root:
+        precheck(cls, raw, root)
     fields = fields_of(cls)
     for key in raw:
         if key not in fields:

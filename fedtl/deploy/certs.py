@@ -133,7 +133,7 @@ def make_federation_keys(out: str | Path, *, nodes: list[str], hosts: tuple[str,
     if bad:
         raise ValueError(f"node names {bad} cannot be file names: use letters, digits, '-' and '_'")
     keys.nodes.mkdir(parents=True, exist_ok=True)
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     ca_key = ec.generate_private_key(ec.SECP384R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedtl test federation CA")])
     ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())

@@ -19,7 +19,13 @@ import typer
 from rich.console import Console
 
 from fedtl.deploy.commands import (
-    INSECURE_WARNING, Keys, register_command, run_command, save_connection, superlink_command, supernode_command,
+    INSECURE_WARNING,
+    Keys,
+    register_command,
+    run_command,
+    save_connection,
+    superlink_command,
+    supernode_command,
 )
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -196,14 +202,14 @@ def export_data(
     set_: Annotated[list[str] | None, typer.Option("--set", "-s", help="Override a key.")] = None,
 ) -> None:
     """A dry run's node data: each partition of a built-in scenario written as node-<i>/{train,test}/<class>/."""
-    from fedtl.config import ConfigError, load_config
+    from fedtl.config import load_config
     from fedtl.data.export import export_partitions
-    from fedtl.data.partition import PartitionError
+    from fedtl.errors import FedtlError
 
     try:
         cfg = load_config(config, set_ or [])
         folders = export_partitions(cfg, out)
-    except (ConfigError, PartitionError, FileExistsError) as err:
+    except (FedtlError, FileExistsError) as err:
         _fail(err)
     for i, folder in enumerate(folders):
         console.print(f"partition {i}: {folder}")
@@ -219,13 +225,14 @@ def run(
     app_dir: Annotated[Path, typer.Option("--app", help="fedtl's project folder (its pyproject.toml).")] = Path("."),
 ) -> None:
     """Run the federation: `flwr run <app> <connection> --stream` with the resolved config."""
-    from fedtl.config import ConfigError, load_config
+    from fedtl.config import load_config
+    from fedtl.errors import FedtlError
 
     try:
         # Paths stay as written: the SuperLink's and each SuperNode's machine read them from its own
         # working folder (pre-trained weights in its .fedtl-cache/), not this machine's.
         cfg = load_config(config, set_ or [], resolve_paths=False)
-    except ConfigError as err:
+    except FedtlError as err:
         _fail(err)
     if out is not None:
         cfg = cfg.replace(out=out)

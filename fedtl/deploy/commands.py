@@ -13,8 +13,8 @@ from pathlib import Path
 from flwr.cli.flower_config import write_superlink_connection
 from flwr.cli.typing import SuperLinkConnection
 
-from fedtl.data import DATA_PATH
 from fedtl.deploy.certs import Keys
+from fedtl.protocol import DATA_PATH
 
 INSECURE_WARNING = ("TLS is OFF (--insecure): every model update and the node keys' challenges cross the network "
                     "in clear, and nodes cannot be authenticated. Use it on one machine, for a first try only")

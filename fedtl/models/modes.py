@@ -3,7 +3,8 @@
 A mode maps (block names input->output, round, fine-tuning config) to
 ``{unit: lr}`` over the units that train that round; ``"head"`` always trains. An
 adapter mode also names an adapter (``fedtl.models.adapters``): inside its units only
-the adapter's tensors train.
+the adapter's tensors train. ``plan_round`` turns a mode's choice into the round's
+``RoundPlan``, the form it travels in.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from fedtl.config import FinetuneConfig
-from fedtl.models.transfer import HEAD
+from fedtl.protocol import HEAD, RoundPlan
 from fedtl.registry import Registry
 
 Rates = Callable[[Sequence[str], int, FinetuneConfig], dict[str, float]]
@@ -89,3 +90,10 @@ def _adapter_rates(blocks: Sequence[str], rnd: int, ft: FinetuneConfig) -> dict[
 
 for _name in ("lora", "ffa-lora", "bn-only", "bias-only"):
     MODES.register(_name, adapter=_name)(_adapter_rates)
+
+
+def plan_round(ft: FinetuneConfig, blocks: Sequence[str], rnd: int) -> RoundPlan:
+    """The plan of round ``rnd`` (1-based) of mode ``ft.mode`` for a model with ``blocks`` (input to output)."""
+    lrs = MODES.get(ft.mode)(blocks, rnd, ft)
+    order = [*blocks, HEAD]
+    return RoundPlan({u: lrs[u] for u in order if u in lrs}, ft.local_epochs)

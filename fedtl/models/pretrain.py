@@ -41,7 +41,7 @@ def pretrain_key(cfg: ExperimentConfig) -> dict[str, object]:
 def pretrains_itself(cfg: ExperimentConfig) -> bool:
     """Whether the run's pre-trained backbone is fedtl's own: not scratch, not ``model.weights`` /
     ``weights-path``, not a family that ships its weights (minilm)."""
-    ships = getattr(BACKBONES.get(cfg.model.backbone), "ships_weights", False)
+    ships = BACKBONES.get(cfg.model.backbone).ships_weights
     return cfg.init == "pretrained" and not (cfg.model.weights or cfg.model.weights_path or ships)
 
 

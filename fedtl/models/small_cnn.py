@@ -14,7 +14,6 @@ from torch import nn
 
 from fedtl.models.backbones import BACKBONES, Backbone
 
-
 _GROUPS = {16: 4, 32: 8, 64: 8}
 
 
@@ -37,13 +36,13 @@ def _cnn(in_channels: int, norm: Callable[[int], nn.Module]) -> Backbone:
     )
 
 
-@BACKBONES.register("small-cnn")
+@BACKBONES.register("small-cnn", test_input=(1, 16, 16))
 def small_cnn(in_channels: int, image_size: int, path: str) -> Backbone:
     """Three conv stages (16, 32, 64 channels) with GroupNorm; features are a 2x2 pooled 64-channel map (256)."""
     return _cnn(in_channels, _group_norm)
 
 
-@BACKBONES.register("small-cnn-bn")
+@BACKBONES.register("small-cnn-bn", test_input=(1, 16, 16))
 def small_cnn_bn(in_channels: int, image_size: int, path: str) -> Backbone:
     """``small-cnn`` with BatchNorm in place of GroupNorm."""
     return _cnn(in_channels, nn.BatchNorm2d)

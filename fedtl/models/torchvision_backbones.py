@@ -15,8 +15,15 @@ from torch import Tensor, nn
 from torchvision import models as tvm
 from torchvision.models.vision_transformer import interpolate_embeddings
 
-from fedtl.config import ConfigError
+from fedtl.errors import ConfigError
 from fedtl.models.backbones import BACKBONES, Backbone
+from fedtl.models.weights import normalisation
+
+
+def _facts(name: str) -> dict[str, object]:
+    # Every family runs on a 32-pixel RGB image (ViT-B/16: two patches a side) and expects its
+    # published weights' normalisation, read from torchvision's own weights metadata.
+    return {"test_input": (3, 32, 32), "normalisation": lambda weights: normalisation(name, weights)}
 
 
 def _pool() -> nn.Sequential:
@@ -37,13 +44,13 @@ def _resnet(m: tvm.ResNet, in_channels: int, features: int) -> Backbone:
     return Backbone(blocks, features, source=m, head_prefixes=("fc.",))
 
 
-@BACKBONES.register("resnet18")
+@BACKBONES.register("resnet18", **_facts("resnet18"))
 def resnet18(in_channels: int, image_size: int, path: str) -> Backbone:
     """ResNet-18: stem, layer1..layer4 (layer4 ends with global pooling); 512 features."""
     return _resnet(tvm.resnet18(weights=None), in_channels, 512)
 
 
-@BACKBONES.register("resnet50")
+@BACKBONES.register("resnet50", **_facts("resnet50"))
 def resnet50(in_channels: int, image_size: int, path: str) -> Backbone:
     """ResNet-50: stem, layer1..layer4 (bottleneck blocks; layer4 ends with pooling); 2048 features."""
     return _resnet(tvm.resnet50(weights=None), in_channels, 2048)
@@ -61,21 +68,21 @@ def _mobilenet(m: tvm.MobileNetV3, in_channels: int, stages: list[slice], featur
     return Backbone(blocks, features, source=m, head_prefixes=("classifier.",))
 
 
-@BACKBONES.register("mobilenet_v3_small")
+@BACKBONES.register("mobilenet_v3_small", **_facts("mobilenet_v3_small"))
 def mobilenet_v3_small(in_channels: int, image_size: int, path: str) -> Backbone:
     """MobileNetV3-Small: stem, five inverted-residual stages, last conv + pooling; 576 features."""
     stages = [slice(1, 2), slice(2, 4), slice(4, 7), slice(7, 9), slice(9, 12)]
     return _mobilenet(tvm.mobilenet_v3_small(weights=None), in_channels, stages, 576)
 
 
-@BACKBONES.register("mobilenet_v3_large")
+@BACKBONES.register("mobilenet_v3_large", **_facts("mobilenet_v3_large"))
 def mobilenet_v3_large(in_channels: int, image_size: int, path: str) -> Backbone:
     """MobileNetV3-Large: stem, five stages (by resolution), last conv + pooling; 960 features."""
     stages = [slice(1, 2), slice(2, 4), slice(4, 7), slice(7, 13), slice(13, 16)]
     return _mobilenet(tvm.mobilenet_v3_large(weights=None), in_channels, stages, 960)
 
 
-@BACKBONES.register("efficientnet_b0")
+@BACKBONES.register("efficientnet_b0", **_facts("efficientnet_b0"))
 def efficientnet_b0(in_channels: int, image_size: int, path: str) -> Backbone:
     """EfficientNet-B0: stem, its seven MBConv stages, last conv + pooling; 1280 features."""
     m = tvm.efficientnet_b0(weights=None)
@@ -85,7 +92,7 @@ def efficientnet_b0(in_channels: int, image_size: int, path: str) -> Backbone:
     return Backbone(blocks, 1280, source=m, head_prefixes=("classifier.",))
 
 
-@BACKBONES.register("convnext_tiny")
+@BACKBONES.register("convnext_tiny", **_facts("convnext_tiny"))
 def convnext_tiny(in_channels: int, image_size: int, path: str) -> Backbone:
     """ConvNeXt-Tiny: stem, four stages (each after its downsampling), pooling + its LayerNorm; 768 features."""
     m = tvm.convnext_tiny(weights=None)
@@ -126,7 +133,7 @@ class _ViTOut(nn.Module):
         return self.ln(x)[:, 0]
 
 
-@BACKBONES.register("vit_b_16")
+@BACKBONES.register("vit_b_16", **_facts("vit_b_16"))
 def vit_b_16(in_channels: int, image_size: int, path: str) -> Backbone:
     """ViT-B/16 at ``image_size`` (a multiple of 16): embedding, encoder layers 0..11 (the last
     with the final LayerNorm); 768 features. Published 224-pixel weights get their position

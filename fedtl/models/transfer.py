@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from fedtl.models.backbones import Backbone
+from fedtl.protocol import HEAD
 
-HEAD = "head"
 # BatchNorm's step counter is bookkeeping, not a weight: averaging integers is meaningless.
 _NOT_TRAVELLING = ("num_batches_tracked",)
 

@@ -25,15 +25,11 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 from torchvision import models as tvm
 
-from fedtl.config import ConfigError
+from fedtl.errors import WeightsError
 from fedtl.models.backbones import Backbone
 
 # Where a file's state dict may sit inside a training checkpoint.
 _CHECKPOINT_KEYS = ("state_dict", "model_state_dict", "model")
-
-
-class WeightsError(ConfigError):
-    """Weights that cannot be loaded: missing, unreadable, or not this architecture's."""
 
 
 class Preprocess(nn.Module):

@@ -16,20 +16,19 @@ from flwr.serverapp.strategy import Strategy
 
 from fedtl.config import ExperimentConfig
 from fedtl.data.federated import server_test_data
-from fedtl.models.factory import build_model
+from fedtl.errors import RunStoppedError
+from fedtl.models.metrics import central_evaluate
 from fedtl.models.transfer import TransferModel
+from fedtl.personalisation import check_personal_plans, personal_plan, run_model
 from fedtl.privacy import privacy_mode
-from fedtl.server.evaluate import central_evaluate
+from fedtl.protocol import ACCURACY, RoundPlan
+from fedtl.reports.plots import plot_accuracy
 from fedtl.server.ledger import PrivacyLedger
 from fedtl.server.nodes import TrainingNodes
-from fedtl.server.plan import RoundPlan
 from fedtl.server.record import RunRecorder
-from fedtl.simulations.plots import plot_accuracy
-from fedtl.strategies.personal import check_personal_plans, personal_plan
+from fedtl.strategies.privacy import wrap_private
 from fedtl.strategies.registry import build_strategy, steps_server_optimiser, weight_key
-from fedtl.strategies.transfer import RoundReport, RunStoppedError, TransferStrategy
-
-NO_PRIVACY = "no differential privacy: client updates are sent as trained (privacy.mode = \"off\")"
+from fedtl.strategies.transfer import RoundReport, TransferStrategy
 
 
 def run_dir(cfg: ExperimentConfig) -> Path:
@@ -59,7 +58,7 @@ def preflight(cfg: ExperimentConfig) -> None:
     ConfigError
         As ``check_plans``, or an adapter that finds no layer to adapt.
     """
-    check_plans(cfg, build_model(cfg.replace(init="scratch")))
+    check_plans(cfg, run_model(cfg.replace(init="scratch")))
 
 
 def private_strategy(cfg: ExperimentConfig, model: TransferModel) -> tuple[Strategy, RdpAccountant | None]:
@@ -71,12 +70,12 @@ def private_strategy(cfg: ExperimentConfig, model: TransferModel) -> tuple[Strat
         If the privacy mode or the personalisation refuses the model, the plans or the settings.
     """
     check_plans(cfg, model)
-    return privacy_mode(cfg).wrap(build_strategy(cfg), cfg)
+    return wrap_private(build_strategy(cfg), cfg)
 
 
 def run_server(grid: Grid, cfg: ExperimentConfig) -> dict[str, Any]:
     """Run the whole federated fine-tuning of ``cfg`` on ``grid``; return the run's summary."""
-    model = build_model(cfg)
+    model = run_model(cfg)
     test = server_test_data(cfg.data)
 
     def plan(rnd: int) -> RoundPlan:
@@ -86,7 +85,7 @@ def run_server(grid: Grid, cfg: ExperimentConfig) -> dict[str, Any]:
     privacy = privacy_mode(cfg)
     inner, accountant = private_strategy(cfg, model)
     recorder = RunRecorder(run_dir(cfg), cfg)
-    ledger = PrivacyLedger(recorder.out, cfg, privacy.level, accountant) if privacy.level != "none" else None
+    ledger = PrivacyLedger(recorder.out, cfg, privacy, accountant) if privacy.accounted else None
 
     def observe(report: RoundReport) -> None:
         # Why nodes failed goes into the round's line too: a deployment's only record of a broken node.
@@ -103,7 +102,7 @@ def run_server(grid: Grid, cfg: ExperimentConfig) -> dict[str, Any]:
         training_nodes=(lambda g: TrainingNodes(g, timeout)) if cfg.data.held_out_clients else None,
         min_nodes=max(cfg.strategy.min_train_nodes, cfg.strategy.min_available_nodes),
         # Not under client-level DP: its wrapper noises the statistics with the rest, and the exact mean would leak them.
-        statistics_by_mean=weight_key(cfg) if steps_server_optimiser(inner) and privacy.level != "client" else None,
+        statistics_by_mean=weight_key(cfg) if steps_server_optimiser(inner) and not privacy.noised_update else None,
     )
     best = {"accuracy": -1.0}
 
@@ -117,10 +116,10 @@ def run_server(grid: Grid, cfg: ExperimentConfig) -> dict[str, Any]:
         metrics = central_evaluate(model, test)
         extra = {"epsilon": ledger.epsilon} if ledger is not None else {}
         row = recorder.end_round(rnd, metrics, travelling_params=model.size()["travelling_params"], **extra)
-        meta = {"round": rnd, "accuracy": row["accuracy"], "backbone_fingerprint": model.backbone_fingerprint}
+        meta = {"round": rnd, "accuracy": row[ACCURACY], "backbone_fingerprint": model.backbone_fingerprint}
         recorder.checkpoint("last", model.state_dict(), **meta)
-        if rnd > 0 and row["accuracy"] > best["accuracy"]:
-            best["accuracy"] = row["accuracy"]
+        if rnd > 0 and row[ACCURACY] > best["accuracy"]:
+            best["accuracy"] = row[ACCURACY]
             recorder.checkpoint("best", model.state_dict(), **meta)
         return MetricRecord(metrics)
 
@@ -144,7 +143,8 @@ def run_server(grid: Grid, cfg: ExperimentConfig) -> dict[str, Any]:
         travelling_ratio=size["travelling_bytes"] / size["model_bytes"],
         personalisation=cfg.strategy.personalisation, local_keys=len(model.local_keys),
         backbone_fingerprint=model.backbone_fingerprint, stopped_early=stopped,
-        privacy=ledger.summary() if ledger is not None else {"mode": "off", "guarantee": NO_PRIVACY},
+        privacy=ledger.summary() if ledger is not None else {
+            "mode": cfg.privacy.mode, "guarantee": privacy.guarantee(cfg.privacy, 0.0, None)},
     )
     plot_accuracy({cfg.init: recorder.rows}, recorder.out / "accuracy.png", title=f"{cfg.name} ({cfg.finetune.mode})")
     if ledger is not None:

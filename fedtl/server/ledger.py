@@ -15,18 +15,29 @@ from typing import Any
 from flwr.serverapp import RdpAccountant
 
 from fedtl.config import ExperimentConfig
-from fedtl.simulations.plots import plot_privacy
+from fedtl.privacy import PrivacyMode
+from fedtl.protocol import (
+    DECLINED,
+    NODE_ID,
+    PARTITION_ID,
+    PRIVACY_DELTA,
+    PRIVACY_EPSILON,
+    PRIVACY_NOISE,
+    PRIVACY_SAMPLE_RATE,
+    PRIVACY_STEPS,
+)
+from fedtl.reports.plots import plot_privacy
+from fedtl.reports.runs import LEDGER_FILE
 from fedtl.strategies.transfer import RoundReport
 
-LEDGER_FILE = "privacy.jsonl"
 # Reply metric -> ledger column.
-_COLUMNS = {"privacy.epsilon": "epsilon", "privacy.delta": "delta", "privacy.steps": "steps",
-            "privacy.noise-multiplier": "noise_multiplier", "privacy.sample-rate": "sample_rate"}
+_COLUMNS = {PRIVACY_EPSILON: "epsilon", PRIVACY_DELTA: "delta", PRIVACY_STEPS: "steps",
+            PRIVACY_NOISE: "noise_multiplier", PRIVACY_SAMPLE_RATE: "sample_rate"}
 
 
 def client_label(metrics: dict[str, Any]) -> str:
     """A client's name in the ledger: its partition id, else (deployment) its node id."""
-    return str(metrics["partition-id"]) if "partition-id" in metrics else f"node-{metrics['node-id']}"
+    return str(metrics[PARTITION_ID]) if PARTITION_ID in metrics else f"node-{metrics[NODE_ID]}"
 
 
 class PrivacyLedger:
@@ -38,18 +49,18 @@ class PrivacyLedger:
         The run folder; ``privacy.jsonl`` and ``privacy.png`` go there.
     cfg : ExperimentConfig
         The run's config (its ``privacy`` section).
-    level : str
-        ``"sample"`` (clients report their own spend) or ``"client"`` (``accountant`` holds it).
+    mode : PrivacyMode
+        The run's privacy mode: its level and guarantee (clients report their own spend, or ``accountant`` holds it).
     accountant : RdpAccountant, optional
         The server's accountant under client-level DP.
     """
 
-    def __init__(self, out_dir: Path, cfg: ExperimentConfig, level: str,
+    def __init__(self, out_dir: Path, cfg: ExperimentConfig, mode: PrivacyMode,
                  accountant: RdpAccountant | None = None) -> None:
         self.out = Path(out_dir)
         self.path = self.out / LEDGER_FILE
         self.path.write_text("")
-        self.cfg, self.level, self.accountant = cfg, level, accountant
+        self.cfg, self.mode, self.level, self.accountant = cfg, mode, mode.level, accountant
         self.latest: dict[str, float] = {}
         self.curves: dict[str, list[tuple[int, float]]] = {}
         self.declined: set[str] = set()
@@ -62,9 +73,9 @@ class PrivacyLedger:
             rows.append({"round": report.round, "client": "all", "epsilon": spent.epsilon, "delta": spent.delta,
                          "releases": spent.num_releases, "noise_multiplier": self.noise_multiplier})
         for metrics in report.clients:
-            if "privacy.epsilon" in metrics:
-                row = {"round": report.round, "client": client_label(metrics), "node_id": metrics["node-id"],
-                       "declined": metrics["declined"]}
+            if PRIVACY_EPSILON in metrics:
+                row = {"round": report.round, "client": client_label(metrics), "node_id": metrics[NODE_ID],
+                       "declined": metrics[DECLINED]}
                 rows.append({**row, **{col: metrics[key] for key, col in _COLUMNS.items() if key in metrics}})
         with self.path.open("a") as f:
             for row in rows:
@@ -86,14 +97,8 @@ class PrivacyLedger:
         return max(self.latest.values(), default=0.0)
 
     def guarantee(self) -> str:
-        """The run's guarantee in one sentence."""
-        p = self.cfg.privacy
-        if self.level == "client":
-            return (f"each client's participation is (ε, δ)-DP at client level for ε ≤ {self.epsilon:.4g}, "
-                    f"δ = {p.delta:g} (Flower's {p.clipping} clipping on the {p.clip_on}, noise multiplier "
-                    f"{self.noise_multiplier or 0:.4g}, Flower's RDP accountant, no sampling amplification)")
-        return (f"each client's data is (ε, δ)-DP at sample level for ε ≤ {self.epsilon:.4g}, δ = {p.delta:g} "
-                f"(DP-SGD with Opacus, {p.accountant.upper()} accountant over every step each client took)")
+        """The run's guarantee in one sentence (the privacy mode's own)."""
+        return self.mode.guarantee(self.cfg.privacy, self.epsilon, self.noise_multiplier)
 
     def summary(self) -> dict[str, Any]:
         """The ledger's part of ``summary.json``."""

@@ -21,6 +21,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from safetensors.torch import save_file
 
 from fedtl.config import ExperimentConfig
+from fedtl.errors import RunFolderError
+from fedtl.privacy import privacy_mode
+from fedtl.protocol import ACCURACY, ACCURACY_BEFORE, ACCURACY_PERSONAL, HELD_OUT, NODE_ID, PARTITION_ID
+from fedtl.reports.runs import METRICS_FILE, SUMMARY_FILE, holds_run
 
 SUMMARY_SCHEMA = 1
 # (metrics key, column label, format): the live table, at most 79 characters wide; the
@@ -29,25 +33,6 @@ _COLUMNS = [("round", "round", "{:>5}"), ("accuracy", "accuracy", "{:>8.4f}"), (
             ("train_loss", "t-loss", "{:>6.3f}"), ("bytes_down", "bytes-down", "{:>10.0f}"),
             ("bytes_up", "bytes-up", "{:>9.0f}"), ("clients_ok", "clients", "{:>7.0f}"), ("epsilon", "epsilon", "{:>7.3g}"),
             ("wall_seconds", "secs", "{:>5.1f}")]
-
-
-RUN_FILES = ("config.toml", "metrics.jsonl", "summary.json", "accuracy.png", "checkpoints", "privacy.jsonl",
-             "privacy.png", "clients.jsonl")
-
-
-class RunFolderError(FileExistsError):
-    """The run folder already holds a run."""
-
-
-def holds_run(run_dir: Path) -> bool:
-    """Whether ``run_dir`` holds a run (started or finished)."""
-    return (Path(run_dir) / "metrics.jsonl").exists() or (Path(run_dir) / "summary.json").exists()
-
-
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """The rows of a run folder's ``metrics.jsonl``."""
-    path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 class RunRecorder:
@@ -69,7 +54,7 @@ class RunRecorder:
             raise RunFolderError(f"{self.out} already holds a run; choose another folder (--out / out) or remove it")
         (self.out / "checkpoints").mkdir(parents=True, exist_ok=True)
         (self.out / "config.toml").write_text(cfg.to_toml())
-        self.metrics_path = self.out / "metrics.jsonl"
+        self.metrics_path = self.out / METRICS_FILE
         self.metrics_path.write_text("")
         self.cfg = cfg
         self.console = console or Console()
@@ -79,7 +64,7 @@ class RunRecorder:
         self._t0 = time.perf_counter()
         title = f"{cfg.name}: {cfg.finetune.mode}, {cfg.init}"
         self.console.print(f"[bold]{title}[/] -> {self.out}")
-        self.columns = [c for c in _COLUMNS if c[0] != "epsilon" or cfg.privacy.mode != "off"]
+        self.columns = [c for c in _COLUMNS if c[0] != "epsilon" or privacy_mode(cfg).accounted]
         self.console.print("  ".join(label.rjust(len(fmt.format(0))) for _, label, fmt in self.columns))
         self._progress = Progress(TextColumn("rounds"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                                   console=self.console, transient=True)
@@ -99,7 +84,7 @@ class RunRecorder:
 
     def on_client_evaluation(self, rnd: int, clients: list[dict[str, Any]]) -> None:
         """Keep (and write to ``clients.jsonl``) every node's evaluation of the final model."""
-        self.client_evaluation = sorted(clients, key=lambda c: (c.get("partition-id", -1), c["node-id"]))
+        self.client_evaluation = sorted(clients, key=lambda c: (c.get(PARTITION_ID, -1), c[NODE_ID]))
         with (self.out / "clients.jsonl").open("w") as f:
             for c in self.client_evaluation:
                 f.write(json.dumps({"round": rnd, **c}) + "\n")
@@ -172,17 +157,17 @@ def client_summary(clients: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     with the fairness figures of ``fairness``.
     """
     out: dict[str, dict[str, Any]] = {}
-    label = [c.get("partition-id", f"node-{c['node-id']}") for c in clients]
-    train = [(i, c) for i, c in zip(label, clients) if not c.get("held-out") and "accuracy" in c]
+    label = [c.get(PARTITION_ID, f"node-{c[NODE_ID]}") for c in clients]
+    train = [(i, c) for i, c in zip(label, clients) if not c.get(HELD_OUT) and ACCURACY in c]
     if train:
         section: dict[str, Any] = {"ids": [i for i, _ in train]}
-        for name, key in (("accuracy", "accuracy"), ("personal", "accuracy-personal")):
+        for name, key in (("accuracy", ACCURACY), ("personal", ACCURACY_PERSONAL)):
             if all(key in c for _, c in train):
                 section.update(fairness([c[key] for _, c in train], name))
         out["per_client"] = section
-    held = [(i, c) for i, c in zip(label, clients) if c.get("held-out") and "accuracy" in c]
+    held = [(i, c) for i, c in zip(label, clients) if c.get(HELD_OUT) and ACCURACY in c]
     if held:
-        before, after = [c["accuracy-before"] for _, c in held], [c["accuracy"] for _, c in held]
+        before, after = [c[ACCURACY_BEFORE] for _, c in held], [c[ACCURACY] for _, c in held]
         out["held_out"] = {"ids": [i for i, _ in held], "accuracy_before": before, "accuracy_after": after,
                            "accuracy_before_mean": statistics.mean(before),
                            "accuracy_after_mean": statistics.mean(after)}
@@ -191,4 +176,4 @@ def client_summary(clients: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
     """Write ``summary.json`` (sorted keys, so diffs between runs read well)."""
-    (Path(run_dir) / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    (Path(run_dir) / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")

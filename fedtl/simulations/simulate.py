@@ -10,11 +10,14 @@ from typing import Any
 from fedtl.clients.app import make_client_app
 from fedtl.config import ExperimentConfig
 from fedtl.data.federated import check_partitions
-from fedtl.models.pretrain import ensure_pretrained, pretrains_itself
+from fedtl.errors import RunFolderError
 from fedtl.models.factory import build_model
+from fedtl.models.pretrain import ensure_pretrained, pretrains_itself
+from fedtl.personalisation import run_model
+from fedtl.reports.plots import plot_accuracy
+from fedtl.reports.runs import RUN_FILES, holds_run, read_metrics
 from fedtl.server.app import make_server_app, private_strategy, run_dir
-from fedtl.server.record import RUN_FILES, RunFolderError, holds_run, read_metrics, write_summary
-from fedtl.simulations.plots import plot_accuracy
+from fedtl.server.record import write_summary
 
 
 def prepare_run_dir(cfg: ExperimentConfig, *, overwrite: bool = False) -> ExperimentConfig:
@@ -51,7 +54,7 @@ def simulate(cfg: ExperimentConfig, *, overwrite: bool = False) -> dict[str, Any
     check_partitions(cfg.data, cfg.clients, cfg.seed)  # here, rather than as an error in every client
     # A privacy set-up the mode refuses fails here, with its own message, before any pre-training
     # (the check needs the model's structure, not its weights).
-    private_strategy(cfg, build_model(cfg.replace(init="scratch")))
+    private_strategy(cfg, run_model(cfg.replace(init="scratch")))
     if pretrains_itself(cfg):
         ensure_pretrained(cfg)  # once here, rather than racing in every client process
     elif cfg.init == "pretrained":

@@ -38,7 +38,7 @@ import json
 import re
 import time
 import tomllib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,17 +46,13 @@ from typing import Any
 import tomli_w
 from rich.console import Console
 
-from fedtl.config import ConfigError, ExperimentConfig, load_config, resolve_key
+from fedtl.config import ExperimentConfig, load_config, resolve_key
 from fedtl.config.fields import flatten
 from fedtl.data.federated import check_partitions
-from fedtl.server.record import holds_run
+from fedtl.errors import ConfigError, StudyError
+from fedtl.reports.runs import PLAN_FILE, holds_run
 
 _STUDY_KEYS = {"name", "base", "seeds", "scratch", "target-accuracy", "set", "grid", "case", "out", "skip-invalid"}
-PLAN_FILE = "plan.json"
-
-
-class StudyError(ConfigError):
-    """A study file or folder that cannot be run as asked."""
 
 
 def toml_literal(value: Any) -> str:

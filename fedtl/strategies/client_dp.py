@@ -13,8 +13,6 @@ from collections.abc import Callable, Iterable
 from logging import WARNING
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
-from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
-from flwr.clientapp.typing import Mod
 from flwr.common.logger import log
 from flwr.serverapp import Grid, RdpAccountant
 from flwr.serverapp.exception import PrivacyBudgetExhausted
@@ -28,13 +26,13 @@ from flwr.serverapp.strategy import (
 from flwr.supercore.privacy_accounting import GaussianPrivacyEvent
 
 from fedtl.accounting import calibrate_client_noise, client_level_accountant
-from fedtl.config import ConfigError, ExperimentConfig
+from fedtl.config import ExperimentConfig
+from fedtl.errors import ConfigError
 from fedtl.registry import Registry
 
 Wrapper = Callable[[Strategy, ExperimentConfig, float, RdpAccountant], Strategy]
 CLIENT_DP: Registry[Wrapper] = Registry("client-level DP wrapper (privacy.clipping-privacy.clip-on)")
-# The client-side half of each wrapper that clips on the client.
-CLIENT_MODS: dict[str, Mod] = {"fixed-client": fixedclipping_mod, "adaptive-client": adaptiveclipping_mod}
+# The clients' half of the wrappers that clip on the client (Flower's clipping mods) is in fedtl.clients.privacy.
 
 
 def wrapper_name(cfg: ExperimentConfig) -> str:

@@ -1,12 +1,15 @@
-"""Flower strategies by name. A new strategy is one factory here (or in its own file).
+"""Flower strategies by name. A new strategy is one entry here (or in its own file).
 
-Each factory builds a ``flwr.serverapp.strategy`` object from the config; the server
-then wraps it in ``TransferStrategy``, so every strategy sees only travelling tensors.
+Each entry's factory builds a ``flwr.serverapp.strategy`` object from the config; the
+server then wraps it in ``TransferStrategy``, so every strategy sees only travelling
+tensors. An entry may also refuse settings it cannot honour (``check_config``), which the
+config runs when it is validated.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from flwr.app import MetricRecord, RecordDict
@@ -29,15 +32,44 @@ from flwr.serverapp.strategy.fedopt import FedOpt
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from fedtl.config import ExperimentConfig
+from fedtl.errors import ConfigError
+from fedtl.privacy import privacy_mode
+from fedtl.protocol import NUM_EXAMPLES, STEPS, TRAIN_LOSS, UNIT_WEIGHT
 from fedtl.registry import Registry
-from fedtl.server.plan import UNIT_WEIGHT
 
 StrategyFactory = Callable[[ExperimentConfig], Strategy]
-STRATEGIES: Registry[StrategyFactory] = Registry("strategy")
-_WEIGHT_KEYS = {"examples": "num-examples", "uniform": UNIT_WEIGHT}
+
+
+def _accepts_any(cfg: ExperimentConfig) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class StrategyEntry:
+    """A strategy: its factory, and the config check it adds (raises ``ConfigError``)."""
+
+    build: StrategyFactory
+    check_config: Callable[[ExperimentConfig], None] = _accepts_any
+
+
+class StrategyRegistry(Registry[StrategyEntry]):
+    """Strategies by name; registering a plain factory makes it an entry without checks."""
+
+    def register(self, name: str, check_config: Callable[[ExperimentConfig], None] = _accepts_any  # type: ignore[override]
+                 ) -> Callable[[StrategyFactory], StrategyFactory]:
+        add = super().register(name)
+
+        def register_factory(build: StrategyFactory) -> StrategyFactory:
+            add(StrategyEntry(build, check_config))
+            return build
+        return register_factory
+
+
+STRATEGIES = StrategyRegistry("strategy")
+_WEIGHT_KEYS = {"examples": NUM_EXAMPLES, "uniform": UNIT_WEIGHT}
 # Only these reply metrics are averaged over clients. Never epsilons: each client's data has
 # its own guarantee, which the privacy ledger keeps per client. Nor ids.
-AVERAGED_METRICS = ("train-loss", "steps")
+AVERAGED_METRICS = (TRAIN_LOSS, STEPS)
 
 
 def average_training_metrics(records: list[RecordDict], weighting_metric_name: str) -> MetricRecord:
@@ -49,10 +81,11 @@ def average_training_metrics(records: list[RecordDict], weighting_metric_name: s
 
 
 def weight_key(cfg: ExperimentConfig) -> str:
-    """The reply metric clients are weighted by (``strategy.weighting``; "auto": uniform under client-level DP)."""
+    """The reply metric clients are weighted by (``strategy.weighting``; "auto": uniform where the privacy
+    mode's noise is calibrated to equal weights, client-level DP, else by examples)."""
     weighting = cfg.strategy.weighting
     if weighting == "auto":
-        weighting = "uniform" if cfg.privacy.mode == "client-level" else "examples"
+        weighting = "uniform" if privacy_mode(cfg).uniform_weights else "examples"
     return _WEIGHT_KEYS[weighting]
 
 
@@ -77,7 +110,16 @@ def fedavg(cfg: ExperimentConfig) -> Strategy:
     return FedAvg(**common(cfg))
 
 
-@STRATEGIES.register("fedprox")
+def _proximal_term_under_dp(cfg: ExperimentConfig) -> None:
+    if privacy_mode(cfg).per_sample:
+        raise ConfigError(
+            f"strategy.name = \"fedprox\" with privacy.mode = \"{cfg.privacy.mode}\": Opacus builds each update from "
+            "per-sample gradients of the data loss, so FedProx's proximal term would be silently dropped. Use another "
+            "strategy with DP-SGD, or FedProx without it"
+        )
+
+
+@STRATEGIES.register("fedprox", check_config=_proximal_term_under_dp)
 def fedprox(cfg: ExperimentConfig) -> Strategy:
     """FedProx: FedAvg, with clients adding (mu/2)||w - w_global||^2 to their loss (Li et al. 2020)."""
     return FedProx(**common(cfg), proximal_mu=cfg.strategy.proximal_mu)
@@ -140,7 +182,7 @@ def bulyan(cfg: ExperimentConfig) -> Strategy:
 def qfedavg(cfg: ExperimentConfig) -> Strategy:
     """q-FedAvg: fairness-weighted averaging by clients' training loss to the power ``q`` (Li et al. 2020)."""
     return QFedAvg(**common(cfg), client_learning_rate=cfg.finetune.lr, q=cfg.strategy.q,
-                   train_loss_key="train-loss")
+                   train_loss_key=TRAIN_LOSS)
 
 
 def steps_server_optimiser(strategy: Strategy) -> bool:
@@ -151,4 +193,4 @@ def steps_server_optimiser(strategy: Strategy) -> bool:
 
 def build_strategy(cfg: ExperimentConfig) -> Strategy:
     """The Flower strategy named by ``cfg.strategy.name``."""
-    return STRATEGIES.get(cfg.strategy.name)(cfg)
+    return STRATEGIES.get(cfg.strategy.name).build(cfg)

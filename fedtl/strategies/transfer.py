@@ -32,9 +32,23 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedtl.errors import RoundFailedError, RunStoppedError  # noqa: F401 - raised here; importable from here too
-from fedtl.server.nodes import FilteredGrid
-from fedtl.server.plan import DECLINED, FINGERPRINT_KEY, RoundPlan
+from fedtl.errors import RoundFailedError, RunStoppedError
+from fedtl.protocol import (
+    ACCURACY,
+    ARRAYS,
+    CLIENT_ACCURACY_MEAN,
+    CONFIG,
+    DECLINED,
+    FINGERPRINT,
+    HELD_OUT,
+    METRICS,
+    NODE_ID,
+    REASON,
+    SERVER_ROUND,
+    TRAIN_LOSS,
+    RoundPlan,
+)
+from fedtl.strategies.grids import FilteredGrid
 from fedtl.strategies.state import align_server_state
 
 _Spec = dict[str, tuple[tuple[int, ...], str]]
@@ -70,7 +84,7 @@ def declined_reason(msg: Message) -> str | None:
     """The reason a reply declines the round, or ``None`` if it does not."""
     if msg.has_error() or DECLINED not in msg.content.config_records:
         return None
-    return str(msg.content.config_records[DECLINED].get("reason", "no reason given"))
+    return str(msg.content.config_records[DECLINED].get(REASON, "no reason given"))
 
 
 def reply_problem(msg: Message, expected: _Spec) -> str | None:
@@ -87,9 +101,9 @@ def reply_problem(msg: Message, expected: _Spec) -> str | None:
         # Simulation wraps the client's exception in Ray's traceback; its last line says what happened.
         lines = [line.strip() for line in msg.error.reason.splitlines() if line.strip()]
         return f"error reply: {(lines[-1] if lines else msg.error.reason)[:300]}"
-    if "arrays" not in msg.content.array_records:
-        return "no 'arrays' ArrayRecord in the reply"
-    arrays = msg.content["arrays"]
+    if ARRAYS not in msg.content.array_records:
+        return f"no {ARRAYS!r} ArrayRecord in the reply"
+    arrays = msg.content[ARRAYS]
     got = set(arrays.keys())
     if got != set(expected):
         return f"keys differ: missing {sorted(set(expected) - got)[:5]}, unexpected {sorted(got - set(expected))[:5]}"
@@ -118,17 +132,17 @@ def mean_statistics(arrays: ArrayRecord, replies: list[Message], weight_key: str
     keys = [k for k in arrays.keys() if k.endswith(STATISTICS)]
     if not keys:
         return arrays
-    w = np.array([float(m.content["metrics"][weight_key]) for m in replies])
+    w = np.array([float(m.content[METRICS][weight_key]) for m in replies])
     out = ArrayRecord({k: a for k, a in arrays.items()})
     for k in keys:
-        stack = np.stack([m.content["arrays"][k].numpy() for m in replies])
+        stack = np.stack([m.content[ARRAYS][k].numpy() for m in replies])
         out[k] = Array(np.tensordot(w / w.sum(), stack, axes=1).astype(stack.dtype))
     return out
 
 
 def content_key(msg: Message) -> str:
     """A key of a reply's tensors, for ordering replies by content rather than arrival."""
-    arrays = msg.content["arrays"]
+    arrays = msg.content[ARRAYS]
     h = hashlib.sha256()
     for key in sorted(arrays.keys()):
         h.update(key.encode())
@@ -204,7 +218,7 @@ class TransferStrategy(Strategy):
 
     def round_config(self, server_round: int, config: ConfigRecord) -> ConfigRecord:
         """``config`` with the round's plan and the backbone fingerprint: what every instruction carries."""
-        return ConfigRecord({**config, **self.plan(server_round).to_config(), FINGERPRINT_KEY: self.fingerprint})
+        return ConfigRecord({**config, **self.plan(server_round).to_config(), FINGERPRINT: self.fingerprint})
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -224,7 +238,7 @@ class TransferStrategy(Strategy):
         messages = list(self.inner.configure_train(server_round, record, cfg, grid))
         spec = {k: (tuple(a.shape), a.dtype) for k, a in record.items()}
         self._sent[server_round] = (spec, [m.metadata.dst_node_id for m in messages],
-                                    sum(m.content["arrays"].count_bytes() for m in messages))
+                                    sum(m.content[ARRAYS].count_bytes() for m in messages))
         return messages
 
     def aggregate_train(
@@ -273,19 +287,19 @@ class TransferStrategy(Strategy):
     @staticmethod
     def _report(server_round: int, replies: list[Message], accepted: list[Message], declined: int, sent: int,
                 bytes_down: int, metrics: MetricRecord | None, problems: list[str]) -> RoundReport:
-        received = [m for m in replies if not m.has_error() and "arrays" in m.content.array_records]
+        received = [m for m in replies if not m.has_error() and ARRAYS in m.content.array_records]
         totals: dict[str, float | int] = {
             "bytes_down": bytes_down,
-            "bytes_up": sum(m.content["arrays"].count_bytes() for m in received),
+            "bytes_up": sum(m.content[ARRAYS].count_bytes() for m in received),
             "clients_ok": len(accepted),
             "clients_failed": sent - len(accepted) - declined,  # error replies, refused updates and timeouts
             "clients_declined": declined,
         }
-        if metrics is not None and "train-loss" in metrics:
-            totals["train_loss"] = float(metrics["train-loss"])
-        clients = [{"node-id": m.metadata.src_node_id, "declined": declined_reason(m) is not None,
-                    **dict(m.content.metric_records["metrics"])}
-                   for m in replies if not m.has_error() and "metrics" in m.content.metric_records]
+        if metrics is not None and TRAIN_LOSS in metrics:
+            totals["train_loss"] = float(metrics[TRAIN_LOSS])
+        clients = [{NODE_ID: m.metadata.src_node_id, DECLINED: declined_reason(m) is not None,
+                    **dict(m.content.metric_records[METRICS])}
+                   for m in replies if not m.has_error() and METRICS in m.content.metric_records]
         return RoundReport(server_round, totals, clients, problems)
 
     def configure_evaluate(
@@ -294,15 +308,15 @@ class TransferStrategy(Strategy):
         """After the final round, the global model to every node for evaluation on its own test images."""
         if server_round != self.final_round:
             return []
-        content = ConfigRecord({**self.round_config(server_round, config), "server-round": server_round})
+        content = ConfigRecord({**self.round_config(server_round, config), SERVER_ROUND: server_round})
         record = self.travelling_arrays(server_round, arrays)
-        return [Message(RecordDict({"arrays": record, "config": content}), dst_node_id=node,
+        return [Message(RecordDict({ARRAYS: record, CONFIG: content}), dst_node_id=node,
                         message_type=MessageType.EVALUATE) for node in grid.get_node_ids()]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        clients = [{"node-id": m.metadata.src_node_id, **dict(m.content["metrics"])}
-                   for m in replies if not m.has_error() and "metrics" in m.content.metric_records]
+        clients = [{NODE_ID: m.metadata.src_node_id, **dict(m.content[METRICS])}
+                   for m in replies if not m.has_error() and METRICS in m.content.metric_records]
         if self.on_evaluate is not None:
             self.on_evaluate(server_round, clients)
-        scored = [c["accuracy"] for c in clients if "accuracy" in c and not c.get("held-out")]
-        return MetricRecord({"client-accuracy-mean": float(np.mean(scored))}) if scored else None
+        scored = [c[ACCURACY] for c in clients if ACCURACY in c and not c.get(HELD_OUT)]
+        return MetricRecord({CLIENT_ACCURACY_MEAN: float(np.mean(scored))}) if scored else None

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from fedtl.server.record import read_metrics
+from fedtl.reports.runs import read_metrics
 from fedtl.simulations.simulate import simulate
 from tests.conftest import CACHE, ROOT, make_config
 

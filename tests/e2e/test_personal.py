@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fedtl.models.factory import build_model
-from fedtl.server.record import read_metrics
+from fedtl.personalisation import run_model
+from fedtl.reports.runs import read_metrics
 from fedtl.simulations.simulate import simulate
 from tests.conftest import make_config
 
@@ -25,7 +25,7 @@ def test_head_personalisations_federate_only_the_body(name: str, tmp_path: Path)
                       "strategy.head-epochs=5", f"out={str(out)!r}")
     summary = simulate(cfg)
     rows = read_metrics(out)
-    reference = build_model(cfg)
+    reference = run_model(cfg)
     body = sum(v.numel() for k, v in reference.state_dict().items() if k.startswith("blocks."))
     assert all(r["clients_ok"] == 3 and r["travelling_params"] == body for r in rows[1:])
     assert rows[1]["bytes_up"] >= 3 * 4 * body and summary["local_keys"] == (0 if name == "fedbabu" else 2)
@@ -42,7 +42,7 @@ def test_lora_under_fedadam_sends_adapters_and_head_only(tmp_path: Path) -> None
     cfg = make_config("finetune.mode=lora", "finetune.adapter-blocks=2", "strategy.name=fedadam", "clients=3",
                       "rounds=2", f"out={str(out)!r}")
     summary = simulate(cfg)
-    reference = build_model(cfg)
+    reference = run_model(cfg)
     assert summary["travelling_params"] == sum(v.numel() for k, v in reference.state_dict().items()
                                                if ".lora_" in k or k.startswith("head."))
     assert summary["travelling_ratio"] == pytest.approx(summary["travelling_bytes"] / summary["model_bytes"])

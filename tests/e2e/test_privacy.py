@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from fedtl.accounting import client_level_epsilon, sample_epsilon
-from fedtl.server.record import read_metrics
+from fedtl.reports.runs import read_metrics
 from fedtl.simulations.simulate import simulate
 from tests.conftest import make_config
 from tests.e2e.test_simulation import _fedtl

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torchvision import models as tvm
 
-from fedtl.server.record import read_metrics
+from fedtl.reports.runs import read_metrics
 from fedtl.simulations.simulate import simulate
 from tests.conftest import make_config
 from tests.unit.test_sources import write_cifar10

@@ -14,9 +14,8 @@ from safetensors.torch import load_file
 
 from fedtl.config import load_config
 from fedtl.models.factory import build_model
-from fedtl.models.modes import MODES
-from fedtl.server.plan import plan_round
-from fedtl.server.record import read_metrics
+from fedtl.models.modes import MODES, plan_round
+from fedtl.reports.runs import read_metrics
 from fedtl.server.app import make_server_app
 from fedtl.simulations.simulate import prepare_run_dir, simulate, simulate_with_scratch
 from fedtl.strategies.transfer import RoundFailedError
@@ -51,7 +50,7 @@ def test_every_mode_three_clients_two_rounds(mode: str, tmp_path: Path) -> None:
 
     # What did not train in the last round is exactly the pre-trained backbone.
     reference = build_model(cfg)
-    trained = set(reference.unit_keys(plan_round(cfg, reference.block_names, 2).lrs))
+    trained = set(reference.unit_keys(plan_round(cfg.finetune, reference.block_names, 2).lrs))
     final = load_file(str(out / "checkpoints" / "last.safetensors"))
     for key, value in reference.state_dict().items():
         if key not in trained:

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from fedtl.simulations.report import build_report
-from fedtl.simulations.study import StudyError, load_study, run_study
+from fedtl.errors import StudyError
+from fedtl.reports.report import build_report
+from fedtl.simulations.study import load_study, run_study
 from tests.conftest import CACHE
 from tests.e2e.test_simulation import _fedtl
 

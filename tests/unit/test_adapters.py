@@ -12,9 +12,9 @@ from fedtl.data.federated import LabelledImages
 from fedtl.models.adapters import adapt
 from fedtl.models.backbones import build_backbone
 from fedtl.models.factory import build_model
-from fedtl.models.modes import MODES, adapter_blocks
+from fedtl.models.modes import MODES, adapter_blocks, plan_round
 from fedtl.models.transfer import TransferModel
-from fedtl.server.plan import RoundPlan, plan_round
+from fedtl.protocol import RoundPlan
 from tests.conftest import make_config
 
 
@@ -125,9 +125,9 @@ def test_adapter_errors_name_the_fix() -> None:
 
 def test_adapter_plans_train_the_top_blocks_at_the_heads_rate() -> None:
     cfg = make_config("finetune.mode=lora", "finetune.adapter-blocks=2", "finetune.lr=0.2")
-    assert plan_round(cfg, ["conv1", "conv2", "conv3"], 1).lrs == {"conv2": 0.2, "conv3": 0.2, "head": 0.2}
+    assert plan_round(cfg.finetune, ["conv1", "conv2", "conv3"], 1).lrs == {"conv2": 0.2, "conv3": 0.2, "head": 0.2}
     every = make_config("finetune.mode=lora")  # adapter-blocks = 0: every block
-    assert plan_round(every, ["a", "b", "c"], 5).trainable_blocks == ("a", "b", "c")
+    assert plan_round(every.finetune, ["a", "b", "c"], 5).trainable_blocks == ("a", "b", "c")
 
 
 def test_inventory_by_hand_for_the_built_in_cnn() -> None:

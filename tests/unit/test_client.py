@@ -6,15 +6,16 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
-from fedtl.clients.app import BackboneMismatchError, handle_train
+from fedtl.clients.app import handle_train
+from fedtl.errors import BackboneMismatchError
 from fedtl.models.factory import build_model
-from fedtl.server.plan import plan_round
+from fedtl.models.modes import plan_round
 from tests.conftest import make_config
 
 
 def _instruction(cfg, fingerprint: str, rnd: int = 1) -> Message:
     model = build_model(cfg)
-    plan = plan_round(cfg, model.block_names, rnd)
+    plan = plan_round(cfg.finetune, model.block_names, rnd)
     plan.apply_to(model)
     config = ConfigRecord({**plan.to_config(), "backbone-fingerprint": fingerprint, "server-round": rnd})
     content = RecordDict({"arrays": ArrayRecord(model.travelling_state()), "config": config})
@@ -55,8 +56,8 @@ def test_client_evaluates_on_its_own_test_images_and_a_held_out_one_adapts(task_
     from fedtl.clients.app import handle_evaluate, handle_query, received_model
     from fedtl.clients.trainer import train_local
     from fedtl.data.federated import client_data, client_test_data
+    from fedtl.models.metrics import evaluate_model
     from fedtl.seeds import derived_seed
-    from fedtl.server.evaluate import evaluate_model
 
     cfg = make_config("clients=5", "data.held-out-clients=1")
     fingerprint = build_model(cfg).backbone_fingerprint

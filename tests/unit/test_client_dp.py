@@ -19,6 +19,7 @@ from tests.conftest import make_config
 from tests.unit.test_client import _context, _instruction
 from tests.unit.test_strategy import StaticGrid, configure_round_one, strategy
 
+
 def _cfg(*sets: str):
     return make_config("clients=2", "privacy.mode=client-level", *sets)
 

@@ -13,21 +13,16 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from fedtl.accounting import sample_epsilon
 from fedtl.clients.app import handle_train
-from fedtl.clients.dp_sgd import (
-    DPConfigError,
-    PrivacyState,
-    check_dp_plans,
-    initial_state,
-    load_state,
-    train_private,
-)
+from fedtl.clients.dp_sgd import PrivacyState, initial_state, load_state, train_private
 from fedtl.clients.trainer import train_local
 from fedtl.data.federated import LabelledImages, client_data
+from fedtl.errors import DPConfigError
 from fedtl.models.backbones import build_backbone
 from fedtl.models.factory import build_model
-from fedtl.models.modes import MODES
+from fedtl.models.modes import MODES, plan_round
 from fedtl.models.transfer import TransferModel
-from fedtl.server.plan import RoundPlan, plan_round
+from fedtl.privacy import check_dp_plans
+from fedtl.protocol import RoundPlan
 from tests.conftest import make_config
 from tests.unit.test_client import _instruction
 
@@ -97,7 +92,7 @@ def test_state_round_trips_through_a_config_record() -> None:
 
 def _small(cfg) -> tuple[TransferModel, LabelledImages, RoundPlan]:
     model = build_model(cfg)
-    plan = plan_round(cfg, model.block_names, 1)
+    plan = plan_round(cfg.finetune, model.block_names, 1)
     plan.apply_to(model)
     return model, client_data(cfg.data, 2, 5, cfg.seed), plan
 
@@ -155,7 +150,7 @@ def test_only_trainable_units_change_and_frozen_batchnorm_stays_frozen() -> None
 def test_trainable_batchnorm_is_refused_with_the_fixes() -> None:
     cfg = make_config(*DP, "finetune.mode=gradual-unfreezing", "model.backbone=resnet18")
     model = TransferModel(build_backbone("resnet18", 1), 10)
-    plans = [plan_round(cfg, model.block_names, r) for r in range(1, 4)]
+    plans = [plan_round(cfg.finetune, model.block_names, r) for r in range(1, 4)]
     with pytest.raises(DPConfigError, match=r"BatchNorm layers \(layer4\..*model.norm = \"group\""):
         check_dp_plans(model, plans)
     assert model.trainable_units == ("head",)  # the check leaves the model as it found it
@@ -169,7 +164,7 @@ def test_every_fine_tuning_mode_trains_under_dp_sgd(mode: str, task_identity: No
     cfg = make_config(*DP, f"finetune.mode={mode}")
     (reply,) = _rounds(cfg, _context(), range(1, 2))
     model = build_model(cfg)
-    expected = set(model.unit_keys(plan_round(cfg, model.block_names, 1).lrs))
+    expected = set(model.unit_keys(plan_round(cfg.finetune, model.block_names, 1).lrs))
     assert set(reply.content["arrays"].keys()) == expected
     assert reply.content["metrics"]["privacy.steps"] == 10
 

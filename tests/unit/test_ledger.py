@@ -10,6 +10,7 @@ from flwr.supercore.privacy_accounting import GaussianPrivacyEvent
 
 from fedtl.accounting import client_level_accountant
 from fedtl.config import ConfigError
+from fedtl.privacy import privacy_mode
 from fedtl.server.ledger import PrivacyLedger
 from fedtl.strategies.transfer import RoundReport
 from tests.conftest import make_config
@@ -21,7 +22,8 @@ def _client(pid: int, eps: float, declined: bool = False) -> dict:
 
 
 def test_sample_level_ledger_keeps_each_clients_spend_and_states_the_largest(tmp_path: Path) -> None:
-    ledger = PrivacyLedger(tmp_path, make_config("privacy.mode=dp-sgd", "max-epsilon=5"), "sample")
+    cfg = make_config("privacy.mode=dp-sgd", "max-epsilon=5")
+    ledger = PrivacyLedger(tmp_path, cfg, privacy_mode(cfg))
     ledger.on_round(RoundReport(1, {}, [_client(0, 1.0), _client(1, 1.5), {"node-id": 9, "train-loss": 1.0}]))
     ledger.on_round(RoundReport(2, {}, [_client(0, 2.0), _client(1, 1.5, declined=True)]))
     rows = [json.loads(line) for line in (tmp_path / "privacy.jsonl").read_text().splitlines()]
@@ -39,7 +41,8 @@ def test_sample_level_ledger_keeps_each_clients_spend_and_states_the_largest(tmp
 
 def test_client_level_ledger_reads_the_servers_accountant(tmp_path: Path) -> None:
     acc = client_level_accountant(4, 1e-5, None)
-    ledger = PrivacyLedger(tmp_path, make_config("clients=4", "privacy.mode=client-level"), "client", acc)
+    cfg = make_config("clients=4", "privacy.mode=client-level")
+    ledger = PrivacyLedger(tmp_path, cfg, privacy_mode(cfg), acc)
     acc.compose(GaussianPrivacyEvent(noise_multiplier=2.0, sample_size=4, population_size=4))
     ledger.on_round(RoundReport(1, {}, [{"node-id": 1, "declined": False, "train-loss": 0.1}]))
     assert ledger.epsilon == pytest.approx(acc.get_epsilon(1e-5)) and ledger.noise_multiplier == 2.0

@@ -7,8 +7,8 @@ import dataclasses
 import pytest
 
 from fedtl.config import ExperimentConfig, FinetuneConfig
-from fedtl.models.modes import MODES, unfrozen_count
-from fedtl.server.plan import RoundPlan, plan_round
+from fedtl.models.modes import MODES, plan_round, unfrozen_count
+from fedtl.protocol import RoundPlan
 
 BLOCKS = ("a", "b", "c")
 FT = FinetuneConfig(lr=0.1, backbone_lr_scale=0.1, lr_decay=0.5, unfreeze_every=2)
@@ -39,7 +39,7 @@ def test_gradual_unfreezing_schedule() -> None:
 
 def test_plan_orders_units_input_to_output_and_round_trips() -> None:
     cfg = ExperimentConfig(finetune=dataclasses.replace(FT, mode="discriminative", local_epochs=3))
-    plan = plan_round(cfg, BLOCKS, 1)
+    plan = plan_round(cfg.finetune, BLOCKS, 1)
     assert list(plan.lrs) == ["a", "b", "c", "head"]
     assert plan.trainable_blocks == ("a", "b", "c") and plan.local_epochs == 3
     assert RoundPlan.from_config(plan.to_config()) == plan

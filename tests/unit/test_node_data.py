@@ -15,16 +15,16 @@ from fedtl.config import ConfigError, DataConfig
 from fedtl.data.export import export_partitions, save_images
 from fedtl.data.federated import client_data, client_test_data, server_test_data, task
 from fedtl.data.nodes import Task, read_node_data
-from fedtl.data.sources import DataError
 from fedtl.devices import resolve_device
+from fedtl.errors import DataError
 from fedtl.models.factory import build_model
-from fedtl.server.plan import plan_round
+from fedtl.models.modes import plan_round
 from tests.conftest import make_config
 
 
 def _instruction(cfg, rnd: int = 1) -> Message:
     model = build_model(cfg)
-    plan = plan_round(cfg, model.block_names, rnd)
+    plan = plan_round(cfg.finetune, model.block_names, rnd)
     plan.apply_to(model)
     config = ConfigRecord({**plan.to_config(), "backbone-fingerprint": model.backbone_fingerprint, "server-round": rnd})
     return Message(RecordDict({"arrays": ArrayRecord(model.travelling_state()), "config": config}), dst_node_id=7,
@@ -48,7 +48,7 @@ def test_a_folder_is_labelled_by_data_classes_and_split_into_train_and_its_own_t
     _folder(tmp_path / "n", {"cat": 6, "dog": 4})
     cfg = DataConfig(classes="ant,cat,dog", image_size=8, client_test_fraction=0.2, labelled_per_client=0)
     images = read_node_data(str(tmp_path / "n"), cfg, Task(3, 1))
-    (x, y), (tx, ty) = images.train, images.test
+    (x, y), (_, ty) = images.train, images.test
     assert x.shape == (8, 1, 8, 8) and len(ty) == 2  # int(10 * 0.2) held out as its own test set
     assert sorted(torch.cat([y, ty]).tolist()) == [1] * 6 + [2] * 4  # cat = 1, dog = 2 of ant,cat,dog
     assert sorted(ty.tolist()) == [1, 2]  # stratified

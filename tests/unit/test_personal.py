@@ -7,13 +7,14 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from fedtl.clients.app import handle_evaluate, handle_train, personalised_model, received_model
+from fedtl.clients.app import handle_evaluate, handle_train, received_model
+from fedtl.clients.personal import personalised_model
 from fedtl.config import ConfigError
 from fedtl.data.federated import client_data, client_test_data
-from fedtl.models.factory import build_model
+from fedtl.models.metrics import evaluate_model
+from fedtl.personalisation import personal_plan, run_model
+from fedtl.protocol import LOCAL_STATE
 from fedtl.server.app import preflight
-from fedtl.server.evaluate import evaluate_model
-from fedtl.strategies.personal import LOCAL_STATE, personal_plan
 from fedtl.strategies.registry import build_strategy
 from fedtl.strategies.transfer import TransferStrategy
 from tests.conftest import make_config
@@ -23,7 +24,7 @@ NORMS = {f"blocks.conv{i}.1.{p}" for i in (1, 2, 3) for p in ("weight", "bias")}
 
 
 def _instruction(cfg, rnd: int = 1, arrays: dict | None = None) -> Message:
-    model = build_model(cfg)
+    model = run_model(cfg)
     plan = personal_plan(cfg, model.block_names, rnd)
     plan.apply_to(model)
     config = ConfigRecord({**plan.to_config(), "backbone-fingerprint": model.backbone_fingerprint, "server-round": rnd})
@@ -38,10 +39,10 @@ def _context(pid: int = 2) -> Context:
 
 def test_local_keys_of_each_personalisation() -> None:
     full = "finetune.mode=full"
-    assert build_model(make_config(full, "strategy.personalisation=fedper")).local_keys == {"head.weight", "head.bias"}
-    assert build_model(make_config(full, "strategy.personalisation=fedrep")).local_keys == {"head.weight", "head.bias"}
-    assert build_model(make_config(full, "strategy.personalisation=fedbn")).local_keys == NORMS
-    model = build_model(make_config(full, "strategy.personalisation=fedbn"))
+    assert run_model(make_config(full, "strategy.personalisation=fedper")).local_keys == {"head.weight", "head.bias"}
+    assert run_model(make_config(full, "strategy.personalisation=fedrep")).local_keys == {"head.weight", "head.bias"}
+    assert run_model(make_config(full, "strategy.personalisation=fedbn")).local_keys == NORMS
+    model = run_model(make_config(full, "strategy.personalisation=fedbn"))
     model.set_trainable(model.block_names)
     assert not set(model.travelling_keys()) & NORMS and set(model.kept_keys(model.units)) == NORMS
     babu = make_config(full, "strategy.personalisation=fedbabu")
@@ -50,7 +51,7 @@ def test_local_keys_of_each_personalisation() -> None:
 
 def test_fedper_strategy_sends_and_merges_only_the_body(task_identity: None) -> None:
     cfg = make_config("finetune.mode=full", "strategy.personalisation=fedper", "clients=3")
-    model = build_model(cfg)
+    model = run_model(cfg)
     s = TransferStrategy(build_strategy(cfg), plan=lambda r: personal_plan(cfg, model.block_names, r),
                          keys_of=model.unit_keys, initial_state=model.state_dict(), fingerprint="f", final_round=1)
     messages = list(s.configure_train(1, ArrayRecord(), ConfigRecord(), StaticGrid([1, 2, 3])))
@@ -76,7 +77,7 @@ def test_fedper_strategy_sends_and_merges_only_the_body(task_identity: None) -> 
 @pytest.mark.parametrize("name", ["fedper", "fedrep", "fedbn"])
 def test_client_keeps_local_tensors_in_its_state_and_never_sends_them(task_identity: None, name: str) -> None:
     cfg = make_config("finetune.mode=full", f"strategy.personalisation={name}", "clients=5")
-    model = build_model(cfg)
+    model = run_model(cfg)
     context = _context()
     reply = handle_train(_instruction(cfg), context, cfg)
     sent = set(reply.content["arrays"].keys())
@@ -105,8 +106,8 @@ def test_fedrep_trains_the_head_first_then_the_body(task_identity: None) -> None
 
 def test_fedbabu_freezes_the_head_and_tunes_it_only_for_personal_evaluation(task_identity: None) -> None:
     from fedtl.clients.trainer import train_local
+    from fedtl.personalisation import head_plan
     from fedtl.seeds import derived_seed
-    from fedtl.strategies.personal import head_plan
 
     cfg = make_config("finetune.mode=full", "strategy.personalisation=fedbabu", "clients=5")
     context = _context()
@@ -146,7 +147,7 @@ def test_fedrep_under_dp_sgd_is_refused() -> None:
 
 
 def test_client_level_dp_refuses_to_noise_batchnorm_statistics() -> None:
-    from fedtl.clients.dp_sgd import DPConfigError
+    from fedtl.errors import DPConfigError
 
     with pytest.raises(DPConfigError, match="client-level DP would add noise to BatchNorm statistics"):
         preflight(make_config("privacy.mode=client-level", "model.backbone=small-cnn-bn", "finetune.mode=full"))

@@ -50,7 +50,7 @@ def test_weights_that_do_not_fit_are_refused(tmp_path: Path, cache_dir: Path) ->
 def test_new_head_starts_at_chance_not_where_pretraining_head_started() -> None:
     """Round 0 must measure an untrained head: about 1/10 on ten classes, not the source task."""
     from fedtl.data.federated import server_test_data
-    from fedtl.server.evaluate import central_evaluate
+    from fedtl.models.metrics import central_evaluate
 
     cfg = make_config()
     accuracy = central_evaluate(build_model(cfg), server_test_data(cfg.data))["accuracy"]

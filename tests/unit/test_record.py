@@ -10,7 +10,9 @@ import torch
 from safetensors.torch import load_file
 
 from fedtl.config import ExperimentConfig
-from fedtl.server.record import RunFolderError, RunRecorder, read_metrics
+from fedtl.errors import RunFolderError
+from fedtl.reports.runs import read_metrics
+from fedtl.server.record import RunRecorder
 from fedtl.simulations.simulate import prepare_run_dir
 
 

@@ -16,7 +16,7 @@ from torchvision import datasets as tvd
 from fedtl.config import ConfigError, DataConfig
 from fedtl.data.federated import client_data, server_test_data, source_data
 from fedtl.data.scenarios import load_scenario
-from fedtl.data.sources import DataError
+from fedtl.errors import DataError
 
 CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 

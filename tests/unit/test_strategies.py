@@ -12,7 +12,7 @@ from fedtl.config import ConfigError
 from fedtl.data.federated import LabelledImages
 from fedtl.models.backbones import build_backbone
 from fedtl.models.transfer import TransferModel
-from fedtl.server.plan import RoundPlan
+from fedtl.protocol import RoundPlan
 from fedtl.strategies.registry import STRATEGIES, build_strategy
 from tests.conftest import make_config
 from tests.unit.test_strategy import INITIAL, StaticGrid, keys_of, strategy
@@ -107,7 +107,7 @@ def test_fedprox_messages_carry_mu_into_the_clients_plan(task_identity: None) ->
 
 
 def test_server_optimisers_average_normalisation_statistics_instead_of_stepping_them(task_identity: None) -> None:
-    from fedtl.server.plan import RoundPlan
+    from fedtl.protocol import RoundPlan
     from fedtl.strategies.registry import steps_server_optimiser
     from fedtl.strategies.transfer import TransferStrategy
 

@@ -11,7 +11,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, Re
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedtl.server.plan import RoundPlan
+from fedtl.protocol import RoundPlan
 from fedtl.strategies.registry import build_strategy
 from fedtl.strategies.transfer import RoundFailedError, RunStoppedError, TransferStrategy
 from tests.conftest import make_config

@@ -10,11 +10,12 @@ import pytest
 import torch
 from torch import nn
 
-from fedtl.server.evaluate import expected_calibration_error
+from fedtl.errors import StudyError
+from fedtl.models.metrics import expected_calibration_error
+from fedtl.reports.interpret import confusion_matrix, saliency
+from fedtl.reports.results import RunResult, compare_runs, to_target
 from fedtl.server.record import client_summary
-from fedtl.simulations.interpret import confusion_matrix, saliency
-from fedtl.simulations.results import RunResult, compare_runs, to_target
-from fedtl.simulations.study import StudyError, load_study, plan_study
+from fedtl.simulations.study import load_study, plan_study
 
 GRID = """
 [study]
@@ -163,7 +164,7 @@ def test_cases_go_together_and_multiply_the_grid(tmp_path: Path) -> None:
 
 
 def test_cells_say_how_many_seeds_a_figure_covers() -> None:
-    from fedtl.simulations.results import _cell
+    from fedtl.reports.results import _cell
 
     assert _cell([1.0, 3.0], "{:.1f}") == "2.0 ± 1.4"
     assert _cell([2.0, math.nan, math.nan], "{:.1f}") == "2.0 (1/3 seeds)"

@@ -11,7 +11,7 @@ import torch
 
 from fedtl.config import ConfigError, DataConfig, FinetuneConfig
 from fedtl.data.scenarios import load_scenario
-from fedtl.data.sources import DataError
+from fedtl.errors import DataError
 from fedtl.models.adapters import adapt
 from fedtl.models.factory import outside_backbone
 from fedtl.models.transfer import TransferModel
@@ -111,7 +111,7 @@ def test_lora_on_attention_projections_of_a_text_backbone(tmp_path: Path) -> Non
 def test_minilm_from_its_package_has_its_real_weights(tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
-    from fedtl.models.hf_text import model_dir
+    from fedtl.data.text import model_dir
 
     cfg = make_config("model.backbone=minilm")
     backbone = outside_backbone(cfg, in_channels=1)

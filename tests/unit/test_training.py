@@ -10,7 +10,7 @@ from fedtl.config import DataConfig, FinetuneConfig
 from fedtl.data.federated import LabelledImages, client_data
 from fedtl.models.backbones import build_backbone
 from fedtl.models.transfer import TransferModel
-from fedtl.server.plan import RoundPlan
+from fedtl.protocol import RoundPlan
 
 FT = FinetuneConfig(lr=0.1, batch_size=8)
 

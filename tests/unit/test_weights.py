@@ -11,13 +11,14 @@ from safetensors.torch import save_file
 from torchvision import models as tvm
 
 from fedtl.config import ConfigError
+from fedtl.errors import WeightsError
 from fedtl.models.backbones import BACKBONES
 from fedtl.models.factory import outside_backbone
 from fedtl.models.transfer import TransferModel
-from fedtl.models.weights import WeightsError, published
+from fedtl.models.weights import published
 from tests.conftest import make_config
 
-TORCHVISION = [n for n in BACKBONES.names() if BACKBONES.get(n).__module__.endswith("torchvision_backbones")]
+TORCHVISION = [n for n in BACKBONES.names() if BACKBONES.get(n).build.__module__.endswith("torchvision_backbones")]
 
 
 def _digests(tensors) -> list[str]:

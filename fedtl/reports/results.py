@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedtl.server.record import read_metrics
-from fedtl.simulations.study import PLAN_FILE, StudyError
+from fedtl.errors import StudyError
+from fedtl.reports.runs import PLAN_FILE, read_metrics
 
 
 @dataclass

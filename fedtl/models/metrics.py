@@ -1,4 +1,4 @@
-"""Evaluating a model on labelled images: accuracy, loss, calibration, per domain style.
+"""Model metrics on labelled images: accuracy, loss, calibration (ECE), per domain style.
 
 The server evaluates the global model on its held-out target test set each round; each
 client evaluates the final model on its own test images (``evaluate_model``).
@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from fedtl.data.federated import LabelledImages
 from fedtl.models.transfer import TransferModel
+from fedtl.protocol import ACCURACY, ECE, LOSS
 
 ECE_BINS = 15
 
@@ -35,9 +36,9 @@ def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: 
 
 def _scores(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
     return {
-        "accuracy": float((logits.argmax(1) == labels).float().mean()),
-        "loss": float(F.cross_entropy(logits, labels)),
-        "ece": expected_calibration_error(logits.softmax(1), labels),
+        ACCURACY: float((logits.argmax(1) == labels).float().mean()),
+        LOSS: float(F.cross_entropy(logits, labels)),
+        ECE: expected_calibration_error(logits.softmax(1), labels),
     }
 
 
@@ -54,5 +55,5 @@ def central_evaluate(model: TransferModel, data: LabelledImages) -> dict[str, fl
     styles = list(data.style)
     for style in dict.fromkeys(styles):
         mask = torch.tensor([s == style for s in styles])
-        out[f"accuracy/{style}"] = float(correct[mask].mean())
+        out[f"{ACCURACY}/{style}"] = float(correct[mask].mean())
     return out

@@ -14,7 +14,7 @@ import torch
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from fedtl.simulations.results import RunResult, StudyResults, epsilon
+from fedtl.reports.results import RunResult, StudyResults, epsilon
 
 Configs = Mapping[str, Sequence[RunResult]]
 

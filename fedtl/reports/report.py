@@ -16,11 +16,11 @@ from safetensors.torch import load_file
 
 from fedtl.config import load_config
 from fedtl.data.federated import LabelledImages, server_test_data
+from fedtl.errors import StudyError
 from fedtl.models.factory import build_model
-from fedtl.simulations import report_plots as plots
-from fedtl.simulations.interpret import confusion_matrix, saliency
-from fedtl.simulations.results import RunResult, StudyResults, load_results, table, target_accuracy, write_tables
-from fedtl.simulations.study import StudyError
+from fedtl.reports import report_plots as plots
+from fedtl.reports.interpret import confusion_matrix, saliency
+from fedtl.reports.results import RunResult, StudyResults, load_results, table, target_accuracy, write_tables
 
 REPORT_DIR = "report"
 _CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;color:#222}

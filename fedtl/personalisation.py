@@ -1,4 +1,4 @@
-"""Personalisation: tensors that train on each client but never leave it.
+"""Personalisations: tensors that train on each client but never leave it; one registry entry each.
 
 A personalisation wraps the federation around whichever Flower strategy merges the rest:
 - it names the model's *local keys* (``TransferModel.local_keys``), which the server
@@ -9,6 +9,10 @@ A personalisation wraps the federation around whichever Flower strategy merges t
   for FedBABU, a head it fine-tunes at evaluation): that is what its personalised
   accuracy measures, next to the global model's accuracy on the same images.
 
+An entry is a description both sides share (what stays local, the round's plan, the
+checks); the client's half (keeping the local tensors, FedRep's head phase, FedBABU's
+tuning) is ``fedtl.clients.personal``, reading the entry's facts.
+
 The server's central evaluation uses the server's values of local keys (their initial
 ones): for FedPer/FedRep/FedBABU that is an untrained head, for FedBN the pre-trained
 norms with federated weights around them, so read their personalised accuracy.
@@ -17,22 +21,18 @@ norms with federated weights around them, so read their personalised accuracy.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from flwr.app import ArrayRecord, Context
-
-from fedtl.clients.trainer import TrainResult, train_local
-from fedtl.config import ConfigError, ExperimentConfig
-from fedtl.data.federated import LabelledImages
-from fedtl.models.adapters import norm_keys
-from fedtl.models.transfer import HEAD, TransferModel
+from fedtl.config import ExperimentConfig
+from fedtl.errors import ConfigError
+from fedtl.models.modes import plan_round
+from fedtl.privacy import privacy_mode
+from fedtl.protocol import HEAD, RoundPlan
 from fedtl.registry import Registry
-from fedtl.server.plan import RoundPlan, plan_round
 
-LocalRound = Callable[[TransferModel, LabelledImages, RoundPlan, ExperimentConfig, Context, int],
-                      tuple[TrainResult, dict[str, float | int]]]
-# The node's ``context.state`` key under which its local tensors live between rounds.
-LOCAL_STATE = "fedtl.local"
+if TYPE_CHECKING:
+    from fedtl.models.transfer import TransferModel
 
 
 def _no_keys(model: TransferModel) -> frozenset[str]:
@@ -43,9 +43,14 @@ def _head_keys(model: TransferModel) -> frozenset[str]:
     return frozenset(k for k in model.state_dict() if k.startswith(f"{HEAD}."))
 
 
-def _as_is(inner: LocalRound, model: TransferModel, data: LabelledImages, plan: RoundPlan, cfg: ExperimentConfig,
-           context: Context, seed: int) -> tuple[TrainResult, dict[str, float | int]]:
-    return inner(model, data, plan, cfg, context, seed)
+def _norm_keys(model: TransferModel) -> frozenset[str]:
+    from fedtl.models.adapters import norm_keys  # lazily: this module stays light for the config
+
+    return norm_keys(model)
+
+
+def _accepts_any(cfg: ExperimentConfig) -> None:
+    return None
 
 
 @dataclass(frozen=True)
@@ -58,17 +63,19 @@ class Personalisation:
         The state keys that stay on each client.
     trains_head : bool
         Whether the head trains during federation (FedBABU: no).
-    local_round : Callable
-        ``(inner, model, data, plan, cfg, context, seed)``: the client's round around the
-        privacy mode's own round ``inner``.
+    head_first : bool
+        Whether a client trains its (local) head alone before the body each round (FedRep).
     tunes_head : bool
         Whether a client fine-tunes the head on its own data before its personalised evaluation.
+    check_config : Callable[[ExperimentConfig], None]
+        Raises ``ConfigError`` for settings it cannot honour.
     """
 
     local: Callable[[TransferModel], frozenset[str]] = _no_keys
     trains_head: bool = True
-    local_round: Callable[..., tuple[TrainResult, dict[str, float | int]]] = _as_is
+    head_first: bool = False
     tunes_head: bool = False
+    check_config: Callable[[ExperimentConfig], None] = _accepts_any
 
 
 def head_plan(cfg: ExperimentConfig) -> RoundPlan:
@@ -76,19 +83,13 @@ def head_plan(cfg: ExperimentConfig) -> RoundPlan:
     return RoundPlan({HEAD: cfg.finetune.lr}, cfg.strategy.head_epochs)
 
 
-def _fedrep_round(inner: LocalRound, model: TransferModel, data: LabelledImages, plan: RoundPlan,
-                  cfg: ExperimentConfig, context: Context, seed: int) -> tuple[TrainResult, dict[str, float | int]]:
-    # FedRep (Collins et al. 2021): the local head first adapts to the received body, then
-    # the body trains under that head; only the body travels.
-    head = head_plan(cfg)
-    head.apply_to(model)
-    train_local(model, data, head, cfg.finetune, seed=seed ^ 0x5EED)
-    body = replace(plan, lrs={u: lr for u, lr in plan.lrs.items() if u != HEAD})
-    body.apply_to(model)
-    try:
-        return inner(model, data, body, cfg, context, seed)
-    finally:
-        plan.apply_to(model)
+def _head_phase_outside_dp(cfg: ExperimentConfig) -> None:
+    if privacy_mode(cfg).per_sample:
+        raise ConfigError(
+            f"strategy.personalisation = \"{cfg.strategy.personalisation}\" with privacy.mode = \"{cfg.privacy.mode}\": "
+            "FedRep's extra head phase would train outside the DP-SGD accountant. Use fedper (the head trains inside "
+            "DP-SGD) or no DP-SGD"
+        )
 
 
 PERSONALISATIONS: Registry[Personalisation] = Registry("personalisation")
@@ -96,8 +97,11 @@ PERSONALISATIONS.register("none")(Personalisation())
 # FedPer (Arivazhagan et al. 2019): the body is federated, each client keeps its own head.
 PERSONALISATIONS.register("fedper")(Personalisation(local=_head_keys))
 # FedBN (Li et al. 2021): normalisation layers stay local, for feature-shifted silos.
-PERSONALISATIONS.register("fedbn")(Personalisation(local=norm_keys))
-PERSONALISATIONS.register("fedrep")(Personalisation(local=_head_keys, local_round=_fedrep_round))
+PERSONALISATIONS.register("fedbn")(Personalisation(local=_norm_keys))
+# FedRep (Collins et al. 2021): the local head first adapts to the received body, then the
+# body trains under that head; only the body travels.
+PERSONALISATIONS.register("fedrep")(Personalisation(local=_head_keys, head_first=True,
+                                                    check_config=_head_phase_outside_dp))
 # FedBABU (Oh et al. 2022): the head stays at its shared random init during federation;
 # each client fine-tunes it on its own data at the end.
 PERSONALISATIONS.register("fedbabu")(Personalisation(trains_head=False, tunes_head=True))
@@ -108,12 +112,20 @@ def personalisation(cfg: ExperimentConfig) -> Personalisation:
     return PERSONALISATIONS.get(cfg.strategy.personalisation)
 
 
+def run_model(cfg: ExperimentConfig, *, load_weights: bool = True) -> TransferModel:
+    """The model a run trains: ``fedtl.models.factory.build_model`` (same arguments) with the local keys of
+    ``cfg``'s personalisation set. Server and clients both build it so."""
+    from fedtl.models.factory import build_model  # lazily: this module stays light for the config
+
+    model = build_model(cfg, load_weights=load_weights)
+    model.local_keys = personalisation(cfg).local(model)
+    return model
+
+
 def personal_plan(cfg: ExperimentConfig, blocks: Sequence[str], rnd: int) -> RoundPlan:
     """The plan of round ``rnd`` under the run's personalisation (FedBABU: without the head)."""
-    plan = plan_round(cfg, blocks, rnd)
-    if personalisation(cfg).trains_head:
-        return plan
-    return replace(plan, lrs={u: lr for u, lr in plan.lrs.items() if u != HEAD})
+    plan = plan_round(cfg.finetune, blocks, rnd)
+    return plan if personalisation(cfg).trains_head else plan.without_head()
 
 
 def check_personal_plans(model: TransferModel, plans: Sequence[RoundPlan], name: str) -> None:
@@ -139,20 +151,3 @@ def check_personal_plans(model: TransferModel, plans: Sequence[RoundPlan], name:
             f"strategy.personalisation = \"{name}\" would keep nothing local: no round trains a tensor it keeps "
             "on the clients (FedBN needs trainable normalisation layers, e.g. finetune.mode = \"full\" or "
             "\"bn-only\"). Use strategy.personalisation = \"none\" for plain federation")
-
-
-def load_local_state(model: TransferModel, context: Context) -> None:
-    """Load this node's local tensors (from earlier rounds) into ``model``; new keys keep their initial values."""
-    if LOCAL_STATE in context.state.array_records:
-        state = context.state.array_records[LOCAL_STATE].to_torch_state_dict()
-        model.load_some({k: v for k, v in state.items() if k in model.local_keys})
-
-
-def save_local_state(model: TransferModel, context: Context, units: Sequence[str]) -> None:
-    """Keep the local tensors ``units`` trained in this node's ``context.state`` (the others stay as they were)."""
-    kept = model.state_of(model.kept_keys(units))
-    if not kept:
-        return
-    record = context.state.array_records.get(LOCAL_STATE, ArrayRecord())
-    merged = {**record.to_torch_state_dict(), **kept} if len(record) else kept
-    context.state[LOCAL_STATE] = ArrayRecord(merged)

@@ -1,0 +1,33 @@
+"""The files of run and study folders, and reading them back.
+
+The server writes a run folder (``fedtl.server.record``), a study writes its plan
+(``fedtl.simulations.study``); everything that reads them (reports, comparisons, a rerun
+that skips finished runs) reads through here.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+# What a run writes into its folder (and ``--overwrite`` removes).
+RUN_FILES = ("config.toml", "metrics.jsonl", "summary.json", "accuracy.png", "checkpoints", "privacy.jsonl",
+             "privacy.png", "clients.jsonl", "flower.log")
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+LEDGER_FILE = "privacy.jsonl"
+LOG_FILE = "flower.log"
+# A study folder's list of runs.
+PLAN_FILE = "plan.json"
+
+
+def holds_run(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds a run (started or finished)."""
+    return (Path(run_dir) / METRICS_FILE).exists() or (Path(run_dir) / SUMMARY_FILE).exists()
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """The rows of a run folder's ``metrics.jsonl``."""
+    path = Path(run_dir) / METRICS_FILE
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
