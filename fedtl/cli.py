@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated, NoReturn
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -13,7 +14,8 @@ from fedtl.config import ExperimentConfig, all_keys, flwr_app_config_table, load
 from fedtl.errors import ConfigError, FedtlError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Federated transfer learning on Flower.")
-console = Console()
+# soft_wrap: long lines (paths, the guarantee) are never broken by rich; the terminal wraps them.
+console = Console(soft_wrap=True)
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML config file (default: the built-in default study).")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override a key: --set rounds=20 --set finetune.mode=full.")]
@@ -32,6 +34,21 @@ def _fail(err: Exception) -> NoReturn:
     raise typer.Exit(2)
 
 
+def _table(title: str, header: list[str], rows: list[list[str]], *, markdown: bool = False) -> None:
+    """A table: drawn by rich on a terminal, as a whole Markdown table otherwise (a pipe, a file,
+    ``--markdown``), so that no cell is ever cut to fit a width."""
+    if markdown or not console.is_terminal:
+        lines = [f"**{title}**", ""] if title else []
+        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(r) + " |" for r in rows]
+        typer.echo("\n".join(lines))
+        return
+    table = Table(*header, title=title, box=box.SIMPLE_HEAD)
+    for r in rows:
+        table.add_row(*r)
+    console.print(table)
+
+
 @app.command()
 def simulate(
     config: ConfigOpt = None,
@@ -39,6 +56,8 @@ def simulate(
     compare_scratch: Annotated[bool, typer.Option("--compare-scratch", help="Also run the from-scratch baseline and report the transfer gain.")] = False,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Run folder (default: runs/<name>-<time>).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a run already in --out.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Flower's and Ray's logs live (by default they "
+                                                              "go to <run>/flower.log).")] = False,
     ray_address: Annotated[str | None, typer.Option(
         "--ray-address", help="Run on an existing Ray cluster: 'auto' (started here with `ray start --head`) or "
         "host:port of its head (simulation.ray-address).")] = None,
@@ -49,19 +68,19 @@ def simulate(
         from fedtl.simulations.simulate import simulate as run
         from fedtl.simulations.simulate import simulate_with_scratch
 
-        summary = simulate_with_scratch(cfg, overwrite=overwrite) if compare_scratch else run(cfg, overwrite=overwrite)
+        summary = (simulate_with_scratch(cfg, overwrite=overwrite, verbose=verbose) if compare_scratch
+                   else run(cfg, overwrite=overwrite, verbose=verbose))
     except _USER_ERRORS as err:
         _fail(err)
-    table = Table("summary", "value", title=f"{summary['name']}: {summary['mode']} ({summary['init']})")
-    for key in ("final_accuracy", "best_accuracy", "scratch_final_accuracy", "transfer_gain", "bytes_down_total",
-                "bytes_up_total", "travelling_params", "total_params", "travelling_ratio", "wall_seconds"):
-        if key in summary:
-            value = summary[key]
-            table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
-    for key in ("accuracy_mean", "personal_mean"):
-        if key in summary.get("per_client", {}):
-            table.add_row(f"client {key.replace('_', ' ')}", f"{summary['per_client'][key]:.4f}")
-    console.print(table)
+    pairs = [(key, summary[key]) for key in (
+        "final_accuracy", "best_accuracy", "scratch_final_accuracy", "transfer_gain", "bytes_down_total",
+        "bytes_up_total", "travelling_params", "total_params", "travelling_ratio", "wall_seconds") if key in summary]
+    pairs += [(f"client {key.replace('_', ' ')}", summary["per_client"][key]) for key in ("accuracy_mean", "personal_mean")
+              if key in summary.get("per_client", {})]
+    cells = [(key, f"{value:.4f}" if isinstance(value, float) else str(value)) for key, value in pairs]
+    # Two figures a row: the summary stays short enough to read under the round tables.
+    rows = [[*cells[i], *(cells[i + 1] if i + 1 < len(cells) else ("", ""))] for i in range(0, len(cells), 2)]
+    _table(f"{summary['name']}: {summary['mode']} ({summary['init']})", ["summary", "value", "summary", "value"], rows)
     console.print(f"privacy: {summary['privacy']['guarantee']}")
     if summary.get("stopped_early"):
         console.print(f"[yellow]{summary['stopped_early']}[/]")
@@ -91,8 +110,14 @@ def show_config(
     config: ConfigOpt = None,
     set_: SetOpt = None,
     flwr_table: Annotated[bool, typer.Option("--flwr-table", help="Print pyproject's [tool.flwr.app.config] table.")] = False,
+    markdown: Annotated[bool, typer.Option("--markdown", help="Print the configuration reference (docs/config.md).")] = False,
 ) -> None:
     """Print the resolved config as TOML (or, with no file, the defaults and every key)."""
+    if markdown:
+        from fedtl.config.reference import markdown as reference
+
+        typer.echo(reference(), nl=False)
+        return
     if flwr_table:
         console.print(flwr_app_config_table(), markup=False, highlight=False)
         return
@@ -155,10 +180,7 @@ def compare(
         header, rows = compare_runs(run_a, run_b)
     except _USER_ERRORS as err:
         _fail(err)
-    table = Table(*header, title="fedtl compare")
-    for row in rows:
-        table.add_row(*row)
-    console.print(table)
+    _table("fedtl compare", list(header), [list(r) for r in rows])
     if plot is not None:
         plot_accuracy({str(run_a): read_metrics(run_a), str(run_b): read_metrics(run_b)}, plot, title="compare")
         console.print(f"plot: {plot}")
@@ -184,15 +206,8 @@ def backbones(
     cells = [[str(r["backbone"]), ", ".join(r["blocks"]) if len(r["blocks"]) <= 8 else
               f"{r['blocks'][0]}, {r['blocks'][1]}, ..., {r['blocks'][-1]} ({len(r['blocks'])})",
               f"{r['params']:,}", *(f"{r[m]:,}" for m in TABLE_MODES)] for r in rows]
-    if markdown:
-        typer.echo("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
-        for c in cells:
-            typer.echo("| " + " | ".join(c) + " |")
-        return
-    table = Table(*header, title=f"backbones at {image_size} px, 10 classes: elements that travel in round 1")
-    for c in cells:
-        table.add_row(*c)
-    console.print(table)
+    _table("" if markdown else f"backbones at {image_size} px, 10 classes: elements that travel in round 1", header,
+           cells, markdown=markdown)
 
 
 from fedtl.deploy.cli import app as deploy_app  # noqa: E402 - after the commands it follows in --help

@@ -1,4 +1,4 @@
-"""Shared test set-up: offline Flower/Ray, deliberate thread counts, a shared weights cache."""
+"""Shared test set-up: offline Flower/Ray, deliberate thread counts, a shared weights cache (helpers: tests/helpers.py)."""
 
 from __future__ import annotations
 
@@ -20,24 +20,16 @@ os.environ.setdefault("RAY_TMPDIR", "/tmp/fedtl-ray")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from fedtl.config import ExperimentConfig, load_config  # noqa: E402
+from tests.helpers import CACHE  # noqa: E402
 
 # Two cores: unit tests use both; simulated clients set one thread each themselves.
 torch.set_num_threads(2)
-
-# Pre-trained weights are cached by their config, so one folder serves every test and rerun.
-CACHE = TMP / "test-cache"
 
 
 @pytest.fixture(scope="session")
 def cache_dir() -> Path:
     CACHE.mkdir(parents=True, exist_ok=True)
     return CACHE
-
-
-def make_config(*sets: str) -> ExperimentConfig:
-    """The default config with a quick pre-training, the shared cache and ``sets`` applied."""
-    return load_config(None, [f"pretrain.cache-dir={str(CACHE)!r}", "pretrain.epochs=2", *sets])
 
 
 @pytest.fixture

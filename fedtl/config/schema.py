@@ -36,16 +36,23 @@ class DataConfig(Validated):
 
     SECTION = "data."
 
+    # The data (docs/data-and-backbones.md; `nodes`: data on the SuperNodes, docs/deploy.md).
     scenario: str = field(default="digits-domain-shift", metadata=one_of("fedtl.data.scenarios:SCENARIOS"))
+    # Flwr-datasets partitioner of the target pool (`natural`: client folders).
     partitioner: str = field(default="iid", metadata=one_of("fedtl.data.partition:PARTITIONERS"))
+    # Dirichlet concentration (small = strong label skew).
     alpha: float = field(default=0.5, metadata=in_range(0.0, None, lo_open=True))
+    # Labelled images each client keeps (0 = its whole partition).
     labelled_per_client: int = field(default=10, metadata=in_range(0))
+    # Smallest partition the partitioner may produce.
     min_partition_size: int = field(default=2, metadata=in_range(0))
     # The last share of each client's partition: its own test images, never trained on.
     client_test_fraction: float = field(default=0.2, metadata=in_range(0.0, 0.9))
     # Clients (the highest partition ids) kept out of training: the adaptability figures.
     held_out_clients: int = field(default=0, metadata=in_range(0))
+    # Share of the target half held out as the server's test set.
     test_fraction: float = field(default=0.3, metadata=in_range(0.0, 0.9, lo_open=True))
+    # Image side after resizing.
     image_size: int = field(default=16, metadata=in_range(8, 512))
     # Real data (scenarios torchvision, image-folder, hf-dataset): local files only.
     dataset: str = ""  # torchvision: the data set class, e.g. "CIFAR10"
@@ -65,6 +72,7 @@ class DataConfig(Validated):
     # Data on the nodes (deployment): the class names labels index, comma-separated ("" : a node's
     # class subfolders, sorted), and the images' channels under data.scenario = "nodes".
     classes: str = ""
+    # `nodes`: the images' channels.
     channels: int = field(default=3, metadata=one_of((1, 3)))
 
 
@@ -74,6 +82,7 @@ class ModelConfig(Validated):
 
     SECTION = "model."
 
+    # Backbone family.
     backbone: str = field(default="small-cnn", metadata=one_of("fedtl.models.backbones:BACKBONES"))
     # "group" swaps every BatchNorm for GroupNorm (Opacus's ModuleValidator.fix) before
     # pre-training, so normalisation layers can train under DP-SGD.
@@ -97,19 +106,31 @@ class FinetuneConfig(Validated):
 
     SECTION = "finetune."
 
+    # Fine-tuning mode.
     mode: str = field(default="feature-extraction", metadata=one_of("fedtl.models.modes:MODES"))
+    # The head's learning rate (SGD).
     lr: float = field(default=0.05, metadata=in_range(0.0, 10.0, lo_open=True))
+    # Blocks' rate relative to `lr` in `full` and `gradual-unfreezing`.
     backbone_lr_scale: float = field(default=0.1, metadata=in_range(0.0, 1.0, lo_open=True))
+    # Per-block decay in `discriminative`.
     lr_decay: float = field(default=0.5, metadata=in_range(0.0, 1.0, lo_open=True))
+    # Rounds between unfreezing steps.
     unfreeze_every: int = field(default=3, metadata=in_range(1))
+    # Passes over local data per round.
     local_epochs: int = field(default=2, metadata=in_range(1, 1000))
+    # Local batch size.
     batch_size: int = field(default=16, metadata=in_range(1))
+    # SGD momentum.
     momentum: float = field(default=0.9, metadata=in_range(0.0, 1.0))
+    # SGD weight decay.
     weight_decay: float = field(default=0.0, metadata=in_range(0.0, 1.0))
     # Adapter modes (lora, ffa-lora, bn-only, bias-only): the top this many blocks get the adapter (0: all).
     adapter_blocks: int = field(default=0, metadata=in_range(0))
+    # `lora`, `ffa-lora`: rank r.
     lora_rank: int = field(default=4, metadata=in_range(1, 4096))
+    # `lora`, `ffa-lora`: scaling α (the update is α/r · B·A).
     lora_alpha: float = field(default=8.0, metadata=in_range(0.0, None, lo_open=True))
+    # `lora`, `ffa-lora`: dropout on the adapter's input.
     lora_dropout: float = field(default=0.0, metadata=in_range(0.0, 1.0))
     # Which layers of those blocks LoRA adapts: every Conv2d/Linear, or only attention's projections.
     lora_targets: str = field(default="all", metadata=one_of(("all", "attention")))
@@ -121,10 +142,15 @@ class StrategyConfig(Validated):
 
     SECTION = "strategy."
 
+    # Flower strategy (docs/concepts.md).
     name: str = field(default="fedavg", metadata=one_of("fedtl.strategies.registry:STRATEGIES"))
+    # Share of clients sampled per round.
     fraction_train: float = field(default=1.0, metadata=in_range(0.0, 1.0, lo_open=True))
+    # Fewest clients per round.
     min_train_nodes: int = field(default=2, metadata=in_range(1))
+    # Clients to wait for before a round.
     min_available_nodes: int = field(default=2, metadata=in_range(1))
+    # Seconds to wait for a round's replies.
     round_timeout: float = field(default=3600.0, metadata=in_range(1.0))
     # How client updates are weighted: by examples (FedAvg), uniformly, or "auto":
     # uniform under client-level DP (its noise is calibrated to equal weights), else examples.
@@ -152,23 +178,30 @@ class PrivacyConfig(Validated):
 
     SECTION = "privacy."
 
+    # Sample-level DP-SGD on clients, or client-level DP on the server.
     mode: str = field(default="off", metadata=one_of("fedtl.privacy:PRIVACY_MODES"))
+    # Σ, when `target-epsilon` is 0.
     noise_multiplier: float = field(default=1.0, metadata=in_range(0.0, 1000.0, lo_open=True))
     # > 0: calibrate the noise so the whole planned run spends exactly this (it is also the budget).
     target_epsilon: float = field(default=0.0, metadata=in_range(0.0))
     # > 0: a client (dp-sgd) or the server (client-level) stops before spending more. 0: the target, if set.
     max_epsilon: float = field(default=0.0, metadata=in_range(0.0))
+    # Δ of the guarantee.
     delta: float = field(default=1e-5, metadata=in_range(0.0, 0.1, lo_open=True))
     # dp-sgd: per-sample gradient norm bound; client-level: bound on each client's update norm.
     max_grad_norm: float = field(default=1.0, metadata=in_range(0.0, None, lo_open=True))
+    # Opacus accountant (dp-sgd).
     accountant: str = field(default="rdp", metadata=one_of(("rdp", "prv", "gdp")))
     # Opacus's per-sample gradient engine; "ghost" is ghost clipping (no per-sample gradients stored).
     # Not "functorch": its vmap fails on the empty batches Poisson sampling draws.
     grad_sample_mode: str = field(default="hooks", metadata=one_of(("hooks", "ghost")))
     # client-level: Flower's wrapper family.
     clipping: str = field(default="fixed", metadata=one_of(("fixed", "adaptive")))
+    # Client-level: where updates are clipped.
     clip_on: str = field(default="server", metadata=one_of(("server", "client")))
+    # Adaptive clipping: share of updates to leave unclipped.
     target_quantile: float = field(default=0.5, metadata=in_range(0.0, 1.0))
+    # Adaptive clipping: learning rate of the clipping norm.
     clip_lr: float = field(default=0.2, metadata=in_range(0.0, None, lo_open=True))
 
     @property
@@ -183,11 +216,17 @@ class PretrainConfig(Validated):
 
     SECTION = "pretrain."
 
+    # Pre-training epochs on the source data.
     epochs: int = field(default=15, metadata=in_range(1, 1000))
+    # Pre-training learning rate (SGD, cosine schedule).
     lr: float = field(default=0.05, metadata=in_range(0.0, 10.0, lo_open=True))
+    # Pre-training batch size.
     batch_size: int = field(default=32, metadata=in_range(1))
+    # Small random affine transforms while pre-training.
     augment: bool = True
+    # Pre-training seed (separate from `seed`: one backbone serves every run).
     seed: int = field(default=0, metadata=in_range(0))
+    # Where pre-trained weights are cached (made absolute).
     cache_dir: str = ".fedtl-cache"
 
 
@@ -197,7 +236,9 @@ class SimulationConfig(Validated):
 
     SECTION = "simulation."
 
+    # CPUs per virtual client (Ray).
     num_cpus: float = field(default=1.0, metadata=in_range(0.0, None, lo_open=True))
+    # GPUs per virtual client (Ray; fractions allowed).
     num_gpus: float = field(default=0.0, metadata=in_range(0.0))
     # An existing Ray cluster to run on ("auto": the one `ray start` made on this machine, or
     # "host:port" of its head); empty: a private Ray instance for this run.
@@ -208,11 +249,17 @@ class SimulationConfig(Validated):
 class ExperimentConfig(Validated):
     """One federated transfer-learning run. Defaults are the offline default study."""
 
+    # Run name (default folder `runs/<name>-<time>`).
     name: str = "digits"
+    # Seed of the client split, head init, scratch init, batch order.
     seed: int = field(default=0, metadata=in_range(0))
+    # Federated rounds.
     rounds: int = field(default=20, metadata=in_range(1, 100_000))
+    # Simulated clients (SuperNodes); in a deployment, the nodes the run expects.
     clients: int = field(default=10, metadata=in_range(1, 100_000))
+    # Start from the pre-trained backbone or random weights.
     init: str = field(default="pretrained", metadata=one_of(("pretrained", "scratch")))
+    # Run folder (`--out` sets it).
     out: str = ""
     # Where clients train and evaluate: "auto" (CUDA when this process sees a GPU), "cpu" or "cuda".
     # A node's own node config "device" overrides it.

@@ -27,6 +27,7 @@ from fedtl.deploy.commands import (
     superlink_command,
     supernode_command,
 )
+from fedtl.protocol import NUM_PARTITIONS, PARTITION_ID
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Deploy on real machines: a SuperLink with TLS and node authentication, SuperNodes that "
@@ -179,9 +180,9 @@ def supernode(
         extra = parse_config_args([" ".join(items)]) if items else {}  # exactly as flower-supernode reads it
     except click.ClickException as err:
         _fail(f"--node-config {' '.join(items)!r}: {err.message}")
-    if data_path is None and "partition-id" not in extra:
+    if data_path is None and PARTITION_ID not in extra:
         _fail("a SuperNode needs its data: --data-path /its/data (or, for a dry run on a built-in scenario, "
-              "--node-config partition-id=<i> --node-config num-partitions=<n>)")
+              f"--node-config {PARTITION_ID}=<i> --node-config {NUM_PARTITIONS}=<n>)")
     if data_path is not None and not Path(data_path).exists():
         console.print(f"[bold yellow]warning:[/] {data_path} does not exist (yet): every round will fail on this "
                       "node until it does")

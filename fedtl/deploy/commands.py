@@ -10,9 +10,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from flwr.cli.flower_config import write_superlink_connection
-from flwr.cli.typing import SuperLinkConnection
-
 from fedtl.deploy.certs import Keys
 from fedtl.protocol import DATA_PATH
 
@@ -147,6 +144,10 @@ def save_connection(name: str, address: str, keys: Keys, *, insecure: bool = Fal
     FileNotFoundError
         If ``ca.crt`` is missing.
     """
+    # lazily: the fedtl command imports this module at start, and a mistyped config must fail before Flower loads
+    from flwr.cli.flower_config import write_superlink_connection
+    from flwr.cli.typing import SuperLinkConnection
+
     if insecure:
         write_superlink_connection(SuperLinkConnection(name, address=address, insecure=True))
         return

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from logging import WARNING
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, RdpAccountant, ServerApp
 from flwr.serverapp.exception import PrivacyBudgetExhausted
 from flwr.serverapp.strategy import Strategy
+from rich.console import Console
 
 from fedtl.config import ExperimentConfig
 from fedtl.data.federated import server_test_data
@@ -29,6 +31,16 @@ from fedtl.server.record import RunRecorder
 from fedtl.strategies.privacy import wrap_private
 from fedtl.strategies.registry import build_strategy, steps_server_optimiser, weight_key
 from fedtl.strategies.transfer import RoundReport, TransferStrategy
+
+
+@dataclass(frozen=True)
+class Terminal:
+    """Where a run's round table goes: ``console`` (default stdout), ``quiet`` when the process's own
+    output belongs to the run's log, and every ``table_every``-th round printed (all are saved)."""
+
+    console: Console | None = None
+    quiet: bool = False
+    table_every: int = 1
 
 
 def run_dir(cfg: ExperimentConfig) -> Path:
@@ -73,8 +85,11 @@ def private_strategy(cfg: ExperimentConfig, model: TransferModel) -> tuple[Strat
     return wrap_private(build_strategy(cfg), cfg)
 
 
-def run_server(grid: Grid, cfg: ExperimentConfig) -> dict[str, Any]:
-    """Run the whole federated fine-tuning of ``cfg`` on ``grid``; return the run's summary."""
+def run_server(grid: Grid, cfg: ExperimentConfig, terminal: Terminal | None = None) -> dict[str, Any]:
+    """Run the whole federated fine-tuning of ``cfg`` on ``grid``; return the run's summary.
+
+    ``terminal`` (a simulation's): where the round table goes and how; default stdout, Flower's log around it.
+    """
     model = run_model(cfg)
     test = server_test_data(cfg.data)
 
@@ -84,7 +99,8 @@ def run_server(grid: Grid, cfg: ExperimentConfig) -> dict[str, Any]:
     # Everything that can refuse the config does so before the run folder is written.
     privacy = privacy_mode(cfg)
     inner, accountant = private_strategy(cfg, model)
-    recorder = RunRecorder(run_dir(cfg), cfg)
+    t = terminal or Terminal()
+    recorder = RunRecorder(run_dir(cfg), cfg, t.console, quiet=t.quiet, table_every=t.table_every)
     ledger = PrivacyLedger(recorder.out, cfg, privacy, accountant) if privacy.accounted else None
 
     def observe(report: RoundReport) -> None:
@@ -152,13 +168,15 @@ def run_server(grid: Grid, cfg: ExperimentConfig) -> dict[str, Any]:
     return summary
 
 
-def make_server_app(run_config: Mapping[str, Any] | None = None) -> ServerApp:
-    """A ServerApp for ``run_config`` (a flattened ExperimentConfig); ``None`` reads the Context's."""
+def make_server_app(run_config: Mapping[str, Any] | None = None, terminal: Terminal | None = None) -> ServerApp:
+    """A ServerApp for ``run_config`` (a flattened ExperimentConfig); ``None`` reads the Context's.
+    ``terminal``: see ``run_server``."""
     server = ServerApp()
 
     @server.main()
     def main(grid: Grid, context: Context) -> None:
-        run_server(grid, ExperimentConfig.from_run_config(run_config if run_config is not None else context.run_config))
+        cfg = ExperimentConfig.from_run_config(run_config if run_config is not None else context.run_config)
+        run_server(grid, cfg, terminal)
 
     return server
 

@@ -45,10 +45,16 @@ class RunRecorder:
     cfg : ExperimentConfig
         Written as ``config.toml``.
     console : Console, optional
-        Where the per-round table and progress bar go.
+        Where the per-round table and progress bar go (default: stdout, Flower's log around them).
+    quiet : bool, default False
+        The console is the terminal of a quiet run (``fedtl.simulations.logs``): the bar does not take
+        over the process's stdout and stderr, which belong to the run's log.
+    table_every : int, default 1
+        Print every this many rounds' lines (and the last); every line is written to ``metrics.jsonl``.
     """
 
-    def __init__(self, out_dir: Path, cfg: ExperimentConfig, console: Console | None = None) -> None:
+    def __init__(self, out_dir: Path, cfg: ExperimentConfig, console: Console | None = None, *,
+                 quiet: bool = False, table_every: int = 1) -> None:
         self.out = Path(out_dir)
         if holds_run(self.out):
             raise RunFolderError(f"{self.out} already holds a run; choose another folder (--out / out) or remove it")
@@ -58,6 +64,7 @@ class RunRecorder:
         self.metrics_path.write_text("")
         self.cfg = cfg
         self.console = console or Console()
+        self.table_every = table_every
         self.rows: list[dict[str, Any]] = []
         self._pending: dict[int, dict[str, Any]] = {}  # figures, and client_errors: a list of reasons
         self.client_evaluation: list[dict[str, Any]] = []
@@ -67,10 +74,11 @@ class RunRecorder:
         self.columns = [c for c in _COLUMNS if c[0] != "epsilon" or privacy_mode(cfg).accounted]
         self.console.print("  ".join(label.rjust(len(fmt.format(0))) for _, label, fmt in self.columns))
         self._progress = Progress(TextColumn("rounds"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                                  console=self.console, transient=True)
+                                  console=self.console, transient=True, redirect_stdout=not quiet,
+                                  redirect_stderr=not quiet)
         self._task = self._progress.add_task("rounds", total=cfg.rounds)
         self._progress.start()
-        self._rerouted = self._route_flower_log_above_the_bar()
+        self._rerouted = [] if quiet else self._route_flower_log_above_the_bar()
 
     @staticmethod
     def _route_flower_log_above_the_bar() -> list[tuple[logging.StreamHandler, Any]]:
@@ -101,8 +109,9 @@ class RunRecorder:
         self.rows.append(row)
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(row) + "\n")
-        cells = [fmt.format(row[key]) if key in row else " " * len(fmt.format(0)) for key, _, fmt in self.columns]
-        self._progress.console.print("  ".join(cells))
+        if rnd % self.table_every == 0 or rnd == self.cfg.rounds:
+            cells = [fmt.format(row[key]) if key in row else " " * len(fmt.format(0)) for key, _, fmt in self.columns]
+            self._progress.console.print("  ".join(cells))
         self._progress.update(self._task, completed=rnd)
         return row
 

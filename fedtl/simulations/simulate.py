@@ -1,4 +1,10 @@
-"""Run an experiment on Flower's simulation runtime (Ray), and the from-scratch comparison."""
+"""Run an experiment on Flower's simulation runtime (Ray), and the from-scratch comparison.
+
+The one call to Flower's ``run_simulation`` is in ``simulate``. Flower 1.42 deprecates it in
+favour of ``flwr run`` with a local SuperLink (``flower-superlink --simulation``), which fedtl's
+``[tool.flwr.app]`` already supports (``flwr run . --stream``); when Flower drops it, this call
+site is what moves. Quiet by default: Flower's and Ray's output goes to ``<run>/flower.log``.
+"""
 
 from __future__ import annotations
 
@@ -15,9 +21,10 @@ from fedtl.models.factory import build_model
 from fedtl.models.pretrain import ensure_pretrained, pretrains_itself
 from fedtl.personalisation import run_model
 from fedtl.reports.plots import plot_accuracy
-from fedtl.reports.runs import RUN_FILES, holds_run, read_metrics
-from fedtl.server.app import make_server_app, private_strategy, run_dir
+from fedtl.reports.runs import LOG_FILE, RUN_FILES, holds_run, read_metrics
+from fedtl.server.app import Terminal, make_server_app, private_strategy, run_dir
 from fedtl.server.record import write_summary
+from fedtl.simulations.logs import flower_log_copy, quiet_output
 
 
 def prepare_run_dir(cfg: ExperimentConfig, *, overwrite: bool = False) -> ExperimentConfig:
@@ -38,7 +45,8 @@ def prepare_run_dir(cfg: ExperimentConfig, *, overwrite: bool = False) -> Experi
     return cfg.replace(out=str(out))
 
 
-def simulate(cfg: ExperimentConfig, *, overwrite: bool = False) -> dict[str, Any]:
+def simulate(cfg: ExperimentConfig, *, overwrite: bool = False, verbose: bool = False,
+             table_every: int = 1) -> dict[str, Any]:
     """Run ``cfg`` with ``cfg.clients`` virtual clients on Ray; return its summary.
 
     Parameters
@@ -47,10 +55,24 @@ def simulate(cfg: ExperimentConfig, *, overwrite: bool = False) -> dict[str, Any
         The experiment; ``cfg.out`` (or ``runs/<name>-<time>``) receives the run folder.
     overwrite : bool, default False
         Replace a run already in that folder.
+    verbose : bool, default False
+        Show Flower's and Ray's logs live. By default they go to ``<run>/flower.log`` and the
+        terminal shows only fedtl's round table and progress bar.
+    table_every : int, default 1
+        Print every this many rounds' table lines (the last always; all are in ``metrics.jsonl``).
     """
+    cfg = prepare_run_dir(cfg, overwrite=overwrite)
+    out = Path(cfg.out)
+    if verbose:
+        with flower_log_copy(out):
+            return _simulate(cfg, Terminal(table_every=table_every))
+    with quiet_output(out) as console:
+        return _simulate(cfg, Terminal(console, quiet=True, table_every=table_every))
+
+
+def _simulate(cfg: ExperimentConfig, terminal: Terminal) -> dict[str, Any]:
     from flwr.simulation import run_simulation  # heavy import: only when a run starts
 
-    cfg = prepare_run_dir(cfg, overwrite=overwrite)
     check_partitions(cfg.data, cfg.clients, cfg.seed)  # here, rather than as an error in every client
     # A privacy set-up the mode refuses fails here, with its own message, before any pre-training
     # (the check needs the model's structure, not its weights).
@@ -65,26 +87,26 @@ def simulate(cfg: ExperimentConfig, *, overwrite: bool = False) -> dict[str, Any
     if cfg.simulation.ray_address:  # Flower's Ray backend passes init_args to ray.init
         backend["init_args"] = {"address": cfg.simulation.ray_address}
     run_simulation(
-        server_app=make_server_app(rc), client_app=make_client_app(rc), num_supernodes=cfg.clients,
+        server_app=make_server_app(rc, terminal), client_app=make_client_app(rc), num_supernodes=cfg.clients,
         backend_config=backend,
     )
     summary_path = Path(cfg.out) / "summary.json"
     if not summary_path.is_file():
-        raise RuntimeError(f"the simulation ended without writing {summary_path}; see the log above")
+        raise RuntimeError(f"the simulation ended without writing {summary_path}; see {Path(cfg.out) / LOG_FILE}")
     return json.loads(summary_path.read_text())
 
 
-def simulate_with_scratch(cfg: ExperimentConfig, *, overwrite: bool = False) -> dict[str, Any]:
+def simulate_with_scratch(cfg: ExperimentConfig, *, overwrite: bool = False, verbose: bool = False) -> dict[str, Any]:
     """Run ``cfg`` and its from-scratch baseline; add the transfer gain to the summary.
 
-    The baseline (``ExperimentConfig.as_scratch``) goes to ``<run>/scratch``. The run's
-    ``summary.json`` gains ``scratch_final_accuracy``, ``scratch_best_accuracy`` and
-    ``transfer_gain`` (final accuracy pre-trained minus scratch, after the same rounds).
+    The baseline (``ExperimentConfig.as_scratch``) goes to ``<run>/scratch``; its table shows every
+    fifth round. The run's ``summary.json`` gains ``scratch_final_accuracy``, ``scratch_best_accuracy``
+    and ``transfer_gain`` (final accuracy pre-trained minus scratch, after the same rounds).
     """
-    summary = simulate(cfg, overwrite=overwrite)  # with overwrite, this also clears <run>/scratch
+    summary = simulate(cfg, overwrite=overwrite, verbose=verbose)  # with overwrite, this also clears <run>/scratch
     out = Path(summary["out_dir"])
     scratch_cfg = cfg.as_scratch().replace(out=str(out / "scratch"))
-    scratch = simulate(scratch_cfg, overwrite=overwrite)
+    scratch = simulate(scratch_cfg, overwrite=overwrite, verbose=verbose, table_every=5)
     summary.update(
         scratch_final_accuracy=scratch["final_accuracy"], scratch_best_accuracy=scratch["best_accuracy"],
         transfer_gain=summary["final_accuracy"] - scratch["final_accuracy"],

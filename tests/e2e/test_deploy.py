@@ -25,7 +25,7 @@ import pytest
 
 from fedtl.reports.runs import read_metrics
 from fedtl.simulations.simulate import simulate
-from tests.conftest import CACHE, ROOT, make_config
+from tests.helpers import CACHE, ROOT, make_config
 
 pytestmark = pytest.mark.e2e
 

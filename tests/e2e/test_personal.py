@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from fedtl.personalisation import run_model
 from fedtl.reports.runs import read_metrics
 from fedtl.simulations.simulate import simulate
-from tests.conftest import make_config
+from tests.helpers import make_config
 
 pytestmark = pytest.mark.e2e
 

@@ -10,8 +10,7 @@ import pytest
 from fedtl.accounting import client_level_epsilon, sample_epsilon
 from fedtl.reports.runs import read_metrics
 from fedtl.simulations.simulate import simulate
-from tests.conftest import make_config
-from tests.e2e.test_simulation import _fedtl
+from tests.helpers import make_config, run_fedtl
 
 pytestmark = pytest.mark.e2e
 
@@ -77,7 +76,7 @@ def test_client_level_dp_with_flowers_wrapper_and_accountant(tmp_path: Path) -> 
 
 def test_cli_refuses_trainable_batchnorm_before_any_work(tmp_path: Path) -> None:
     out = tmp_path / "bn"
-    done = _fedtl("simulate", "--set", "privacy.mode='dp-sgd'", "--set", "model.backbone='resnet18'",
+    done = run_fedtl("simulate", "--set", "privacy.mode='dp-sgd'", "--set", "model.backbone='resnet18'",
                   "--set", "finetune.mode='full'", "--out", str(out))
     assert done.returncode == 2, done.stderr[-2000:]
     assert "DP-SGD cannot train BatchNorm layers" in done.stdout and 'model.norm = "group"' in done.stdout

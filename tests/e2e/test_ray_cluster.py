@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from fedtl.simulations.simulate import simulate
-from tests.conftest import make_config
+from tests.helpers import make_config
 
 pytestmark = pytest.mark.e2e
 RAY = str(Path(sys.executable).parent / "ray")

@@ -13,8 +13,7 @@ from torchvision import models as tvm
 
 from fedtl.reports.runs import read_metrics
 from fedtl.simulations.simulate import simulate
-from tests.conftest import make_config
-from tests.unit.test_sources import write_cifar10
+from tests.helpers import make_config, write_cifar10
 
 pytestmark = pytest.mark.e2e
 

@@ -19,7 +19,7 @@ from fedtl.reports.runs import read_metrics
 from fedtl.server.app import make_server_app
 from fedtl.simulations.simulate import prepare_run_dir, simulate, simulate_with_scratch
 from fedtl.strategies.transfer import RoundFailedError
-from tests.conftest import CACHE, ROOT, make_config
+from tests.helpers import CACHE, ROOT, make_config, run_fedtl
 
 pytestmark = pytest.mark.e2e
 
@@ -82,16 +82,11 @@ def test_default_study_beats_scratch(tmp_path: Path) -> None:
     assert len(read_metrics(tmp_path / "demo" / "scratch")) == 21
 
 
-def _fedtl(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "fedtl.cli", *args], capture_output=True, text=True, cwd=ROOT,
-                          env={**os.environ, "COLUMNS": "120"}, timeout=300)
-
-
 def test_cli_simulate_writes_where_asked_and_refuses_to_overwrite(tmp_path: Path) -> None:
     out = tmp_path / "cli-run"
     args = ["simulate", "--config", "experiments/digits.toml", "--set", "rounds=1", "--set", "clients=2",
             "--set", f"pretrain.cache-dir={str(CACHE)!r}", "--set", "pretrain.epochs=2", "--out", str(out)]
-    done = _fedtl(*args)
+    done = run_fedtl(*args)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "accuracy" in done.stdout and f"run folder: {out}" in done.stdout
     assert (out / "summary.json").is_file()

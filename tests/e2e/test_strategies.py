@@ -9,7 +9,7 @@ import pytest
 
 from fedtl.reports.runs import read_metrics
 from fedtl.simulations.simulate import simulate
-from tests.conftest import make_config
+from tests.helpers import make_config
 
 pytestmark = pytest.mark.e2e
 

@@ -15,8 +15,7 @@ from rich.console import Console
 from fedtl.errors import StudyError
 from fedtl.reports.report import build_report
 from fedtl.simulations.study import load_study, run_study
-from tests.conftest import CACHE
-from tests.e2e.test_simulation import _fedtl
+from tests.helpers import CACHE, run_fedtl
 
 pytestmark = pytest.mark.e2e
 
@@ -45,7 +44,7 @@ def study_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny study, run once for the module's tests."""
     folder = tmp_path_factory.mktemp("study")
     (folder / "tiny.toml").write_text(STUDY)
-    done = _fedtl("study", str(folder / "tiny.toml"), "--out", str(folder / "out"))
+    done = run_fedtl("study", str(folder / "tiny.toml"), "--out", str(folder / "out"))
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     return folder
 

@@ -15,7 +15,7 @@ from fedtl.models.factory import build_model
 from fedtl.models.modes import MODES, adapter_blocks, plan_round
 from fedtl.models.transfer import TransferModel
 from fedtl.protocol import RoundPlan
-from tests.conftest import make_config
+from tests.helpers import make_config
 
 
 def _images(channels: int, size: int, n: int = 12, seed: int = 0) -> LabelledImages:

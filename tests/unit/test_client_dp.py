@@ -15,9 +15,7 @@ from fedtl.config import ConfigError
 from fedtl.models.factory import build_model
 from fedtl.strategies.client_dp import CLIENT_DP, wrap_client_level
 from fedtl.strategies.registry import build_strategy
-from tests.conftest import make_config
-from tests.unit.test_client import _context, _instruction
-from tests.unit.test_strategy import StaticGrid, configure_round_one, strategy
+from tests.helpers import StaticGrid, configure_round_one, make_config, node_context, strategy, train_instruction
 
 
 def _cfg(*sets: str):
@@ -68,10 +66,10 @@ def test_adaptive_clipping_is_accounted_and_budgeted(task_identity: None) -> Non
 
 def test_client_side_clipping_runs_flowers_mod_in_the_client_app(task_identity: None) -> None:
     cfg = make_config("clients=5", "privacy.mode=client-level", "privacy.clip-on=client")
-    msg = _instruction(cfg, build_model(cfg).backbone_fingerprint)
+    msg = train_instruction(cfg, build_model(cfg).backbone_fingerprint)
     msg.content["config"][KEY_CLIPPING_NORM] = 0.01  # what Flower's client-side wrapper sends
     sent = msg.content["arrays"].to_numpy_ndarrays()
-    reply = make_client_app(cfg.to_run_config())(msg, _context())
+    reply = make_client_app(cfg.to_run_config())(msg, node_context())
     back = reply.content["arrays"].to_numpy_ndarrays()
     norm = np.sqrt(sum(float(((b - a) ** 2).sum()) for a, b in zip(sent, back, strict=True)))
     assert norm == pytest.approx(0.01, rel=1e-4)  # trained further, then clipped to the norm
@@ -80,10 +78,10 @@ def test_client_side_clipping_runs_flowers_mod_in_the_client_app(task_identity: 
 def test_client_side_clipping_leaves_evaluation_and_queries_alone(task_identity: None) -> None:
     cfg = make_config("clients=5", "privacy.mode=client-level", "privacy.clip-on=client")
     app = make_client_app(cfg.to_run_config())
-    instruction = _instruction(cfg, build_model(cfg).backbone_fingerprint)
+    instruction = train_instruction(cfg, build_model(cfg).backbone_fingerprint)
     for message_type in ("evaluate", "query"):
         msg = Message(instruction.content, dst_node_id=1, message_type=message_type)
-        reply = app(msg, _context())
+        reply = app(msg, node_context())
         assert not reply.has_error(), (message_type, reply.error.reason if reply.has_error() else "")
         assert reply.content["metrics"]["partition-id"] == 2
 

@@ -138,3 +138,38 @@ def test_configs_built_in_code_are_validated_too() -> None:
     with pytest.raises(ConfigError, match=r"'finetune' must be a FinetuneConfig"):
         ExperimentConfig(finetune={"lr": 0.1})  # type: ignore[arg-type]
     assert FinetuneConfig(lr=1).lr == 1.0 and isinstance(FinetuneConfig(lr=1).lr, float)
+
+
+def test_docs_config_md_is_the_generated_reference() -> None:
+    from fedtl.config.reference import markdown
+
+    committed = (Path(__file__).resolve().parents[2] / "docs" / "config.md").read_text()
+    assert committed == markdown(), "docs/config.md is stale: run `fedtl config --markdown > docs/config.md`"
+    assert "| `finetune.lora-rank` | int | `4` | [1, 4096] |" in committed  # type, default and range come from the schema
+
+
+def test_reference_reads_each_fields_comment() -> None:
+    from fedtl.config.reference import field_comments
+
+    comments = field_comments(FinetuneConfig)
+    assert comments["lora_targets"].startswith("Which layers of those blocks LoRA adapts")
+    assert all(comments[name] for name in ("lr", "mode", "batch_size"))
+
+
+@pytest.mark.parametrize(("sets", "message"), [
+    (["roundz=3"], "unknown config key 'roundz'. Did you mean rounds?"),
+    (["finetune.lr=-1"], "config key 'finetune.lr' = -1.0 is out of range"),
+    (["data.alpha=true"], "config key 'data.alpha' must be float"),
+])
+def test_a_bad_config_fails_before_torch_flower_or_ray_are_imported(sets: list[str], message: str) -> None:
+    import subprocess
+    import sys
+
+    argv = ["fedtl", "simulate", *(a for s in sets for a in ("--set", s))]
+    code = ("import atexit, sys; atexit.register(lambda: print(sorted({'torch', 'flwr', 'ray'} & set(sys.modules)), "
+            f"file=sys.stderr)); sys.argv = {argv!r}; from fedtl.cli import main; main()")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={
+        **__import__("os").environ, "COLUMNS": "200"})
+    assert done.returncode == 2
+    assert message in " ".join(done.stdout.split()) and "Traceback" not in done.stdout + done.stderr
+    assert done.stderr.strip().splitlines()[-1] == "[]"

@@ -23,8 +23,7 @@ from fedtl.models.modes import MODES, plan_round
 from fedtl.models.transfer import TransferModel
 from fedtl.privacy import check_dp_plans
 from fedtl.protocol import RoundPlan
-from tests.conftest import make_config
-from tests.unit.test_client import _instruction
+from tests.helpers import make_config, train_instruction
 
 DP = ("privacy.mode=dp-sgd", "clients=5", "labelled-per-client=20", "finetune.batch-size=4", "local-epochs=2")
 
@@ -36,7 +35,7 @@ def _context(**node_config: object) -> Context:
 
 def _rounds(cfg, context: Context, rounds: range) -> list:
     fingerprint = build_model(cfg).backbone_fingerprint
-    return [handle_train(_instruction(cfg, fingerprint, rnd), context, cfg) for rnd in rounds]
+    return [handle_train(train_instruction(cfg, fingerprint, rnd), context, cfg) for rnd in rounds]
 
 
 def test_reported_epsilon_is_the_whole_runs_not_one_rounds(task_identity: None) -> None:

@@ -13,7 +13,7 @@ from fedtl.config import ConfigError
 from fedtl.privacy import privacy_mode
 from fedtl.server.ledger import PrivacyLedger
 from fedtl.strategies.transfer import RoundReport
-from tests.conftest import make_config
+from tests.helpers import make_config
 
 
 def _client(pid: int, eps: float, declined: bool = False) -> dict:

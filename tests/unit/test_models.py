@@ -9,14 +9,20 @@ from fedtl.models.backbones import BACKBONES, build_backbone
 from fedtl.models.transfer import HEAD, TransferModel, state_fingerprint
 from fedtl.registry import Registry, RegistryError
 
-# (backbone, input shape): small inputs, enough for every stride of the family.
-SHAPES = {"small-cnn": (1, 16, 16), "small-cnn-bn": (1, 16, 16), "resnet18": (3, 32, 32), "mobilenet_v3_small": (3, 32, 32),
-          "resnet50": (3, 32, 32), "mobilenet_v3_large": (3, 32, 32), "efficientnet_b0": (3, 32, 32),
-          "convnext_tiny": (3, 32, 32), "vit_b_16": (3, 32, 32)}
+# Image backbones, with the small input each registry entry names (enough for every stride of the family).
+SHAPES = {n: BACKBONES.get(n).test_input for n in BACKBONES.names() if len(BACKBONES.get(n).test_input) == 3}
 
 
 def test_every_registered_backbone_is_tested_here_or_with_text() -> None:
-    assert set(BACKBONES.names()) == set(SHAPES) | {"hf-text", "minilm"}  # the text ones: tests/unit/test_text.py
+    assert {"small-cnn", "small-cnn-bn", "resnet18", "resnet50", "mobilenet_v3_small", "mobilenet_v3_large",
+            "efficientnet_b0", "convnext_tiny", "vit_b_16"} <= set(SHAPES)
+    text = set(BACKBONES.names()) - set(SHAPES)
+    assert text == {"hf-text", "minilm"}  # token ids: tests/unit/test_text.py runs them
+    assert all(BACKBONES.get(n).test_input == (8,) for n in text)
+    assert BACKBONES.get("minilm").ships_weights and not BACKBONES.get("small-cnn").ships_weights
+    assert BACKBONES.get("hf-text").needs_path and BACKBONES.get("small-cnn").normalisation is None
+    mean, std = BACKBONES.get("resnet18").normalisation("IMAGENET1K_V1")
+    assert mean == pytest.approx([0.485, 0.456, 0.406]) and std == pytest.approx([0.229, 0.224, 0.225])
 
 
 @pytest.mark.parametrize("name", sorted(SHAPES))

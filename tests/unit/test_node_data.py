@@ -19,7 +19,7 @@ from fedtl.devices import resolve_device
 from fedtl.errors import DataError
 from fedtl.models.factory import build_model
 from fedtl.models.modes import plan_round
-from tests.conftest import make_config
+from tests.helpers import make_config
 
 
 def _instruction(cfg, rnd: int = 1) -> Message:

@@ -17,8 +17,7 @@ from fedtl.protocol import LOCAL_STATE
 from fedtl.server.app import preflight
 from fedtl.strategies.registry import build_strategy
 from fedtl.strategies.transfer import TransferStrategy
-from tests.conftest import make_config
-from tests.unit.test_strategy import StaticGrid
+from tests.helpers import StaticGrid, make_config
 
 NORMS = {f"blocks.conv{i}.1.{p}" for i in (1, 2, 3) for p in ("weight", "bias")}  # the CNN's GroupNorms
 

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from fedtl.models.factory import build_model
 from fedtl.models.pretrain import ensure_pretrained, load_pretrained, pretrain, pretrained_path
 from fedtl.models.transfer import state_fingerprint
-from tests.conftest import make_config
+from tests.helpers import make_config
 
 
 def test_pretraining_is_deterministic(tmp_path: Path) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import pickle  # only to write CIFAR-10's own on-disk format, which is a pickle
 import struct
 from pathlib import Path
 
@@ -17,29 +16,7 @@ from fedtl.config import ConfigError, DataConfig
 from fedtl.data.federated import client_data, server_test_data, source_data
 from fedtl.data.scenarios import load_scenario
 from fedtl.errors import DataError
-
-CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-
-
-def write_cifar10(root: Path, per_batch: int = 20, test: int = 30, seed: int = 0) -> Path:
-    """CIFAR-10's python version: cifar-10-batches-py/{data_batch_1..5, test_batch, batches.meta}."""
-    rng = np.random.default_rng(seed)
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-
-    def batch(name: str, n: int) -> None:
-        labels = (np.arange(n) % 10).tolist()
-        data = rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
-        data[:, :1024] = np.array(labels, dtype=np.uint8)[:, None] * 25  # red channel encodes the class
-        with (folder / name).open("wb") as f:
-            pickle.dump({"data": data, "labels": labels, "batch_label": name}, f, protocol=2)
-
-    for i in range(1, 6):
-        batch(f"data_batch_{i}", per_batch)
-    batch("test_batch", test)
-    with (folder / "batches.meta").open("wb") as f:
-        pickle.dump({"label_names": CIFAR_CLASSES, "num_cases_per_batch": per_batch}, f, protocol=2)
-    return root
+from tests.helpers import write_cifar10
 
 
 def cifar10_md5s(monkeypatch: pytest.MonkeyPatch, root: Path) -> None:

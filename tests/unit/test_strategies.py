@@ -14,8 +14,7 @@ from fedtl.models.backbones import build_backbone
 from fedtl.models.transfer import TransferModel
 from fedtl.protocol import RoundPlan
 from fedtl.strategies.registry import STRATEGIES, build_strategy
-from tests.conftest import make_config
-from tests.unit.test_strategy import INITIAL, StaticGrid, keys_of, strategy
+from tests.helpers import INITIAL, StaticGrid, keys_of, make_config, strategy
 
 NODES = [1, 2, 3, 4, 5]
 

@@ -2,61 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
-from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
 
 from fedtl.protocol import RoundPlan
 from fedtl.strategies.registry import build_strategy
 from fedtl.strategies.transfer import RoundFailedError, RunStoppedError, TransferStrategy
-from tests.conftest import make_config
-
-INITIAL = {"blocks.a.w": torch.full((2,), 7.0), "head.w": torch.zeros(2, 2), "head.b": torch.zeros(2)}
-UNIT_KEYS = {"a": ["blocks.a.w"], "head": ["head.w", "head.b"]}
-
-
-def keys_of(units: Iterable[str]) -> list[str]:
-    return [k for u in units for k in UNIT_KEYS[u]]
-
-
-def plan(rnd: int) -> RoundPlan:
-    """Round 1: head only; from round 2 on, block a joins (gradual unfreezing)."""
-    return RoundPlan({"head": 0.1} if rnd == 1 else {"a": 0.01, "head": 0.1}, local_epochs=1)
-
-
-class StaticGrid(Grid):
-    """A Grid with a fixed set of connected nodes: FedAvg's sampling reads only that."""
-
-    def __init__(self, nodes: list[int]) -> None:
-        self.nodes = nodes
-
-    def get_node_ids(self) -> list[int]:
-        return self.nodes
-
-    def _unused(self, *args: object, **kwargs: object) -> None:
-        raise NotImplementedError("configuring a round needs only get_node_ids")
-
-    create_message = pull_messages = push_messages = send_and_receive = set_run = _unused
-    run = property(_unused)
-
-
-def strategy(observed: list | None = None, inner: Strategy | None = None) -> TransferStrategy:
-    return TransferStrategy(
-        inner or build_strategy(make_config("clients=3")), plan=plan, keys_of=keys_of, initial_state=INITIAL,
-        fingerprint="f00d",
-        observer=(lambda report: observed.append((report.round, report.totals))) if observed is not None else None,
-    )
-
-
-def configure_round_one(s: TransferStrategy, nodes: list[int]) -> list[Message]:
-    """Round 1's training messages (the head travels, at its initial values) to ``nodes``."""
-    return list(s.configure_train(1, ArrayRecord({k: INITIAL[k] for k in keys_of(["head"])}), ConfigRecord(),
-                                  StaticGrid(nodes)))
+from tests.helpers import INITIAL, StaticGrid, configure_round_one, keys_of, make_config, plan, strategy
 
 
 def reply(to: Message, arrays: dict[str, np.ndarray], n: int) -> Message:

@@ -15,7 +15,7 @@ from fedtl.errors import DataError
 from fedtl.models.adapters import adapt
 from fedtl.models.factory import outside_backbone
 from fedtl.models.transfer import TransferModel
-from tests.conftest import make_config
+from tests.helpers import make_config
 
 WORDS = ["good", "great", "fine", "bad", "awful", "poor", "the", "film", "was", "food"]
 

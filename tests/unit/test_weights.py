@@ -16,7 +16,7 @@ from fedtl.models.backbones import BACKBONES
 from fedtl.models.factory import outside_backbone
 from fedtl.models.transfer import TransferModel
 from fedtl.models.weights import published
-from tests.conftest import make_config
+from tests.helpers import make_config
 
 TORCHVISION = [n for n in BACKBONES.names() if BACKBONES.get(n).build.__module__.endswith("torchvision_backbones")]
 
