@@ -62,6 +62,7 @@ def simulate(cfg: ExperimentConfig, *, overwrite: bool = False, verbose: bool = 
         Print every this many rounds' table lines (the last always; all are in ``metrics.jsonl``).
     """
     cfg = prepare_run_dir(cfg, overwrite=overwrite)
+    preflight(cfg)  # before the run folder is made: a refused config leaves nothing behind
     out = Path(cfg.out)
     if verbose:
         with flower_log_copy(out):
@@ -70,9 +71,8 @@ def simulate(cfg: ExperimentConfig, *, overwrite: bool = False, verbose: bool = 
         return _simulate(cfg, Terminal(console, quiet=True, table_every=table_every))
 
 
-def _simulate(cfg: ExperimentConfig, terminal: Terminal) -> dict[str, Any]:
-    from flwr.simulation import run_simulation  # heavy import: only when a run starts
-
+def preflight(cfg: ExperimentConfig) -> None:
+    """Everything that can refuse ``cfg`` before a simulation starts, and the pre-training it needs (once, here)."""
     check_partitions(cfg.data, cfg.clients, cfg.seed)  # here, rather than as an error in every client
     # A privacy set-up the mode refuses fails here, with its own message, before any pre-training
     # (the check needs the model's structure, not its weights).
@@ -81,6 +81,11 @@ def _simulate(cfg: ExperimentConfig, terminal: Terminal) -> dict[str, Any]:
         ensure_pretrained(cfg)  # once here, rather than racing in every client process
     elif cfg.init == "pretrained":
         build_model(cfg)  # outside weights: a missing or mismatched file fails here, not in every client
+
+
+def _simulate(cfg: ExperimentConfig, terminal: Terminal) -> dict[str, Any]:
+    from flwr.simulation import run_simulation  # heavy import: only when a run starts
+
     rc = cfg.to_run_config()
     resources = {"num_cpus": cfg.simulation.num_cpus, "num_gpus": cfg.simulation.num_gpus}
     backend: dict[str, Any] = {"client_resources": resources}
