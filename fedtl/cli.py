@@ -135,8 +135,11 @@ def study(
     study_file: Annotated[Path, typer.Argument(help="A study file: base config, grid and seeds (experiments/*.toml).")],
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Study folder (default: the file's out, or runs/study-<name>).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Rerun every run, replacing those in the folder.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Flower's and Ray's logs live (by default "
+                                                              "each run's go to its flower.log).")] = False,
 ) -> None:
     """Run a study (every grid point x seed, resumable), then write its report."""
+    import functools
     import shlex
     import sys
 
@@ -145,7 +148,10 @@ def study(
     try:
         spec = load_study(study_file)
         folder = out or Path(spec.out)
-        run_study(spec, folder, command="fedtl " + shlex.join(sys.argv[1:]), overwrite=overwrite, console=console)
+        from fedtl.simulations.simulate import simulate as run  # after the study file is checked
+
+        run_study(spec, folder, command="fedtl " + shlex.join(sys.argv[1:]), overwrite=overwrite, console=console,
+                  simulate=functools.partial(run, verbose=verbose))
     except _USER_ERRORS as err:
         _fail(err)
     report(folder)

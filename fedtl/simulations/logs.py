@@ -26,20 +26,19 @@ from fedtl.reports.runs import LOG_FILE
 
 
 @contextlib.contextmanager
-def quiet_output(run_dir: Path) -> Iterator[Console]:
-    """Send everything written to file descriptors 1 and 2 to ``run_dir/flower.log``; yield a console on the terminal.
+def quiet_output(log_file: Path) -> Iterator[Console]:
+    """Send everything written to file descriptors 1 and 2 to ``log_file``; yield a console on the terminal.
 
     Parameters
     ----------
-    run_dir : Path
-        The run folder (created if missing); the log is appended to.
+    log_file : Path
+        Appended to (its folder must exist): a run folder's ``flower.log``.
     """
-    run_dir.mkdir(parents=True, exist_ok=True)
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
     saved = {fd: os.dup(fd) for fd in (1, 2)}
     terminal = os.fdopen(os.dup(1), "w", buffering=1, encoding=sys.stdout.encoding or "utf-8", errors="replace")
-    with open(run_dir / LOG_FILE, "ab", buffering=0) as log:
+    with open(log_file, "ab", buffering=0) as log:
         try:
             for fd in saved:
                 os.dup2(log.fileno(), fd)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -62,12 +63,20 @@ def simulate(cfg: ExperimentConfig, *, overwrite: bool = False, verbose: bool = 
         Print every this many rounds' table lines (the last always; all are in ``metrics.jsonl``).
     """
     cfg = prepare_run_dir(cfg, overwrite=overwrite)
-    preflight(cfg)  # before the run folder is made: a refused config leaves nothing behind
     out = Path(cfg.out)
     if verbose:
+        preflight(cfg)
         with flower_log_copy(out):
             return _simulate(cfg, Terminal(table_every=table_every))
-    with quiet_output(out) as console:
+    # Before the run folder is made, so that a refused config leaves nothing behind; what Flower
+    # logs meanwhile (its strategies' warnings) joins the run's log once the run starts.
+    with tempfile.TemporaryDirectory() as tmp:
+        early = Path(tmp) / LOG_FILE
+        with quiet_output(early):
+            preflight(cfg)
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(early, out / LOG_FILE)
+    with quiet_output(out / LOG_FILE) as console:
         return _simulate(cfg, Terminal(console, quiet=True, table_every=table_every))
 
 
