@@ -28,6 +28,7 @@ from fedtl.config import ExperimentConfig, load_config
 from fedtl.models.factory import build_model
 from fedtl.models.modes import plan_round
 from fedtl.models.transfer import TransferModel
+from fedtl.protocol import ARRAYS, CONFIG, FINGERPRINT, SERVER_ROUND
 
 CASES = {
     "small-cnn full": ["finetune.mode=full"],
@@ -45,8 +46,8 @@ CASES = {
 def _message(cfg: ExperimentConfig, model: TransferModel, message_type: str) -> Message:
     plan = plan_round(cfg.finetune, model.block_names, 1)
     plan.apply_to(model)
-    config = ConfigRecord({**plan.to_config(), "backbone-fingerprint": model.backbone_fingerprint, "server-round": 1})
-    return Message(RecordDict({"arrays": ArrayRecord(model.travelling_state()), "config": config}), dst_node_id=1,
+    config = ConfigRecord({**plan.to_config(), FINGERPRINT: model.backbone_fingerprint, SERVER_ROUND: 1})
+    return Message(RecordDict({ARRAYS: ArrayRecord(model.travelling_state()), CONFIG: config}), dst_node_id=1,
                    message_type=message_type)
 
 

@@ -22,7 +22,7 @@ from flwr.serverapp.strategy import Strategy
 from fedtl.config import ExperimentConfig, load_config
 from fedtl.models.factory import build_model
 from fedtl.models.modes import plan_round
-from fedtl.protocol import RoundPlan
+from fedtl.protocol import ARRAYS, CONFIG, FINGERPRINT, NUM_PARTITIONS, PARTITION_ID, SERVER_ROUND, RoundPlan
 from fedtl.strategies.registry import build_strategy
 from fedtl.strategies.transfer import TransferStrategy
 
@@ -91,13 +91,13 @@ def train_instruction(cfg, fingerprint: str, rnd: int = 1) -> Message:
     model = build_model(cfg)
     plan = plan_round(cfg.finetune, model.block_names, rnd)
     plan.apply_to(model)
-    config = ConfigRecord({**plan.to_config(), "backbone-fingerprint": fingerprint, "server-round": rnd})
-    content = RecordDict({"arrays": ArrayRecord(model.travelling_state()), "config": config})
+    config = ConfigRecord({**plan.to_config(), FINGERPRINT: fingerprint, SERVER_ROUND: rnd})
+    content = RecordDict({ARRAYS: ArrayRecord(model.travelling_state()), CONFIG: config})
     return Message(content=content, dst_node_id=1, message_type="train")
 
 
 def node_context() -> Context:
-    return Context(run_id=1, node_id=1, node_config={"partition-id": 2, "num-partitions": 5}, state=RecordDict(),
+    return Context(run_id=1, node_id=1, node_config={PARTITION_ID: 2, NUM_PARTITIONS: 5}, state=RecordDict(),
                    run_config={})
 
 

@@ -18,7 +18,7 @@ from fedtl.seeds import derived_seed
 
 def build_model(cfg: ExperimentConfig, *, load_weights: bool = True) -> TransferModel:
     """The experiment's model: pre-trained (or seeded random) blocks, the mode's adapter
-    (seeded) and a seeded new head (``fedtl.personalisation.personalise`` adds the local keys).
+    (seeded) and a seeded new head (``fedtl.personalisation.run_model`` adds the local keys).
 
     Every process that calls this with the same config gets the same tensors, so the
     server only has to send what trains; ``backbone_fingerprint`` (adapters included:

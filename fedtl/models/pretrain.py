@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from fedtl.config import ExperimentConfig
 from fedtl.data.federated import source_data
+from fedtl.errors import WeightsError
 from fedtl.models.backbones import BACKBONES, build_backbone
 from fedtl.models.transfer import TransferModel, state_fingerprint
 
@@ -107,7 +108,7 @@ def load_pretrained(model: TransferModel, path: Path) -> None:
 
     Raises
     ------
-    ValueError
+    WeightsError
         If the file's tensors do not match the model's blocks (names or shapes).
     """
     state = load_file(str(path))
@@ -115,7 +116,7 @@ def load_pretrained(model: TransferModel, path: Path) -> None:
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
     if missing or unexpected or wrong:
-        raise ValueError(
+        raise WeightsError(
             f"pre-trained weights {path} do not fit this backbone: missing {missing[:5]}, "
             f"unexpected {unexpected[:5]}, wrong shape {wrong[:5]}. Delete the file to pre-train again."
         )

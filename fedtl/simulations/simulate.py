@@ -28,22 +28,29 @@ from fedtl.server.record import write_summary
 from fedtl.simulations.logs import flower_log_copy, quiet_output
 
 
-def prepare_run_dir(cfg: ExperimentConfig, *, overwrite: bool = False) -> ExperimentConfig:
+def prepare_run_dir(cfg: ExperimentConfig, *, overwrite: bool = False, clear: bool = True) -> ExperimentConfig:
     """Fix the run folder as an absolute path; refuse a folder holding a run unless ``overwrite``.
 
-    With ``overwrite``, only the files a run writes are removed (other files stay).
+    With ``overwrite``, only the files a run writes are removed (other files stay); ``clear = False``
+    leaves that to ``clear_run_dir``, once the run is sure to start.
     """
     out = run_dir(cfg).resolve()
     if holds_run(out):
         if not overwrite:
             raise RunFolderError(f"{out} already holds a run; pass --overwrite to replace it, or another --out")
-        for name in (*RUN_FILES, "scratch"):
-            target = out / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
+        if clear:
+            clear_run_dir(out)
     return cfg.replace(out=str(out))
+
+
+def clear_run_dir(out: Path) -> None:
+    """Remove the files a run writes (and its baseline's folder) from ``out``; other files stay."""
+    for name in (*RUN_FILES, "scratch"):
+        target = out / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
 
 
 def simulate(cfg: ExperimentConfig, *, overwrite: bool = False, verbose: bool = False,
@@ -62,18 +69,20 @@ def simulate(cfg: ExperimentConfig, *, overwrite: bool = False, verbose: bool = 
     table_every : int, default 1
         Print every this many rounds' table lines (the last always; all are in ``metrics.jsonl``).
     """
-    cfg = prepare_run_dir(cfg, overwrite=overwrite)
+    cfg = prepare_run_dir(cfg, overwrite=overwrite, clear=False)
     out = Path(cfg.out)
     if verbose:
         preflight(cfg)
+        clear_run_dir(out)  # only now: a refused config leaves the run it would replace as it was
         with flower_log_copy(out):
             return _simulate(cfg, Terminal(table_every=table_every))
-    # Before the run folder is made, so that a refused config leaves nothing behind; what Flower
-    # logs meanwhile (its strategies' warnings) joins the run's log once the run starts.
+    # Before the run folder is made or cleared, so that a refused config leaves it as it was; what
+    # Flower logs meanwhile (its strategies' warnings) joins the run's log once the run starts.
     with tempfile.TemporaryDirectory() as tmp:
         early = Path(tmp) / LOG_FILE
         with quiet_output(early):
             preflight(cfg)
+        clear_run_dir(out)
         out.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(early, out / LOG_FILE)
     with quiet_output(out / LOG_FILE) as console:

@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from fedtl.errors import WeightsError
 from fedtl.models.factory import build_model
 from fedtl.models.pretrain import ensure_pretrained, load_pretrained, pretrain, pretrained_path
 from fedtl.models.transfer import state_fingerprint
@@ -42,7 +43,7 @@ def test_weights_that_do_not_fit_are_refused(tmp_path: Path, cache_dir: Path) ->
     model = build_model(make_config("init=scratch"))
     bad = tmp_path / "bad.safetensors"
     save_file({"blocks.conv1.0.weight": torch.zeros(3, 3), "blocks.extra": torch.zeros(1)}, str(bad))
-    with pytest.raises(ValueError, match=r"do not fit this backbone: missing \['blocks.conv1.0.bias'.*unexpected "
+    with pytest.raises(WeightsError, match=r"do not fit this backbone: missing \['blocks.conv1.0.bias'.*unexpected "
                                          r"\['blocks.extra'\], wrong shape \['blocks.conv1.0.weight'\]"):
         load_pretrained(model, bad)
 

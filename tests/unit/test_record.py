@@ -46,3 +46,17 @@ def test_overwrite_removes_only_what_a_run_writes(tmp_path: Path) -> None:
         prepare_run_dir(cfg)
     prepare_run_dir(cfg, overwrite=True)
     assert not (run / "metrics.jsonl").exists() and (run / "notes.txt").read_text() == "mine"
+
+
+def test_a_refused_config_leaves_the_run_it_would_overwrite_as_it_was(tmp_path: Path) -> None:
+    from fedtl.errors import DPConfigError
+    from fedtl.simulations.simulate import simulate
+    from tests.helpers import make_config
+
+    run = tmp_path / "run"
+    RunRecorder(run, ExperimentConfig()).end_round(0, {"accuracy": 0.1, "loss": 2.0})
+    # BatchNorm trains under DP-SGD: refused by the preflight, before the folder is cleared.
+    cfg = make_config("model.backbone=small-cnn-bn", "finetune.mode=full", "privacy.mode=dp-sgd", f"out={str(run)!r}")
+    with pytest.raises(DPConfigError, match="DP-SGD cannot train BatchNorm"):
+        simulate(cfg, overwrite=True)
+    assert (run / "metrics.jsonl").read_text().strip() and not (run / "flower.log").exists()
