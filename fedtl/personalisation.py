@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 from fedtl.config import ExperimentConfig
 from fedtl.errors import ConfigError
 from fedtl.models.modes import plan_round
-from fedtl.privacy import privacy_mode
+from fedtl.privacy import refused_per_sample
 from fedtl.protocol import HEAD, RoundPlan
 from fedtl.registry import Registry
 
@@ -83,15 +83,6 @@ def head_plan(cfg: ExperimentConfig) -> RoundPlan:
     return RoundPlan({HEAD: cfg.finetune.lr}, cfg.strategy.head_epochs)
 
 
-def _head_phase_outside_dp(cfg: ExperimentConfig) -> None:
-    if privacy_mode(cfg).per_sample:
-        raise ConfigError(
-            f"strategy.personalisation = \"{cfg.strategy.personalisation}\" with privacy.mode = \"{cfg.privacy.mode}\": "
-            "FedRep's extra head phase would train outside the DP-SGD accountant. Use fedper (the head trains inside "
-            "DP-SGD) or no DP-SGD"
-        )
-
-
 PERSONALISATIONS: Registry[Personalisation] = Registry("personalisation")
 PERSONALISATIONS.register("none")(Personalisation())
 # FedPer (Arivazhagan et al. 2019): the body is federated, each client keeps its own head.
@@ -100,8 +91,9 @@ PERSONALISATIONS.register("fedper")(Personalisation(local=_head_keys))
 PERSONALISATIONS.register("fedbn")(Personalisation(local=_norm_keys))
 # FedRep (Collins et al. 2021): the local head first adapts to the received body, then the
 # body trains under that head; only the body travels.
-PERSONALISATIONS.register("fedrep")(Personalisation(local=_head_keys, head_first=True,
-                                                    check_config=_head_phase_outside_dp))
+PERSONALISATIONS.register("fedrep")(Personalisation(local=_head_keys, head_first=True, check_config=refused_per_sample(
+    "strategy.personalisation", "FedRep's extra head phase would train outside the DP-SGD accountant. Use fedper (the "
+    "head trains inside DP-SGD) or no DP-SGD")))
 # FedBABU (Oh et al. 2022): the head stays at its shared random init during federation;
 # each client fine-tunes it on its own data at the end.
 PERSONALISATIONS.register("fedbabu")(Personalisation(trains_head=False, tunes_head=True))

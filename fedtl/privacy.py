@@ -131,6 +131,18 @@ def check_client_level_plans(model: TransferModel, plans: Sequence[RoundPlan]) -
                 "or use GroupNorm (model.norm = \"group\", or the built-in small-cnn)")
 
 
+def refused_per_sample(key: str, why: str) -> Callable[[ExperimentConfig], None]:
+    """The config check of an entry chosen by ``key`` that cannot work under a per-sample mode (DP-SGD):
+    it refuses the pair, saying ``why``."""
+    section, field = key.split(".")
+
+    def check(cfg: ExperimentConfig) -> None:
+        if privacy_mode(cfg).per_sample:
+            value = getattr(getattr(cfg, section), field.replace("-", "_"))
+            raise ConfigError(f"{key} = \"{value}\" with privacy.mode = \"{cfg.privacy.mode}\": {why}")
+    return check
+
+
 def _check_client_level(cfg: ExperimentConfig) -> None:
     if cfg.strategy.weighting == "examples":
         raise ConfigError(
@@ -169,4 +181,4 @@ def privacy_mode(cfg: ExperimentConfig) -> PrivacyMode:
 
 
 __all__ = ["PRIVACY_MODES", "PrivacyMode", "check_client_level_plans", "check_dp_plans", "check_dp_trainable",
-           "privacy_mode"]
+           "privacy_mode", "refused_per_sample"]

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Callable, Iterator
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from fedtl.errors import RegistryError
 
 T = TypeVar("T")
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 class Registry(Generic[T]):
@@ -38,6 +39,16 @@ class Registry(Generic[T]):
             return entry
 
         return add
+
+    def register_wrapped(self, name: str, wrap: Callable[[F], T]) -> Callable[[F], F]:
+        """A decorator that registers ``wrap(f)`` under ``name`` and returns ``f`` itself: for entries
+        that hold a function and its facts (a mode, a strategy, a backbone)."""
+        add = Registry.register(self, name)
+
+        def decorate(f: F) -> F:
+            add(wrap(f))
+            return f
+        return decorate
 
     def get(self, name: str) -> T:
         """Return the entry called ``name``.

@@ -88,12 +88,7 @@ class BackboneRegistry(Registry[BackboneEntry]):
     """Backbones by name; ``register(name, **facts)`` decorates a factory."""
 
     def register(self, name: str, **facts: Any) -> Callable[[BackboneFactory], BackboneFactory]:  # type: ignore[override]
-        add = super().register(name)
-
-        def register_factory(build: BackboneFactory) -> BackboneFactory:
-            add(BackboneEntry(build, **facts))
-            return build
-        return register_factory
+        return self.register_wrapped(name, lambda build: BackboneEntry(build, **facts))
 
 
 BACKBONES = BackboneRegistry("backbone")

@@ -34,12 +34,7 @@ class ModeRegistry(Registry[Mode]):
     """Modes by name; registering a plain rates function makes it a mode without adapter."""
 
     def register(self, name: str, adapter: str | None = None) -> Callable[[Rates], Rates]:  # type: ignore[override]
-        add = super().register(name)
-
-        def register_rates(rates: Rates) -> Rates:
-            add(Mode(rates, adapter))
-            return rates
-        return register_rates
+        return self.register_wrapped(name, lambda rates: Mode(rates, adapter))
 
 
 MODES = ModeRegistry("fine-tuning mode")

@@ -32,8 +32,7 @@ from flwr.serverapp.strategy.fedopt import FedOpt
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from fedtl.config import ExperimentConfig
-from fedtl.errors import ConfigError
-from fedtl.privacy import privacy_mode
+from fedtl.privacy import privacy_mode, refused_per_sample
 from fedtl.protocol import NUM_EXAMPLES, STEPS, TRAIN_LOSS, UNIT_WEIGHT
 from fedtl.registry import Registry
 
@@ -57,12 +56,7 @@ class StrategyRegistry(Registry[StrategyEntry]):
 
     def register(self, name: str, check_config: Callable[[ExperimentConfig], None] = _accepts_any  # type: ignore[override]
                  ) -> Callable[[StrategyFactory], StrategyFactory]:
-        add = super().register(name)
-
-        def register_factory(build: StrategyFactory) -> StrategyFactory:
-            add(StrategyEntry(build, check_config))
-            return build
-        return register_factory
+        return self.register_wrapped(name, lambda build: StrategyEntry(build, check_config))
 
 
 STRATEGIES = StrategyRegistry("strategy")
@@ -110,16 +104,9 @@ def fedavg(cfg: ExperimentConfig) -> Strategy:
     return FedAvg(**common(cfg))
 
 
-def _proximal_term_under_dp(cfg: ExperimentConfig) -> None:
-    if privacy_mode(cfg).per_sample:
-        raise ConfigError(
-            f"strategy.name = \"fedprox\" with privacy.mode = \"{cfg.privacy.mode}\": Opacus builds each update from "
-            "per-sample gradients of the data loss, so FedProx's proximal term would be silently dropped. Use another "
-            "strategy with DP-SGD, or FedProx without it"
-        )
-
-
-@STRATEGIES.register("fedprox", check_config=_proximal_term_under_dp)
+@STRATEGIES.register("fedprox", check_config=refused_per_sample(
+    "strategy.name", "Opacus builds each update from per-sample gradients of the data loss, so FedProx's proximal term "
+    "would be silently dropped. Use another strategy with DP-SGD, or FedProx without it"))
 def fedprox(cfg: ExperimentConfig) -> Strategy:
     """FedProx: FedAvg, with clients adding (mu/2)||w - w_global||^2 to their loss (Li et al. 2020)."""
     return FedProx(**common(cfg), proximal_mu=cfg.strategy.proximal_mu)
