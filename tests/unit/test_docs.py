@@ -10,7 +10,9 @@ from tests.helpers import ROOT
 
 DOCS = ROOT / "docs"
 # Study sections of docs/studies.md whose tables come from committed result files.
-COMMITTED = {"### `modes.toml`": DOCS / "results" / "modes" / "results.md"}
+COMMITTED = {"### `modes.toml`": DOCS / "results" / "modes" / "results.md",
+             "### What privacy costs in accuracy": DOCS / "results" / "privacy-sweep" / "results.md",
+             "### `clients.toml`": DOCS / "results" / "clients" / "results.md"}
 
 
 def _table(lines: list[str]) -> tuple[list[str], list[list[str]]]:
