@@ -12,7 +12,8 @@ DOCS = ROOT / "docs"
 # Study sections of docs/studies.md whose tables come from committed result files.
 COMMITTED = {"### `modes.toml`": DOCS / "results" / "modes" / "results.md",
              "### What privacy costs in accuracy": DOCS / "results" / "privacy-sweep" / "results.md",
-             "### `clients.toml`": DOCS / "results" / "clients" / "results.md"}
+             "### `clients.toml`": DOCS / "results" / "clients" / "results.md",
+             "### `heterogeneity.toml`": DOCS / "results" / "heterogeneity" / "results.md"}
 
 
 def _table(lines: list[str]) -> tuple[list[str], list[list[str]]]:
