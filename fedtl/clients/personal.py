@@ -4,7 +4,6 @@ FedRep's head phase, and the personalised model a node evaluates."""
 from __future__ import annotations
 
 import copy
-from dataclasses import replace
 
 from flwr.app import ArrayRecord, Context
 
@@ -14,7 +13,7 @@ from fedtl.config import ExperimentConfig
 from fedtl.data.federated import LabelledImages
 from fedtl.models.transfer import TransferModel
 from fedtl.personalisation import head_plan, personalisation
-from fedtl.protocol import HEAD, LOCAL_STATE, RoundPlan
+from fedtl.protocol import LOCAL_STATE, RoundPlan
 
 
 def local_round(inner: LocalRound, model: TransferModel, data: LabelledImages, plan: RoundPlan,
@@ -26,7 +25,7 @@ def local_round(inner: LocalRound, model: TransferModel, data: LabelledImages, p
     head = head_plan(cfg)
     head.apply_to(model)
     train_local(model, data, head, cfg.finetune, seed=seed ^ 0x5EED)
-    body = replace(plan, lrs={u: lr for u, lr in plan.lrs.items() if u != HEAD})
+    body = plan.without_head()
     body.apply_to(model)
     try:
         return inner(model, data, body, cfg, context, seed)

@@ -166,25 +166,17 @@ def precheck(cls: type, raw: typing.Mapping[str, Any], root: type, prefix: str =
             check_value(prefix + key, value, tp, f.metadata, registries=False)
 
 
-def build(cls: type, raw: typing.Mapping[str, Any], root: type, prefix: str = "") -> Any:
+def build(cls: type, raw: typing.Mapping[str, Any], root: type) -> Any:
     """Construct dataclass ``cls`` from a nested kebab-case dict; unknown keys are errors."""
-    if not prefix and cls is root:
-        precheck(cls, raw, root)
-    fields = fields_of(cls)
-    for key in raw:
-        if key not in fields:
-            raise unknown_key(prefix + key, root)
+    precheck(cls, raw, root)  # every key and table shape, once, before any section is built
+    return _construct(cls, raw)
+
+
+def _construct(cls: type, raw: typing.Mapping[str, Any]) -> Any:
     kwargs: dict[str, Any] = {}
-    for key, (f, tp) in fields.items():
-        if key not in raw:
-            continue
-        value = raw[key]
-        if dataclasses.is_dataclass(tp):
-            if not isinstance(value, dict):
-                raise ConfigError(f"config key {prefix + key!r} must be a table of keys, got {value!r}")
-            kwargs[f.name] = build(tp, value, root, f"{prefix}{key}.")
-        else:
-            kwargs[f.name] = value  # checked by the dataclass itself
+    for key, (f, tp) in fields_of(cls).items():
+        if key in raw:  # sections built first; each dataclass checks its own values on construction
+            kwargs[f.name] = _construct(tp, raw[key]) if dataclasses.is_dataclass(tp) else raw[key]
     return cls(**kwargs)
 
 

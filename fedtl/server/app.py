@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from logging import WARNING
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,6 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, RdpAccountant, ServerApp
 from flwr.serverapp.exception import PrivacyBudgetExhausted
 from flwr.serverapp.strategy import Strategy
-from rich.console import Console
 
 from fedtl.config import ExperimentConfig
 from fedtl.data.federated import server_test_data
@@ -27,20 +25,10 @@ from fedtl.protocol import ACCURACY, RoundPlan
 from fedtl.reports.plots import plot_accuracy
 from fedtl.server.ledger import PrivacyLedger
 from fedtl.server.nodes import TrainingNodes
-from fedtl.server.record import RunRecorder
+from fedtl.server.record import RunRecorder, Terminal
 from fedtl.strategies.privacy import wrap_private
 from fedtl.strategies.registry import build_strategy, steps_server_optimiser, weight_key
 from fedtl.strategies.transfer import RoundReport, TransferStrategy
-
-
-@dataclass(frozen=True)
-class Terminal:
-    """Where a run's round table goes: ``console`` (default stdout), ``quiet`` when the process's own
-    output belongs to the run's log, and every ``table_every``-th round printed (all are saved)."""
-
-    console: Console | None = None
-    quiet: bool = False
-    table_every: int = 1
 
 
 def run_dir(cfg: ExperimentConfig) -> Path:
@@ -99,8 +87,7 @@ def run_server(grid: Grid, cfg: ExperimentConfig, terminal: Terminal | None = No
     # Everything that can refuse the config does so before the run folder is written.
     privacy = privacy_mode(cfg)
     inner, accountant = private_strategy(cfg, model)
-    t = terminal or Terminal()
-    recorder = RunRecorder(run_dir(cfg), cfg, t.console, quiet=t.quiet, table_every=t.table_every)
+    recorder = RunRecorder(run_dir(cfg), cfg, terminal)
     ledger = PrivacyLedger(recorder.out, cfg, privacy, accountant) if privacy.accounted else None
 
     def observe(report: RoundReport) -> None:

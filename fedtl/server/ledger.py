@@ -60,7 +60,7 @@ class PrivacyLedger:
         self.out = Path(out_dir)
         self.path = self.out / LEDGER_FILE
         self.path.write_text("")
-        self.cfg, self.mode, self.level, self.accountant = cfg, mode, mode.level, accountant
+        self.cfg, self.mode, self.accountant = cfg, mode, accountant
         self.latest: dict[str, float] = {}
         self.curves: dict[str, list[tuple[int, float]]] = {}
         self.declined: set[str] = set()
@@ -104,7 +104,7 @@ class PrivacyLedger:
         """The ledger's part of ``summary.json``."""
         p = self.cfg.privacy
         return {
-            "mode": p.mode, "level": self.level, "delta": p.delta, "epsilon_max": self.epsilon,
+            "mode": p.mode, "level": self.mode.level, "delta": p.delta, "epsilon_max": self.epsilon,
             "epsilon_per_client": dict(sorted(self.latest.items())), "budget": p.budget,
             "clients_out_of_budget": sorted(self.declined), "guarantee": self.guarantee(),
         }

@@ -12,6 +12,7 @@ import math
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,16 @@ _COLUMNS = [("round", "round", "{:>5}"), ("accuracy", "accuracy", "{:>8.4f}"), (
             ("wall_seconds", "secs", "{:>5.1f}")]
 
 
+@dataclass(frozen=True)
+class Terminal:
+    """Where a run's round table goes: ``console`` (default stdout), ``quiet`` when the process's own
+    output belongs to the run's log, and every ``table_every``-th round printed (all are saved)."""
+
+    console: Console | None = None
+    quiet: bool = False
+    table_every: int = 1
+
+
 class RunRecorder:
     """Writes one run folder and shows the run's progress.
 
@@ -44,17 +55,15 @@ class RunRecorder:
         The run folder (created). One that already holds a run is refused.
     cfg : ExperimentConfig
         Written as ``config.toml``.
-    console : Console, optional
-        Where the per-round table and progress bar go (default: stdout, Flower's log around them).
-    quiet : bool, default False
-        The console is the terminal of a quiet run (``fedtl.simulations.logs``): the bar does not take
+    terminal : Terminal, optional
+        Where the per-round table and progress bar go (default: stdout, Flower's log around them). A
+        ``quiet`` one is the terminal of a quiet run (``fedtl.simulations.logs``): the bar does not take
         over the process's stdout and stderr, which belong to the run's log.
-    table_every : int, default 1
-        Print every this many rounds' lines (and the last); every line is written to ``metrics.jsonl``.
     """
 
-    def __init__(self, out_dir: Path, cfg: ExperimentConfig, console: Console | None = None, *,
-                 quiet: bool = False, table_every: int = 1) -> None:
+    def __init__(self, out_dir: Path, cfg: ExperimentConfig, terminal: Terminal | None = None) -> None:
+        t = terminal or Terminal()
+        quiet = t.quiet
         self.out = Path(out_dir)
         if holds_run(self.out):
             raise RunFolderError(f"{self.out} already holds a run; choose another folder (--out / out) or remove it")
@@ -63,8 +72,8 @@ class RunRecorder:
         self.metrics_path = self.out / METRICS_FILE
         self.metrics_path.write_text("")
         self.cfg = cfg
-        self.console = console or Console()
-        self.table_every = table_every
+        self.console = t.console or Console()
+        self.table_every = t.table_every
         self.rows: list[dict[str, Any]] = []
         self._pending: dict[int, dict[str, Any]] = {}  # figures, and client_errors: a list of reasons
         self.client_evaluation: list[dict[str, Any]] = []

@@ -23,8 +23,8 @@ from fedtl.models.pretrain import ensure_pretrained, pretrains_itself
 from fedtl.personalisation import run_model
 from fedtl.reports.plots import plot_accuracy
 from fedtl.reports.runs import LOG_FILE, RUN_FILES, holds_run, read_metrics
-from fedtl.server.app import Terminal, make_server_app, private_strategy, run_dir
-from fedtl.server.record import write_summary
+from fedtl.server.app import make_server_app, private_strategy, run_dir
+from fedtl.server.record import Terminal, write_summary
 from fedtl.simulations.logs import flower_log_copy, quiet_output
 
 

@@ -46,7 +46,7 @@ def test_the_plan_round_trips_through_its_config() -> None:
         RoundPlan.from_config({"plan.units": ["head"]})
 
 
-def test_a_plan_applies_to_a_model(tmp_path: Path) -> None:
+def test_a_plan_applies_to_a_model() -> None:
     from fedtl.models.backbones import build_backbone
 
     model = TransferModel(build_backbone("small-cnn", 1), num_classes=3)
