@@ -38,10 +38,9 @@ def _table(title: str, header: list[str], rows: list[list[str]], *, markdown: bo
     """A table: drawn by rich on a terminal, as a whole Markdown table otherwise (a pipe, a file,
     ``--markdown``), so that no cell is ever cut to fit a width."""
     if markdown or not console.is_terminal:
-        lines = [f"**{title}**", ""] if title else []
-        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        lines += ["| " + " | ".join(r) + " |" for r in rows]
-        typer.echo("\n".join(lines))
+        from fedtl.reports.results import markdown_table
+
+        typer.echo((f"**{title}**\n\n" if title else "") + markdown_table(header, rows))
         return
     table = Table(*header, title=title, box=box.SIMPLE_HEAD)
     for r in rows:

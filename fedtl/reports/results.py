@@ -176,10 +176,14 @@ def write_tables(res: StudyResults, folder: Path) -> tuple[Path, Path]:
     csv_path, md_path = folder / "results.csv", folder / "results.md"
     with csv_path.open("w", newline="") as f:
         csv.writer(f).writerows([header, *rows])
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    md_path.write_text("\n".join(lines) + "\n")
+    md_path.write_text(markdown_table(header, rows) + "\n")
     return csv_path, md_path
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A Markdown table of ``rows`` under ``header`` (cells as given, none cut)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join([*lines, *("| " + " | ".join(row) + " |" for row in rows)])
 
 
 # Summary fields ``fedtl compare`` shows, with their format.

@@ -47,7 +47,7 @@ def quiet_output(log_file: Path) -> Iterator[Console]:
     """
     out, err = sys.stdout, sys.stderr
     with contextlib.ExitStack() as stack:
-        raw = stack.enter_context(open(log_file, "ab", buffering=0))  # first: nothing to undo if it fails
+        # First: nothing to undo if it fails. One handle, appended to both through Python and through fds 1 and 2.
         text = stack.enter_context(open(log_file, "a", buffering=1, encoding="utf-8", errors="replace"))
         if _on_fd_1(out):  # a copy of the real terminal, which fd 1 is about to stop being
             terminal: TextIO = stack.enter_context(os.fdopen(os.dup(1), "w", buffering=1,
@@ -61,7 +61,7 @@ def quiet_output(log_file: Path) -> Iterator[Console]:
             saved = os.dup(fd)
             stack.callback(os.close, saved)
             stack.callback(os.dup2, saved, fd)
-            os.dup2(raw.fileno(), fd)
+            os.dup2(text.fileno(), fd)
         # Flower's console handlers, whatever stream they were made with (the one at flwr's import).
         handlers = [h for h in logging.getLogger("flwr").handlers
                     if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)]
