@@ -62,7 +62,8 @@ DATA_PATH = "data-path"  # a SuperNode's own data
 DEVICE = "device"  # "auto" | "cpu" | "cuda": where the node computes
 THREADS = "threads"  # torch's CPU threads on the node
 STATE_DIR = "state-dir"  # a folder where the node keeps its privacy spend across restarts
-NODE_CONFIG_KEYS = (PARTITION_ID, NUM_PARTITIONS, DATA_PATH, HELD_OUT, DEVICE, THREADS, STATE_DIR)
+STORE_DIR = "store-dir"  # the node's data store folder (its decoded data and feature cache)
+NODE_CONFIG_KEYS = (PARTITION_ID, NUM_PARTITIONS, DATA_PATH, HELD_OUT, DEVICE, THREADS, STATE_DIR, STORE_DIR)
 
 # -- a node's context.state ---------------------------------------------------------------
 LOCAL_STATE = "fedtl.local"  # ArrayRecord: the tensors a personalisation keeps on the node

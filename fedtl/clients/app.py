@@ -27,6 +27,7 @@ from fedtl.clients.trainer import train_local
 from fedtl.config import ExperimentConfig
 from fedtl.devices import resolve_device
 from fedtl.errors import BackboneMismatchError, BudgetSpentError
+from fedtl.models.features import Feed
 from fedtl.models.metrics import evaluate_model
 from fedtl.models.transfer import TransferModel
 from fedtl.personalisation import personalisation, run_model
@@ -102,22 +103,23 @@ def handle_evaluate(msg: Message, context: Context, cfg: ExperimentConfig) -> Me
     node = node_data(context, cfg)
     model, plan = received_model(msg, cfg, node_device(context, cfg))
     test = node.test()
+    how = Feed.of(cfg)
     metrics: dict[str, float | int] = {**node.metrics, HELD_OUT: int(node.held_out), NUM_EXAMPLES: len(test)}
     if len(test):
-        before = evaluate_model(model, test)
+        before = evaluate_model(model, test, how)
         if node.held_out:
             data = node.train()
-            train_local(model, data, plan, cfg.finetune, seed=derived_seed(f"adapt:{node.key}", cfg.seed))
+            train_local(model, data, plan, cfg.finetune, seed=derived_seed(f"adapt:{node.key}", cfg.seed), how=how)
             if personalisation(cfg).tunes_head:  # FedBABU: the head was never trained; tune it as the others do
                 model = personalised_model(model, context, cfg, data,
                                            seed=derived_seed(f"tune-head:{node.key}", cfg.seed))
             metrics[ACCURACY_BEFORE] = before[ACCURACY]
-            metrics.update(evaluate_model(model, test))
+            metrics.update(evaluate_model(model, test, how))
         else:
             mine = personalised_model(model, context, cfg, node.train(),
                                       seed=derived_seed(f"tune-head:{node.key}", cfg.seed))
             metrics.update(before)
-            metrics[ACCURACY_PERSONAL] = before[ACCURACY] if mine is model else evaluate_model(mine, test)[ACCURACY]
+            metrics[ACCURACY_PERSONAL] = before[ACCURACY] if mine is model else evaluate_model(mine, test, how)[ACCURACY]
     return Message(RecordDict({METRICS: MetricRecord(metrics)}), reply_to=msg)
 
 
@@ -189,14 +191,15 @@ def parsed_config(run_config: tuple[tuple[str, Any], ...]) -> ExperimentConfig:
 
 
 def set_threads(context: Context, cfg: ExperimentConfig) -> None:
-    """Torch's CPU threads for this node: its node config's ``threads`` if set; under Ray (simulation), as
-    many as CPUs Ray reserves for each client (``simulation.num-cpus``), so clients do not oversubscribe the
-    cores; else (a deployed SuperNode) torch's default, every core."""
+    """Torch's CPU threads for this node: its node config's ``threads`` if set; under Ray (simulation),
+    ``simulation.threads`` (resolved before the run from the CPUs Ray reserves for each client,
+    ``simulation.num-cpus``), so clients do not oversubscribe the cores; else (a deployed SuperNode)
+    torch's default, every core."""
     ray = sys.modules.get("ray")
     if THREADS in context.node_config:
         torch.set_num_threads(max(1, int(context.node_config[THREADS])))
     elif ray is not None and ray.is_initialized():
-        torch.set_num_threads(max(1, int(cfg.simulation.num_cpus)))
+        torch.set_num_threads(max(1, cfg.simulation.threads or round(cfg.simulation.num_cpus)))
 
 
 def make_client_app(run_config: Mapping[str, Any] | None = None) -> ClientApp:

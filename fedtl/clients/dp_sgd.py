@@ -30,8 +30,9 @@ from torch.utils.data import DataLoader, TensorDataset
 from fedtl.accounting import History, calibrate_sample_noise, compose, poisson_schedule, sample_epsilon
 from fedtl.clients.trainer import TrainResult
 from fedtl.config import ExperimentConfig, PrivacyConfig
-from fedtl.data.federated import LabelledImages
+from fedtl.data.rows import LabelledImages
 from fedtl.errors import BudgetSpentError, DPConfigError
+from fedtl.models.features import PLAIN, Feed, feed
 from fedtl.models.transfer import TransferModel
 from fedtl.privacy import check_dp_trainable
 from fedtl.protocol import (
@@ -174,7 +175,8 @@ def dp_generators(device: torch.device,
 
 
 def dp_round(
-    model: TransferModel, data: LabelledImages, plan: RoundPlan, cfg: ExperimentConfig, context: Context
+    model: TransferModel, data: LabelledImages, plan: RoundPlan, cfg: ExperimentConfig, context: Context,
+    how: Feed = PLAIN,
 ) -> tuple[TrainResult, dict[str, float | int]]:
     """A client's DP-SGD round: restore its state, check its budget, train, keep the new state.
 
@@ -185,14 +187,14 @@ def dp_round(
     """
     state = load_state(context) or initial_state(cfg, len(data))
     check_budget(state, plan, cfg.privacy)
-    result, state = train_private(model, data, plan, cfg, state)
+    result, state = train_private(model, data, plan, cfg, state, how=how)
     save_state(context, state)
     return result, privacy_metrics(state, cfg.privacy)
 
 
 def train_private(
     model: TransferModel, data: LabelledImages, plan: RoundPlan, cfg: ExperimentConfig, state: PrivacyState,
-    *, noise_generator: torch.Generator | None = None,
+    *, noise_generator: torch.Generator | None = None, how: Feed = PLAIN,
 ) -> tuple[TrainResult, PrivacyState]:
     """One round of DP-SGD on ``data``, continuing the accountant of ``state``.
 
@@ -211,6 +213,9 @@ def train_private(
     noise_generator : torch.Generator, optional
         Source of the noise, on the model's device (tests); see ``dp_generators``. Default: seeded
         from ``os.urandom``.
+    how : Feed
+        The feature cache and augmentation. Opacus samples item indices (Poisson) and wraps the part
+        of the model above the cut: per-sample gradients are computed only there.
 
     Returns
     -------
@@ -226,7 +231,9 @@ def train_private(
         raise DPConfigError(f"this client's data changed size during the run (sample rate {q} != {state.sample_rate})")
     g, sampler = dp_generators(model.device, noise_generator)
     opt = torch.optim.SGD(model.param_groups(plan.lrs), momentum=ft.momentum, weight_decay=ft.weight_decay)
-    loader = DataLoader(TensorDataset(data.x, data.y), batch_size=ft.batch_size, generator=sampler)
+    f = feed(model, data, how, train=True)
+    # Poisson sampling over the items' positions; each batch's inputs are read (or looked up) after.
+    loader = DataLoader(TensorDataset(torch.arange(len(data)), data.y), batch_size=ft.batch_size, generator=sampler)
     # lazily: ~1.5 s to import, unused by most processes
     from opacus import PrivacyEngine
 
@@ -234,7 +241,7 @@ def train_private(
     engine.accountant.history = list(state.history)
     model.train()
     module, optimizer, *criterion, dp_loader = engine.make_private(
-        module=model, optimizer=opt, data_loader=loader, noise_multiplier=state.noise_multiplier,
+        module=f.net, optimizer=opt, data_loader=loader, noise_multiplier=state.noise_multiplier,
         max_grad_norm=p.max_grad_norm, poisson_sampling=True, grad_sample_mode=p.grad_sample_mode,
         noise_generator=g, criterion=nn.CrossEntropyLoss(),
     )
@@ -243,10 +250,10 @@ def train_private(
     dev = model.device
     try:
         for _ in range(plan.local_epochs):
-            for x, y in dp_loader:
+            for pos, y in dp_loader:
                 optimizer.zero_grad(set_to_none=True)
                 # An empty Poisson batch still steps: its noise is released (and accounted) all the same.
-                x, y = x.to(dev), y.to(dev)
+                x, y = f.inputs(pos.long(), dev), y.to(dev)
                 loss = loss_fn(module(x), y)
                 loss.backward()
                 optimizer.step()
@@ -254,6 +261,6 @@ def train_private(
                     total, losses = total + float(loss.detach()), losses + 1
                 steps += 1
     finally:
-        module._close()  # removes Opacus's hooks and per-sample gradients from ``model``
+        module._close()  # removes Opacus's hooks and per-sample gradients from ``model`` (or its suffix)
     new = PrivacyState(state.noise_multiplier, state.sample_rate, [tuple(h) for h in engine.accountant.history])
     return TrainResult(loss=total / max(losses, 1), examples=len(data), steps=steps), new

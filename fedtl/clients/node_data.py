@@ -9,6 +9,7 @@ config holds wins, so a deployed node never falls back to the server's data.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +20,7 @@ from fedtl.config import ExperimentConfig
 from fedtl.data.federated import LabelledImages, client_data, client_test_data, task
 from fedtl.data.nodes import DATA_ON_NODES, read_node_data
 from fedtl.errors import DataError
-from fedtl.protocol import DATA_PATH, HELD_OUT, NUM_PARTITIONS, PARTITION_ID
+from fedtl.protocol import DATA_PATH, HELD_OUT, NUM_PARTITIONS, PARTITION_ID, STORE_DIR
 
 
 @dataclass(frozen=True)
@@ -79,15 +80,16 @@ def _partition(context: Context, cfg: ExperimentConfig) -> NodeData:
 
 def _data_path(context: Context, cfg: ExperimentConfig) -> NodeData:
     path = str(context.node_config[DATA_PATH])
+    # The node's own store folder if its config names one; else the run's, relative to its working folder.
+    data = dataclasses.replace(cfg.data, store_dir=str(context.node_config.get(STORE_DIR, cfg.data.store_dir)))
 
     def read(split: int) -> LabelledImages:
         try:
-            images = read_node_data(path, cfg.data, task(cfg.data))
+            images = read_node_data(path, data, task(cfg.data))
         except DataError as err:  # named by node, so the server's log says whose data is wrong
             raise DataError(f"node {context.node_id}: {err}. Fix the node's --node-config \"{DATA_PATH}=...\" "
                             "and restart its SuperNode") from None
-        x, y = (images.train, images.test)[split]
-        return LabelledImages(x, y, ("own",) * len(y))
+        return (images.train, images.test)[split]
 
     return NodeData(train=lambda: read(0), test=lambda: read(1), held_out=_flag(context.node_config.get(HELD_OUT)),
                     key=f"node-{context.node_id}", metrics={})

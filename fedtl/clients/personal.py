@@ -10,7 +10,8 @@ from flwr.app import ArrayRecord, Context
 from fedtl.clients.privacy import LocalRound
 from fedtl.clients.trainer import TrainResult, train_local
 from fedtl.config import ExperimentConfig
-from fedtl.data.federated import LabelledImages
+from fedtl.data.rows import LabelledImages
+from fedtl.models.features import Feed
 from fedtl.models.transfer import TransferModel
 from fedtl.personalisation import head_plan, personalisation
 from fedtl.protocol import LOCAL_STATE, RoundPlan
@@ -24,7 +25,7 @@ def local_round(inner: LocalRound, model: TransferModel, data: LabelledImages, p
         return inner(model, data, plan, cfg, context, seed)
     head = head_plan(cfg)
     head.apply_to(model)
-    train_local(model, data, head, cfg.finetune, seed=seed ^ 0x5EED)
+    train_local(model, data, head, cfg.finetune, seed=seed ^ 0x5EED, how=Feed.of(cfg))
     body = plan.without_head()
     body.apply_to(model)
     try:
@@ -63,5 +64,5 @@ def personalised_model(model: TransferModel, context: Context, cfg: ExperimentCo
     if person.tunes_head and len(data):
         tune = head_plan(cfg)
         tune.apply_to(mine)
-        train_local(mine, data, tune, cfg.finetune, seed=seed)
+        train_local(mine, data, tune, cfg.finetune, seed=seed, how=Feed.of(cfg))
     return mine

@@ -15,7 +15,8 @@ from flwr.clientapp.typing import Mod
 from fedtl.clients.dp_sgd import dp_round
 from fedtl.clients.trainer import TrainResult, train_local
 from fedtl.config import ExperimentConfig
-from fedtl.data.federated import LabelledImages
+from fedtl.data.rows import LabelledImages
+from fedtl.models.features import Feed
 from fedtl.models.transfer import TransferModel
 from fedtl.protocol import RoundPlan
 from fedtl.registry import Registry
@@ -44,12 +45,12 @@ class ClientPrivacy:
 def plain_round(model: TransferModel, data: LabelledImages, plan: RoundPlan, cfg: ExperimentConfig,
                 context: Context, seed: int) -> tuple[TrainResult, dict[str, float | int]]:
     """Local training as the plan says, nothing added to the reply."""
-    return train_local(model, data, plan, cfg.finetune, seed=seed), {}
+    return train_local(model, data, plan, cfg.finetune, seed=seed, how=Feed.of(cfg)), {}
 
 
 def _dp_sgd_round(model: TransferModel, data: LabelledImages, plan: RoundPlan, cfg: ExperimentConfig,
                   context: Context, seed: int) -> tuple[TrainResult, dict[str, float | int]]:
-    return dp_round(model, data, plan, cfg, context)  # batch order and noise from OS entropy, not ``seed``
+    return dp_round(model, data, plan, cfg, context, Feed.of(cfg))  # batch order and noise from OS entropy, not ``seed``
 
 
 # The client-side half of Flower's client-level wrappers that clip on the client, by clipping.

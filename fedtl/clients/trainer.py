@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from fedtl.config import FinetuneConfig
-from fedtl.data.federated import LabelledImages
+from fedtl.data.rows import LabelledImages
+from fedtl.models.features import PLAIN, Feed, feed
 from fedtl.models.transfer import TransferModel
 from fedtl.protocol import RoundPlan
 
@@ -23,7 +24,8 @@ class TrainResult:
 
 
 def train_local(
-    model: TransferModel, data: LabelledImages, plan: RoundPlan, ft: FinetuneConfig, *, seed: int
+    model: TransferModel, data: LabelledImages, plan: RoundPlan, ft: FinetuneConfig, *, seed: int,
+    how: Feed = PLAIN,
 ) -> TrainResult:
     """Fine-tune ``model`` in place on ``data`` following ``plan``.
 
@@ -38,7 +40,10 @@ def train_local(
     ft : FinetuneConfig
         Batch size, momentum and weight decay.
     seed : int
-        Seed of the batch order (vary it per round and client).
+        Seed of the batch order and of the augmentation (vary it per round and client).
+    how : Feed
+        The run's feature cache and augmentation (default: neither). Batches are read from the
+        data's rows as they are needed, or (cache) its frozen prefix's features.
 
     Returns
     -------
@@ -52,17 +57,21 @@ def train_local(
     # FedProx: (mu / 2) ||w - w_global||^2 keeps the local model near the received one.
     anchor = [(p, p.detach().clone()) for group in groups for p in group["params"]] if plan.proximal_mu else []
     g = torch.Generator().manual_seed(seed)
-    x, y = data.x.to(model.device), data.y.to(model.device)  # once, not per batch
+    f = feed(model, data, how, train=True)
+    dev = model.device
+    y = data.y.to(dev)
     model.train()
     total, steps = 0.0, 0
-    for _ in range(plan.local_epochs):
-        for idx in torch.randperm(len(data), generator=g).split(ft.batch_size):
-            opt.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(x[idx.to(x.device)]), y[idx.to(y.device)])
-            if anchor:
-                loss = loss + plan.proximal_mu / 2 * sum(((p - p0) ** 2).sum() for p, p0 in anchor)
-            loss.backward()
-            opt.step()
-            total += loss.detach().item()
-            steps += 1
+    with torch.random.fork_rng(devices=[]):  # the augmentation draws from torch's generator: seeded per round
+        torch.manual_seed(seed)
+        for _ in range(plan.local_epochs):
+            for idx in torch.randperm(len(data), generator=g).split(ft.batch_size):
+                opt.zero_grad(set_to_none=True)
+                loss = F.cross_entropy(f.net(f.inputs(idx, dev)), y[idx.to(dev)])
+                if anchor:
+                    loss = loss + plan.proximal_mu / 2 * sum(((p - p0) ** 2).sum() for p, p0 in anchor)
+                loss.backward()
+                opt.step()
+                total += loss.detach().item()
+                steps += 1
     return TrainResult(loss=total / steps, examples=len(data), steps=steps)

@@ -67,7 +67,7 @@ def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] 
     overrides : iterable of str
         ``key=value`` strings applied after the file, in order.
     resolve_paths : bool, optional
-        Make ``pretrain.cache-dir`` absolute, so that every process on this machine agrees on it
+        Make ``pretrain.cache-dir`` and ``data.store-dir`` absolute, so that every process on this machine agrees on it
         (default). ``False`` for a deployment: each machine reads it from its own working folder.
 
     Returns
@@ -88,7 +88,9 @@ def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] 
     if not resolve_paths:
         return cfg
     cache = str(Path(cfg.pretrain.cache_dir).expanduser().resolve())
-    return dataclasses.replace(cfg, pretrain=dataclasses.replace(cfg.pretrain, cache_dir=cache))
+    store = str(Path(cfg.data.store_dir).expanduser().resolve())
+    return dataclasses.replace(cfg, pretrain=dataclasses.replace(cfg.pretrain, cache_dir=cache),
+                               data=dataclasses.replace(cfg.data, store_dir=store))
 
 
 def flwr_app_config_table() -> str:

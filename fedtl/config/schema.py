@@ -74,6 +74,11 @@ class DataConfig(Validated):
     classes: str = ""
     # `nodes`: the images' channels.
     channels: int = field(default=3, metadata=one_of((1, 3)))
+    # The data store: each data set decoded once per machine (uint8 at image-size), memory-mapped by every
+    # process; the feature cache lives in it too (made absolute; a node's config may name its own, store-dir).
+    store_dir: str = ".fedtl-cache/store"
+    # Random augmentation of each training batch (torchvision transforms v2); the feature cache is off under it.
+    augment: str = field(default="none", metadata=one_of("fedtl.data.augment:AUGMENTATIONS"))
 
 
 @dataclass(frozen=True)
@@ -134,6 +139,9 @@ class FinetuneConfig(Validated):
     lora_dropout: float = field(default=0.0, metadata=in_range(0.0, 1.0))
     # Which layers of those blocks LoRA adapts: every Conv2d/Linear, or only attention's projections.
     lora_targets: str = field(default="all", metadata=one_of(("all", "attention")))
+    # "auto": where every trainable tensor sits above a frozen prefix of blocks, compute the prefix once per
+    # image (cached on disk, shared by the machine's processes) and train the rest on it; exact. "off": never.
+    feature_cache: str = field(default="auto", metadata=one_of(("auto", "off")))
 
 
 @dataclass(frozen=True)
@@ -236,8 +244,10 @@ class SimulationConfig(Validated):
 
     SECTION = "simulation."
 
-    # CPUs per virtual client (Ray).
-    num_cpus: float = field(default=1.0, metadata=in_range(0.0, None, lo_open=True))
+    # CPUs per virtual client (Ray); 0: chosen from the machine (its cores shared by the clients of a round).
+    num_cpus: float = field(default=0.0, metadata=in_range(0.0))
+    # Torch threads per virtual client; 0: its CPUs, rounded (at least 1).
+    threads: int = field(default=0, metadata=in_range(0))
     # GPUs per virtual client (Ray; fractions allowed).
     num_gpus: float = field(default=0.0, metadata=in_range(0.0))
     # An existing Ray cluster to run on ("auto": the one `ray start` made on this machine, or

@@ -1,12 +1,13 @@
 """Each client's labelled data and the server's test set, derived deterministically.
 
 Every process (server, each simulated client) derives the same split from the config,
-so no data ever has to be shipped: a client only materialises its own partition.
+so no data ever has to be shipped. The scenario's arrays are the machine's data store,
+mapped; a client's data is its partition's row numbers into them (``LabelledImages``), and
+only the rows a batch needs are ever read.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
@@ -15,27 +16,24 @@ import torch
 from fedtl.config import ConfigError, DataConfig
 from fedtl.data.nodes import DATA_ON_NODES, Task
 from fedtl.data.partition import partition_indices
+from fedtl.data.rows import PLAIN_STYLES, LabelledImages
 from fedtl.data.scenarios import Scenario, load_scenario
-from fedtl.data.styles import apply_style
 from fedtl.seeds import derived_seed
 
-
-@dataclass(frozen=True)
-class LabelledImages:
-    """Images, labels and the domain style of each image."""
-
-    x: torch.Tensor
-    y: torch.Tensor
-    style: tuple[str, ...]
-
-    def __len__(self) -> int:
-        return len(self.y)
+__all__ = ["LabelledImages", "check_partitions", "client_data", "client_test_data", "scenario", "server_test_data",
+           "source_data", "task", "verify_store"]
 
 
 @lru_cache(maxsize=4)
 def scenario(cfg: DataConfig) -> Scenario:
-    """The scenario of ``cfg``, built once per process."""
+    """The scenario of ``cfg``: built into the data store once per machine, mapped once per process."""
     return load_scenario(cfg)
+
+
+def verify_store(cfg: DataConfig) -> None:
+    """Build ``cfg``'s scenario in the data store if needed, and check its files' hashes (rebuilding a damaged
+    entry): once, by the process that prepares a run, before any client maps it."""
+    load_scenario(cfg, verify=True)
 
 
 @lru_cache(maxsize=8)
@@ -74,9 +72,9 @@ def _client_images(cfg: DataConfig, partition_id: int, num_clients: int, seed: i
     sc = scenario(cfg)
     idx = torch.from_numpy(_partitions(cfg, num_clients, seed)[partition_id][split])
     style = sc.styles[partition_id % len(sc.styles)]
-    stream = "style" if split == 0 else "test-split-style"
-    x = apply_style(style, sc.pool_x[idx], seed=derived_seed(f"{stream}:{partition_id}", seed))
-    return LabelledImages(x, sc.pool_y[idx], (style,) * len(idx))
+    # Each item's style draws from its own seed: the same input in every batch, epoch and process.
+    seeds = () if style in PLAIN_STYLES else tuple(derived_seed(f"style:{partition_id}:{int(r)}", seed) for r in idx)
+    return LabelledImages(sc.pool_x, sc.pool_y[idx], (style,) * len(idx), index=idx, seeds=seeds, source=sc.key)
 
 
 @lru_cache(maxsize=2)
@@ -96,8 +94,7 @@ def client_data(cfg: DataConfig, partition_id: int, num_clients: int, seed: int)
 
     Notes
     -----
-    Cached per process: a client styles its images once, not every round. Do not
-    modify the returned tensors in place.
+    Row numbers into the mapped scenario, not images: training reads its batches' rows.
     """
     return _client_images(cfg, partition_id, num_clients, seed, 0)
 
@@ -117,11 +114,10 @@ def server_test_data(cfg: DataConfig) -> LabelledImages:
     """The server's held-out target test set; image ``j`` is in style ``styles[j % n]``."""
     sc = scenario(cfg)
     n = len(sc.styles)
-    x = sc.test_x.clone()
-    for k, style in enumerate(sc.styles):
-        x[k::n] = apply_style(style, sc.test_x[k::n], seed=derived_seed(f"test-style:{k}", 0))
-    styles = tuple(sc.styles[j % n] for j in range(len(x)))
-    return LabelledImages(x, sc.test_y, styles)
+    styles = tuple(sc.styles[j % n] for j in range(len(sc.test_y)))
+    plain = all(s in PLAIN_STYLES for s in sc.styles)
+    seeds = () if plain else tuple(derived_seed(f"test-style:{j}", 0) for j in range(len(styles)))
+    return LabelledImages(sc.test_x, sc.test_y, styles, seeds=seeds, source=sc.key)
 
 
 def source_data(cfg: DataConfig) -> tuple[torch.Tensor, torch.Tensor, int]:

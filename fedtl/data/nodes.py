@@ -31,8 +31,10 @@ import torchvision.transforms.v2.functional as TF
 from sklearn.model_selection import train_test_split
 
 from fedtl.config import DataConfig
+from fedtl.data.rows import LabelledImages
 from fedtl.data.scenarios import SCENARIOS, Scenario
 from fedtl.data.sources import SPLIT_SEED, read_folder
+from fedtl.data.store import Writer, files_fingerprint, open_arrays
 from fedtl.errors import DataError
 from fedtl.protocol import DATA_PATH
 from fedtl.registry import Registry
@@ -49,7 +51,7 @@ class Task:
     @classmethod
     def of(cls, sc: Scenario) -> Task:
         """The task of a loaded scenario."""
-        return cls(sc.num_classes, sc.in_channels, not sc.pool_x.is_floating_point())
+        return cls(sc.num_classes, sc.in_channels, sc.pool_x.dim() == 2)
 
 
 def class_names(cfg: DataConfig) -> list[str] | None:
@@ -67,7 +69,8 @@ LAYOUTS: Registry[Reader] = Registry("node data layout")
 def _fit(x: torch.Tensor, size: int, channels: int) -> torch.Tensor:
     # Any stored size and channel count to the run's: resized, grey repeated to RGB or RGB to grey.
     if x.shape[-1] != size or x.shape[-2] != size:
-        x = TF.resize(x, [size, size], antialias=True).clamp(0.0, 1.0)
+        x = TF.resize(x, [size, size], antialias=True)
+        x = x if x.dtype == torch.uint8 else x.clamp(0.0, 1.0)
     if x.shape[1] == channels:
         return x
     return x.repeat(1, 3, 1, 1) if channels == 3 else TF.rgb_to_grayscale(x)
@@ -98,7 +101,7 @@ def _npz_images(a: np.ndarray, file: Path, key: str) -> torch.Tensor:
     if a.ndim != 4 or a.shape[1] not in (1, 3):
         raise DataError(f"{file}: {key!r} has shape {a.shape}; expected N x H x W or N x C x H x W with C = 1 or 3")
     x = torch.from_numpy(np.ascontiguousarray(a))
-    return x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+    return x if x.dtype == torch.uint8 else x.float()  # 8-bit images stay 8-bit (scaled per batch)
 
 
 @LAYOUTS.register(".npz")
@@ -126,15 +129,39 @@ def _npz(path: Path, cfg: DataConfig, task: Task) -> tuple[Split, Split | None]:
 
 @dataclass(frozen=True)
 class NodeImages:
-    """A node's labelled images for training and its own test images."""
+    """A node's labelled images for training and its own test images (rows of its data store entry)."""
 
-    train: Split
-    test: Split
+    train: LabelledImages
+    test: LabelledImages
+
+
+def _node_key(path: Path, cfg: DataConfig, task: Task) -> dict[str, object]:
+    return {"kind": "node-data", "path": str(path.resolve()), "files": files_fingerprint([path]),
+            "size": cfg.image_size, "channels": task.in_channels, "classes": cfg.classes, "bad": cfg.bad_images}
+
+
+def _read(path: Path, cfg: DataConfig, task: Task, w: Writer) -> dict[str, object]:
+    layout = "folder" if path.is_dir() else path.suffix
+    if layout not in LAYOUTS:
+        raise DataError(f"{DATA_PATH} {str(path)!r} is neither a folder nor one of "
+                        f"{[n for n in LAYOUTS if n != 'folder']}")
+    (x, y), test = LAYOUTS.get(layout)(path, cfg, task)
+    labels = torch.cat([y, test[1]]) if test is not None else y
+    bad = sorted({v for v in labels.tolist() if not 0 <= v < task.num_classes})
+    if bad:
+        raise DataError(f"{DATA_PATH} {str(path)!r} has labels {bad[:5]} outside the model's {task.num_classes} classes")
+    w.put("x", x.contiguous())
+    w.put("y", y)
+    if test is not None:
+        w.put("x_test", test[0].contiguous())
+        w.put("y_test", test[1])
+    return {}
 
 
 @lru_cache(maxsize=2)
 def read_node_data(path: str, cfg: DataConfig, task: Task) -> NodeImages:
-    """A node's own data at ``path``, labelled as the run's ``task`` says.
+    """A node's own data at ``path``, labelled as the run's ``task`` says, from this machine's data store
+    (``data.store-dir``, or the node config's ``store-dir``): decoded once, mapped by every process after.
 
     Parameters
     ----------
@@ -154,33 +181,37 @@ def read_node_data(path: str, cfg: DataConfig, task: Task) -> NodeImages:
     p = Path(path)
     if not p.exists():
         raise DataError(f"{DATA_PATH} {path!r} does not exist on this node")
-    layout = "folder" if p.is_dir() else p.suffix
-    if layout not in LAYOUTS:
-        raise DataError(f"{DATA_PATH} {path!r} is neither a folder nor one of {[n for n in LAYOUTS if n != 'folder']}")
-    (x, y), test = LAYOUTS.get(layout)(p, cfg, task)
-    labels = torch.cat([y, test[1]]) if test is not None else y
-    bad = sorted({v for v in labels.tolist() if not 0 <= v < task.num_classes})
-    if bad:
-        raise DataError(f"{DATA_PATH} {path!r} has labels {bad[:5]} outside the model's {task.num_classes} classes")
-    if test is None:
-        x, y, test = _own_test_split(x, y, cfg.client_test_fraction)
+    stored = open_arrays(cfg.store_dir, _node_key(p, cfg, task), lambda w: _read(p, cfg, task, w))
+    a = stored.arrays
+    x, y = a["x"], a["y"]
+    keep = np.arange(len(y))
+    if "y_test" in a:
+        test = LabelledImages(a["x_test"], a["y_test"], ("own",) * len(a["y_test"]), source=f"{stored.key}/test")
+    else:
+        keep, held = _own_test_split(y.numpy(), cfg.client_test_fraction)
+        test = _items(x, y, held, f"{stored.key}")
     cap = cfg.labelled_per_client
-    x, y = (x[:cap], y[:cap]) if cap > 0 else (x, y)
-    if not len(y):
+    keep = keep[:cap] if cap > 0 else keep
+    if not len(keep):
         raise DataError(f"{DATA_PATH} {path!r} holds no training images")
-    return NodeImages((x, y), test)
+    return NodeImages(_items(x, y, keep, stored.key), test)
 
 
-def _own_test_split(x: torch.Tensor, y: torch.Tensor, fraction: float) -> tuple[torch.Tensor, torch.Tensor, Split]:
+def _items(x: torch.Tensor, y: torch.Tensor, rows: np.ndarray, source: str) -> LabelledImages:
+    idx = torch.from_numpy(np.asarray(rows, dtype=np.int64))
+    return LabelledImages(x, y[idx], ("own",) * len(idx), index=idx, source=source)
+
+
+def _own_test_split(y: np.ndarray, fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    idx = np.arange(len(y))
     n_test = min(int(len(y) * fraction), len(y) - 1)
     if n_test < 1:
-        return x, y, (x[:0], y[:0])
-    idx = np.arange(len(y))
+        return idx, idx[:0]
     try:  # stratified where every class can give its share to both sides
-        keep, held = train_test_split(idx, test_size=n_test, random_state=SPLIT_SEED, stratify=y.numpy())
+        keep, held = train_test_split(idx, test_size=n_test, random_state=SPLIT_SEED, stratify=y)
     except ValueError:  # a class too small for that: a plain fixed split
         keep, held = train_test_split(idx, test_size=n_test, random_state=SPLIT_SEED)
-    return x[keep], y[keep], (x[held], y[held])
+    return keep, held
 
 
 # -- the server's side ------------------------------------------------------------------------
@@ -209,8 +240,9 @@ def nodes_scenario(cfg: DataConfig) -> Scenario:
         raise DataError("data.scenario = \"nodes\" needs data.path on the server: its own labelled test images (an "
                         "image folder or .npz), on which it evaluates the global model each round")
     images = read_node_data(cfg.path, replace(cfg, client_test_fraction=0.0, labelled_per_client=0), task)
-    tx, ty = images.test if len(images.test[1]) else images.train
-    empty_x = torch.zeros(0, task.in_channels, cfg.image_size, cfg.image_size)
+    held = images.test if len(images.test) else images.train
+    tx, ty = held.rows[held.row_ids()], held.y
+    empty_x = torch.zeros(0, task.in_channels, cfg.image_size, cfg.image_size, dtype=tx.dtype)
     empty_y = torch.zeros(0, dtype=torch.long)
     return Scenario(task.num_classes, 0, task.in_channels, ("clean",), empty_x, empty_y, empty_x, empty_y, tx, ty)
 

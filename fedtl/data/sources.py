@@ -1,10 +1,11 @@
 """Real data sets as scenarios: torchvision's, image folders, and saved Hugging Face data sets.
 
 Each reads local files only (torchvision downloads only with ``data.download = true``),
-decodes every image once per process to ``data.image-size`` pixels in [0, 1], and
-returns a ``Scenario`` without source data: a backbone for these comes with outside
-weights (``model.weights`` / ``model.weights-path``) or is trained from scratch. Grey
-data stays one channel (RGB backbones repeat it); anything else becomes RGB.
+decodes every image to ``data.image-size`` pixels as ``uint8`` (once per machine: the
+scenario goes into the data store, ``fedtl.data.store``), and returns a ``Scenario``
+without source data: a backbone for these comes with outside weights (``model.weights`` /
+``model.weights-path``) or is trained from scratch. Grey data stays one channel (RGB
+backbones repeat it); anything else becomes RGB.
 """
 
 from __future__ import annotations
@@ -33,16 +34,22 @@ SPLIT_SEED = 2024
 
 
 def to_tensor(img: Image.Image, size: int, grey: bool) -> torch.Tensor:
-    """One PIL image as a ``(C, size, size)`` float tensor in [0, 1] (C = 1 if ``grey`` else 3)."""
+    """One PIL image as a ``(C, size, size)`` uint8 tensor (C = 1 if ``grey`` else 3), resized with antialiasing."""
     img = img.convert("L" if grey else "RGB")
-    x = TF.to_dtype(TF.to_image(img), torch.float32, scale=True)
-    return TF.resize(x, [size, size], antialias=True).clamp(0.0, 1.0)
+    return TF.resize(TF.to_image(img), [size, size], antialias=True)
 
 
-def stack(images: Iterable[Image.Image], size: int, grey: bool) -> torch.Tensor:
-    """Images stacked into ``(N, C, size, size)``."""
-    out = [to_tensor(img, size, grey) for img in images]
-    return torch.stack(out) if out else torch.zeros(0, 1 if grey else 3, size, size)
+def stack(images: Iterable[Image.Image], size: int, grey: bool, count: int | None = None) -> torch.Tensor:
+    """Images as one ``(N, C, size, size)`` uint8 tensor, each converted as it comes (``count``: N, when known,
+    so no list of decoded images is ever held)."""
+    shape = (1 if grey else 3, size, size)
+    if count is None:
+        out = [to_tensor(img, size, grey) for img in images]
+        return torch.stack(out) if out else torch.zeros(0, *shape, dtype=torch.uint8)
+    x = torch.empty(count, *shape, dtype=torch.uint8)
+    for i, img in enumerate(images):
+        x[i] = to_tensor(img, size, grey)
+    return x
 
 
 def finish_scenario(cfg: DataConfig, classes: int, pool: tuple[torch.Tensor, torch.Tensor],
@@ -67,7 +74,7 @@ def finish_scenario(cfg: DataConfig, classes: int, pool: tuple[torch.Tensor, tor
     if bad:
         raise DataError(f"the test split has labels {bad[:5]} outside the {classes} classes of the training data: "
                         "every test class must also be a training class (same class folders / label names)")
-    images = x.is_floating_point()
+    images = x.dim() == 4  # (N, C, S, S) images; token ids are (N, length)
     if cfg.domain_skew and not images:
         raise DataError("data.domain-skew restyles images; this data set is text")
     styles = DIGIT_STYLES if cfg.domain_skew else ("clean",)
@@ -99,7 +106,7 @@ def _labels(ds: Any) -> list[int]:
 
 def _decode(ds: Any, size: int, grey: bool) -> tuple[torch.Tensor, torch.Tensor]:
     images = (ds[i][0] for i in range(len(ds)))
-    return stack(images, size, grey), torch.tensor(_labels(ds), dtype=torch.long)
+    return stack(images, size, grey, count=len(ds)), torch.tensor(_labels(ds), dtype=torch.long)
 
 
 @SCENARIOS.register("torchvision")
@@ -162,26 +169,40 @@ def read_folder(path: str | Path, size: int, *, bad_images: str, classes: Sequen
         raise DataError(f"image folder {str(path)!r} has classes {unknown[:5]} outside the run's classes {names[:10]}")
     files = make_dataset(str(path), {c: names.index(c) for c in found}, extensions=IMG_EXTENSIONS,
                          allow_empty=True)
-    images, labels, skipped = [], [], []
+    # Two passes, so no decoded image is held: the headers (modes) first, then each image decoded and
+    # resized straight into its row.
+    readable, modes, skipped = [], [], []
     for file, label in files:
         try:
             with Image.open(file) as img:
-                img.load()
-                images.append(img.copy())
+                modes.append(img.mode)
+            readable.append((file, label))
         except (UnidentifiedImageError, OSError) as err:
-            if bad_images == "error":
-                raise DataError(f"{file} is not a readable image ({err}); remove it, or set data.bad-images = "
-                                "\"skip\"") from None
-            skipped.append(file)
+            skipped.append(_bad(file, err, bad_images))
+    if grey is None:
+        grey = bool(modes) and all(m in ("L", "1", "I;16", "I") for m in modes)
+    x = torch.empty(len(readable), 1 if grey else 3, size, size, dtype=torch.uint8)
+    labels, n = [], 0
+    for file, label in readable:
+        try:
+            with Image.open(file) as img:
+                x[n] = to_tensor(img, size, grey)
+        except (UnidentifiedImageError, OSError) as err:  # a header that reads, a body that does not
+            skipped.append(_bad(file, err, bad_images))
             continue
         labels.append(label)
+        n += 1
     if skipped:
         log.warning("skipped %d unreadable image(s) in %s, e.g. %s", len(skipped), path, skipped[0])
-    if not images:
+    if not n:
         raise DataError(f"image folder {str(path)!r} holds no readable image ({len(skipped)} skipped)")
-    if grey is None:
-        grey = all(img.mode in ("L", "1", "I;16", "I") for img in images)
-    return stack(images, size, grey), torch.tensor(labels, dtype=torch.long), names, grey
+    return x[:n], torch.tensor(labels, dtype=torch.long), names, grey
+
+
+def _bad(file: str, err: Exception, bad_images: str) -> str:
+    if bad_images == "error":
+        raise DataError(f"{file} is not a readable image ({err}); remove it, or set data.bad-images = \"skip\"") from None
+    return file
 
 
 @SCENARIOS.register("image-folder")
@@ -235,9 +256,9 @@ def _hf_split(ds: Any, cfg: DataConfig) -> tuple[torch.Tensor, torch.Tensor]:
     if missing:
         raise DataError(f"the data set at {cfg.path!r} has no column(s) {missing}; its columns are "
                         f"{ds.column_names}: set data.image-column / data.label-column")
-    images = ds[cfg.image_column]
-    grey = all(getattr(img, "mode", "RGB") in ("L", "1") for img in images[:64])
-    return stack(images, cfg.image_size, grey), torch.tensor(ds[cfg.label_column], dtype=torch.long)
+    grey = all(getattr(img, "mode", "RGB") in ("L", "1") for img in ds.select(range(min(64, len(ds))))[cfg.image_column])
+    images = (row[cfg.image_column] for row in ds)  # one decoded image at a time
+    return stack(images, cfg.image_size, grey, count=len(ds)), torch.tensor(ds[cfg.label_column], dtype=torch.long)
 
 
 @SCENARIOS.register("hf-dataset")

@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fedtl.data.federated import LabelledImages
+from fedtl.data.rows import LabelledImages
+from fedtl.models.features import PLAIN, Feed, predict
 from fedtl.models.transfer import TransferModel
 from fedtl.protocol import ACCURACY, ECE, LOSS
 
@@ -42,14 +43,17 @@ def _scores(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
     }
 
 
-def evaluate_model(model: TransferModel, data: LabelledImages) -> dict[str, float]:
-    """``accuracy``, ``loss`` (cross-entropy) and ``ece`` of ``model`` on ``data`` (eval mode)."""
-    return _scores(model.predict(data.x), data.y)
+def evaluate_model(model: TransferModel, data: LabelledImages, how: Feed = PLAIN) -> dict[str, float]:
+    """``accuracy``, ``loss`` (cross-entropy) and ``ece`` of ``model`` on ``data`` (eval mode; the feature
+    cache as ``how`` says)."""
+    return _scores(predict(model, data, how), data.y)
 
 
-def central_evaluate(model: TransferModel, data: LabelledImages) -> dict[str, float]:
-    """``evaluate_model`` on ``data``, plus ``accuracy/<style>`` for every domain style in it."""
-    logits = model.predict(data.x)
+def central_evaluate(model: TransferModel, data: LabelledImages, how: Feed = PLAIN,
+                     cut: int | None = None) -> dict[str, float]:
+    """``evaluate_model`` on ``data``, plus ``accuracy/<style>`` for every domain style in it (``cut``: see
+    ``fedtl.models.features.feed``)."""
+    logits = predict(model, data, how, cut=cut)
     out = _scores(logits, data.y)
     correct = (logits.argmax(1) == data.y).float()
     styles = list(data.style)

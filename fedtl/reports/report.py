@@ -18,6 +18,7 @@ from fedtl.config import load_config
 from fedtl.data.federated import LabelledImages, server_test_data
 from fedtl.errors import StudyError
 from fedtl.models.factory import build_model
+from fedtl.models.features import predict
 from fedtl.reports import report_plots as plots
 from fedtl.reports.interpret import confusion_matrix, saliency
 from fedtl.reports.results import RunResult, StudyResults, load_results, table, target_accuracy, write_tables
@@ -48,20 +49,20 @@ def interpretability(res: StudyResults, folder: Path) -> list[tuple[Path, str]]:
     finals = {label: _final_model(run) for label, run in first.items()}
     matrices = {}
     for label, (model, test) in finals.items():
-        predicted = model.predict(test.x).argmax(1)
+        predicted = predict(model, test).argmax(1)
         matrices[names[label]] = confusion_matrix(predicted, test.y, int(test.y.max()) + 1)
     figures = [(plots.plot_confusions(matrices, folder / "confusion.png"),
                 "Confusion matrices of each configuration's final model on the server's test set (first seed; "
                 "rows: true class, normalised).")]
     best = max(first, key=lambda label: first[label].summary["final_accuracy"])
     model, test = finals[best]
-    if not test.x.is_floating_point():  # token ids: gradient x input is a picture of images only
+    if test.tokens:  # token ids: gradient x input is a picture of images only
         return figures
     models = {f"{names[best]} pre-trained": model}
     if first[best].scratch is not None:
         models[f"{names[best]} scratch"] = _final_model(first[best].scratch)[0]
     picks = [test.style.index(s) for s in dict.fromkeys(test.style)]
-    x, y = test.x[picks], test.y[picks]
+    x, y = test.batch(torch.tensor(picks)), test.y[picks]
     maps = {name: saliency(m, x, y) for name, m in models.items()}
     captions = [f"{test.style[i]} ({int(test.y[i])})" for i in picks]
     figures.append((plots.plot_saliency(x, captions, maps, folder / "saliency.png"),

@@ -17,6 +17,7 @@ from flwr.serverapp.strategy import Strategy
 from fedtl.config import ExperimentConfig
 from fedtl.data.federated import server_test_data
 from fedtl.errors import RunStoppedError
+from fedtl.models.features import Feed, frozen_prefix
 from fedtl.models.metrics import central_evaluate
 from fedtl.models.transfer import TransferModel
 from fedtl.personalisation import check_personal_plans, personal_plan, run_model
@@ -108,6 +109,10 @@ def run_server(grid: Grid, cfg: ExperimentConfig, terminal: Terminal | None = No
         statistics_by_mean=weight_key(cfg) if steps_server_optimiser(inner) and not privacy.noised_update else None,
     )
     best = {"accuracy": -1.0}
+    how = Feed.of(cfg)
+    # The server's test set through the feature cache, from the lowest cut any round so far trained above:
+    # the blocks below it still hold the pre-trained weights.
+    lowest = {"cut": len(model.block_names)}
 
     def evaluate(rnd: int, arrays: ArrayRecord) -> MetricRecord:
         state = arrays.to_torch_state_dict()
@@ -116,7 +121,8 @@ def run_server(grid: Grid, cfg: ExperimentConfig, terminal: Terminal | None = No
             raise ValueError(f"global model holds keys this model does not have: {sorted(unknown)[:5]}")
         model.load_state_dict(state, strict=False)
         plan(max(rnd, 1)).apply_to(model)
-        metrics = central_evaluate(model, test)
+        lowest["cut"] = min(lowest["cut"], frozen_prefix(model))
+        metrics = central_evaluate(model, test, how, cut=lowest["cut"])
         extra = {"epsilon": ledger.epsilon} if ledger is not None else {}
         row = recorder.end_round(rnd, metrics, travelling_params=model.size()["travelling_params"], **extra)
         meta = {"round": rnd, "accuracy": row[ACCURACY], "backbone_fingerprint": model.backbone_fingerprint}

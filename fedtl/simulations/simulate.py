@@ -16,7 +16,7 @@ from typing import Any
 
 from fedtl.clients.app import make_client_app
 from fedtl.config import ExperimentConfig
-from fedtl.data.federated import check_partitions
+from fedtl.data.federated import check_partitions, verify_store
 from fedtl.errors import RunFolderError
 from fedtl.models.factory import build_model
 from fedtl.models.pretrain import ensure_pretrained, pretrains_itself
@@ -26,6 +26,7 @@ from fedtl.reports.runs import LOG_FILE, RUN_FILES, holds_run, read_metrics
 from fedtl.server.app import make_server_app, private_strategy, run_dir
 from fedtl.server.record import Terminal, write_summary
 from fedtl.simulations.logs import flower_log_copy, quiet_output
+from fedtl.simulations.runtime import kept_warm, resolve_resources
 
 
 def prepare_run_dir(cfg: ExperimentConfig, *, overwrite: bool = False, clear: bool = True) -> ExperimentConfig:
@@ -69,7 +70,7 @@ def simulate(cfg: ExperimentConfig, *, overwrite: bool = False, verbose: bool = 
     table_every : int, default 1
         Print every this many rounds' table lines (the last always; all are in ``metrics.jsonl``).
     """
-    cfg = prepare_run_dir(cfg, overwrite=overwrite, clear=False)
+    cfg = resolve_resources(prepare_run_dir(cfg, overwrite=overwrite, clear=False))
     out = Path(cfg.out)
     if verbose:
         preflight(cfg)
@@ -91,6 +92,7 @@ def simulate(cfg: ExperimentConfig, *, overwrite: bool = False, verbose: bool = 
 
 def preflight(cfg: ExperimentConfig) -> None:
     """Everything that can refuse ``cfg`` before a simulation starts, and the pre-training it needs (once, here)."""
+    verify_store(cfg.data)  # the data decoded into this machine's store (or checked there) once, before the clients map it
     check_partitions(cfg.data, cfg.clients, cfg.seed)  # here, rather than as an error in every client
     # A privacy set-up the mode refuses fails here, with its own message, before any pre-training
     # (the check needs the model's structure, not its weights).
@@ -126,10 +128,11 @@ def simulate_with_scratch(cfg: ExperimentConfig, *, overwrite: bool = False, ver
     fifth round. The run's ``summary.json`` gains ``scratch_final_accuracy``, ``scratch_best_accuracy``
     and ``transfer_gain`` (final accuracy pre-trained minus scratch, after the same rounds).
     """
-    summary = simulate(cfg, overwrite=overwrite, verbose=verbose)  # with overwrite, this also clears <run>/scratch
-    out = Path(summary["out_dir"])
-    scratch_cfg = cfg.as_scratch().replace(out=str(out / "scratch"))
-    scratch = simulate(scratch_cfg, overwrite=overwrite, verbose=verbose, table_every=5)
+    with kept_warm():  # the baseline runs on the same Ray instance and actors
+        summary = simulate(cfg, overwrite=overwrite, verbose=verbose)  # with overwrite, this also clears <run>/scratch
+        out = Path(summary["out_dir"])
+        scratch_cfg = cfg.as_scratch().replace(out=str(out / "scratch"))
+        scratch = simulate(scratch_cfg, overwrite=overwrite, verbose=verbose, table_every=5)
     summary.update(
         scratch_final_accuracy=scratch["final_accuracy"], scratch_best_accuracy=scratch["best_accuracy"],
         transfer_gain=summary["final_accuracy"] - scratch["final_accuracy"],

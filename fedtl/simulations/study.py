@@ -51,6 +51,7 @@ from fedtl.config.fields import flatten
 from fedtl.data.federated import check_partitions
 from fedtl.errors import ConfigError, StudyError
 from fedtl.reports.runs import PLAN_FILE, holds_run
+from fedtl.simulations.runtime import kept_warm, resolve_resources
 
 _STUDY_KEYS = {"name", "base", "seeds", "scratch", "target-accuracy", "set", "grid", "case", "out", "skip-invalid"}
 
@@ -215,6 +216,7 @@ def plan_study(spec: StudySpec, out: Path) -> StudyPlan:
                 if all(lbl != label for lbl, _ in runs.skipped):
                     runs.skipped.append((label, str(err)))
                 continue
+            cfg = resolve_resources(cfg)  # as each run records it, so a rerun recognises its finished runs
             cfg = cfg.replace(name=f"{spec.name}/{_slug(values)}", out=str(out / "runs" / f"{_slug(values)}-s{seed}"))
             scratch = None
             if spec.scratch and cfg.init == "pretrained":
@@ -294,10 +296,11 @@ def run_study(
     for label, reason in runs.skipped:
         console.print(f"[yellow]skipped[/] {label}: {reason}")
     t0 = time.perf_counter()
-    for i, cfg in enumerate(todo):
-        eta = f" · study ETA {_eta((time.perf_counter() - t0) / i * (len(todo) - i))}" if i else ""
-        console.rule(f"[{i + 1}/{len(todo)}] {cfg.name} seed {cfg.seed}{eta}")
-        simulate(cfg, overwrite=overwrite or states[id(cfg)] == "interrupted")
+    with kept_warm():  # one Ray instance and one pool of actors for every run of the study
+        for i, cfg in enumerate(todo):
+            eta = f" · study ETA {_eta((time.perf_counter() - t0) / i * (len(todo) - i))}" if i else ""
+            console.rule(f"[{i + 1}/{len(todo)}] {cfg.name} seed {cfg.seed}{eta}")
+            simulate(cfg, overwrite=overwrite or states[id(cfg)] == "interrupted")
     return runs
 
 

@@ -48,7 +48,7 @@ def test_a_folder_is_labelled_by_data_classes_and_split_into_train_and_its_own_t
     _folder(tmp_path / "n", {"cat": 6, "dog": 4})
     cfg = DataConfig(classes="ant,cat,dog", image_size=8, client_test_fraction=0.2, labelled_per_client=0)
     images = read_node_data(str(tmp_path / "n"), cfg, Task(3, 1))
-    (x, y), (_, ty) = images.train, images.test
+    (x, y), ty = (images.train.x, images.train.y), images.test.y
     assert x.shape == (8, 1, 8, 8) and len(ty) == 2  # int(10 * 0.2) held out as its own test set
     assert sorted(torch.cat([y, ty]).tolist()) == [1] * 6 + [2] * 4  # cat = 1, dog = 2 of ant,cat,dog
     assert sorted(ty.tolist()) == [1, 2]  # stratified
@@ -66,8 +66,8 @@ def test_train_and_test_subfolders_and_rgb_to_the_models_channels(tmp_path: Path
     _folder(tmp_path / "n" / "train", {"a": 3, "b": 2}, channels=3, size=12)
     _folder(tmp_path / "n" / "test", {"a": 1, "b": 1}, channels=3, size=12)
     images = read_node_data(str(tmp_path / "n"), DataConfig(image_size=8, labelled_per_client=4), Task(2, 1))
-    assert images.train[0].shape == (4, 1, 8, 8)  # capped at labelled-per-client, grey, resized
-    assert images.test[1].tolist() == [0, 1]
+    assert images.train.x.shape == (4, 1, 8, 8)  # capped at labelled-per-client, grey, resized
+    assert images.test.y.tolist() == [0, 1]
 
 
 def test_an_npz_file_uint8_or_float_and_its_mistakes(tmp_path: Path) -> None:
@@ -75,9 +75,10 @@ def test_an_npz_file_uint8_or_float_and_its_mistakes(tmp_path: Path) -> None:
     np.savez(tmp_path / "d.npz", x=x, y=np.array([0, 1, 0, 1, 1]), x_test=x[:2].astype(np.float32) / 255,
              y_test=np.array([1, 0]))
     images = read_node_data(str(tmp_path / "d.npz"), DataConfig(image_size=8, labelled_per_client=0), Task(2, 3))
-    assert images.train[0].shape == (5, 3, 8, 8)  # grey repeated for an RGB model
-    assert images.train[0][1, 2, 0, 1].item() == pytest.approx(65 / 255)  # image 1, row 0, column 1: 64 + 1
-    torch.testing.assert_close(images.test[0][:, 0], images.train[0][:2, 0])
+    assert images.train.x.shape == (5, 3, 8, 8)  # grey repeated for an RGB model
+    assert images.train.rows.dtype == torch.uint8  # stored as 8 bits, scaled per batch
+    assert images.train.x[1, 2, 0, 1].item() == pytest.approx(65 / 255)  # image 1, row 0, column 1: 64 + 1
+    torch.testing.assert_close(images.test.x[:, 0], images.train.x[:2, 0])
     np.savez(tmp_path / "bad.npz", images=x, y=np.zeros(5))
     with pytest.raises(DataError, match=r"has no \['x'\] array\(s\).*np.savez\(path, x=..., y=...\)"):
         read_node_data(str(tmp_path / "bad.npz"), DataConfig(), Task(2, 1))
@@ -177,7 +178,7 @@ def test_a_large_own_test_share_falls_back_to_a_plain_split(tmp_path: Path) -> N
     _folder(tmp_path / "n", {"a": 4, "b": 1})  # "b" cannot give an image to both sides
     images = read_node_data(str(tmp_path / "n"), DataConfig(image_size=8, client_test_fraction=0.6,
                                                             labelled_per_client=0), Task(2, 1))
-    assert (len(images.train[1]), len(images.test[1])) == (2, 3)
+    assert (len(images.train), len(images.test)) == (2, 3)
 
 
 def test_threads_follow_the_node_config_else_ray_else_torchs_default(monkeypatch: pytest.MonkeyPatch) -> None:
