@@ -19,7 +19,7 @@ export PYTHONUNBUFFERED := 1
 # every process (each Ray worker too) compile torch again.
 unexport PYTHONDONTWRITEBYTECODE
 
-.PHONY: demo test test-fast lint bench bench-privacy clean venv
+.PHONY: demo test test-fast lint bench bench-privacy bench-perf clean venv
 
 venv: $(STAMP)
 
@@ -57,6 +57,10 @@ bench: $(STAMP)
 
 bench-privacy: $(STAMP)
 	$(BIN)/python benchmarks/privacy.py $(ARGS)
+
+# fedtl's costs side by side in one run (about 20 minutes on 2 cores): benchmarks/results/perf.{json,md,png}.
+bench-perf: $(STAMP)
+	$(BIN)/python benchmarks/perf.py $(ARGS)
 
 clean:
 	rm -rf .tmp runs .fedtl-cache
