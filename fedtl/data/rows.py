@@ -10,7 +10,8 @@ per item.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -48,7 +49,6 @@ class LabelledImages:
     index: torch.Tensor | None = None
     seeds: tuple[int, ...] = ()
     source: str = ""
-    _identity: list[str] = field(default_factory=list, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.y)
@@ -90,22 +90,21 @@ class LabelledImages:
         ``batch``."""
         return self.batch(torch.arange(len(self)))
 
-    @property
+    @cached_property
     def identity(self) -> str:
-        """A hash of exactly which inputs these items are (rows, order, styles, seeds): the feature cache's key."""
-        if not self._identity:
-            h = hashlib.sha256()
-            if self.source:
-                h.update(self.source.encode())
-            else:
-                t = self.rows.contiguous()
-                h.update(f"{t.dtype}|{tuple(t.shape)}|".encode())
-                h.update(t.numpy().tobytes())
-            h.update(self.row_ids().numpy().astype("int64").tobytes())
-            h.update("|".join(self.style).encode())
-            h.update(",".join(map(str, self.seeds)).encode())
-            self._identity.append(h.hexdigest()[:24])
-        return self._identity[0]
+        """A hash of exactly which inputs these items are (rows, order, styles, seeds): the feature cache's key
+        (computed once per set)."""
+        h = hashlib.sha256()
+        if self.source:
+            h.update(self.source.encode())
+        else:
+            t = self.rows.contiguous()
+            h.update(f"{t.dtype}|{tuple(t.shape)}|".encode())
+            h.update(t.numpy().tobytes())
+        h.update(self.row_ids().numpy().astype("int64").tobytes())
+        h.update("|".join(self.style).encode())
+        h.update(",".join(map(str, self.seeds)).encode())
+        return h.hexdigest()[:24]
 
 
 def _floats(x: torch.Tensor) -> torch.Tensor:
