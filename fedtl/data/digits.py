@@ -11,11 +11,12 @@ from functools import lru_cache
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 
 from fedtl.config import DataConfig
 from fedtl.data.scenarios import DIGIT_STYLES, SCENARIOS, Scenario
+
+# scikit-learn is imported inside the functions that build the store: a client process that only maps
+# the store never pays for it (~130 MB and seconds per process).
 
 # Fixed for the life of the project: changing it changes every pre-trained backbone.
 SOURCE_TARGET_SEED = 1797
@@ -30,6 +31,8 @@ def digits_images(image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     image_size : int
         Side ``S``; the 8x8 originals are resized with antialiased bilinear interpolation.
     """
+    from sklearn.datasets import load_digits
+
     bunch = load_digits()
     x = torch.from_numpy(bunch.images.astype(np.float32) / 16.0).unsqueeze(1)
     if image_size != 8:
@@ -41,6 +44,9 @@ def digits_images(image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
 @lru_cache(maxsize=1)
 def source_target_indices() -> tuple[np.ndarray, np.ndarray]:
     """Indices of the source half and the target half (stratified by label, disjoint)."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
     labels = load_digits().target
     idx = np.arange(len(labels))
     source, target = train_test_split(idx, test_size=0.5, random_state=SOURCE_TARGET_SEED, stratify=labels)
@@ -48,6 +54,8 @@ def source_target_indices() -> tuple[np.ndarray, np.ndarray]:
 
 
 def _pool_test(idx: np.ndarray, labels: np.ndarray, test_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.model_selection import train_test_split
+
     # Fixed seed: every run of a study is scored on the same test images.
     return train_test_split(idx, test_size=test_fraction, random_state=SOURCE_TARGET_SEED, stratify=labels[idx])
 

@@ -1,7 +1,8 @@
 """Each client's labelled data and the server's test set, derived deterministically.
 
-Every process (server, each simulated client) derives the same split from the config,
-so no data ever has to be shipped. The scenario's arrays are the machine's data store,
+The split is a deterministic function of the config, so no data ever has to be shipped:
+the first process of a machine to need it (the one that prepares the run) computes it with
+flwr-datasets' partitioners and keeps it in the data store, and every other process maps it. The scenario's arrays are the machine's data store,
 mapped; a client's data is its partition's row numbers into them (``LabelledImages``), and
 only the rows a batch needs are ever read.
 """
@@ -9,19 +10,23 @@ only the rows a batch needs are ever read.
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 import torch
 
 from fedtl.config import ConfigError, DataConfig
 from fedtl.data.nodes import DATA_ON_NODES, Task
-from fedtl.data.partition import partition_indices
 from fedtl.data.rows import PLAIN_STYLES, LabelledImages
 from fedtl.data.scenarios import Scenario, load_scenario
+from fedtl.data.store import Writer, open_arrays
 from fedtl.seeds import derived_seed
 
 __all__ = ["LabelledImages", "check_partitions", "client_data", "client_test_data", "scenario", "server_test_data",
            "source_data", "task", "verify_store"]
+
+# The data settings that decide a split (beside the scenario, the number of clients and the seed).
+_SPLIT_FIELDS = ("partitioner", "alpha", "min_partition_size", "client_test_fraction", "labelled_per_client")
 
 
 @lru_cache(maxsize=4)
@@ -36,10 +41,11 @@ def verify_store(cfg: DataConfig) -> None:
     load_scenario(cfg, verify=True)
 
 
-@lru_cache(maxsize=8)
-def _partitions(cfg: DataConfig, num_clients: int, seed: int) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
+def _split(cfg: DataConfig, num_clients: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
     # Each partition: its last client-test-fraction is the client's own test split; of the
     # rest, the client keeps at most labelled-per-client images for training.
+    from fedtl.data.partition import partition_indices  # flwr-datasets: only where a split is built
+
     sc = scenario(cfg)
     parts = partition_indices(
         sc.pool_y.numpy(), num_clients, partitioner=cfg.partitioner, alpha=cfg.alpha,
@@ -52,6 +58,31 @@ def _partitions(cfg: DataConfig, num_clients: int, seed: int) -> tuple[tuple[np.
         train, test = p[:len(p) - n_test], p[len(p) - n_test:]
         cap = cfg.labelled_per_client
         out.append((train[:cap] if cap > 0 else train, test))
+    return out
+
+
+def _write_split(parts: list[tuple[np.ndarray, np.ndarray]], w: Writer) -> dict[str, Any]:
+    for k, name in enumerate(("train", "test")):
+        rows = [p[k] for p in parts]
+        w.put(f"{name}_rows", np.concatenate(rows).astype(np.int64) if rows else np.zeros(0, np.int64))
+        w.put(f"{name}_ends", np.cumsum([len(r) for r in rows], dtype=np.int64))
+    return {"clients": len(parts)}
+
+
+@lru_cache(maxsize=8)
+def _partitions(cfg: DataConfig, num_clients: int, seed: int) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
+    # The split is computed once per machine (by the process that prepares a run) and kept in the store
+    # beside the scenario, so a client process maps its rows without importing flwr-datasets.
+    key = {"kind": "partition", "scenario": scenario(cfg).key, "clients": num_clients, "seed": seed,
+           **{k: getattr(cfg, k) for k in _SPLIT_FIELDS}}
+    a = open_arrays(cfg.store_dir, key, lambda w: _write_split(_split(cfg, num_clients, seed), w)).arrays
+    out = []
+    for i in range(num_clients):
+        pair = []
+        for name in ("train", "test"):
+            ends = a[f"{name}_ends"].numpy()
+            pair.append(a[f"{name}_rows"].numpy()[(ends[i - 1] if i else 0):ends[i]])
+        out.append((pair[0], pair[1]))
     return tuple(out)
 
 

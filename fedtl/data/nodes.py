@@ -28,7 +28,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
-from sklearn.model_selection import train_test_split
 
 from fedtl.config import DataConfig
 from fedtl.data.rows import LabelledImages
@@ -207,6 +206,8 @@ def _own_test_split(y: np.ndarray, fraction: float) -> tuple[np.ndarray, np.ndar
     n_test = min(int(len(y) * fraction), len(y) - 1)
     if n_test < 1:
         return idx, idx[:0]
+    from sklearn.model_selection import train_test_split  # only where a split is built
+
     try:  # stratified where every class can give its share to both sides
         keep, held = train_test_split(idx, test_size=n_test, random_state=SPLIT_SEED, stratify=y)
     except ValueError:  # a class too small for that: a plain fixed split

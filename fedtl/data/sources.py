@@ -19,7 +19,6 @@ import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image, UnidentifiedImageError
-from sklearn.model_selection import train_test_split
 from torchvision import datasets as tvd
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
@@ -66,6 +65,8 @@ def finish_scenario(cfg: DataConfig, classes: int, pool: tuple[torch.Tensor, tor
     if test is None:  # no test split of its own: a fixed stratified share of the pool
         idx = np.arange(len(y))
         strat = y.numpy() if np.bincount(y.numpy()).min(initial=2) >= 2 else None
+        from sklearn.model_selection import train_test_split  # only where a split is built
+
         keep, held = train_test_split(idx, test_size=cfg.test_fraction, random_state=SPLIT_SEED, stratify=strat)
         x, y, test = x[keep], y[keep], (x[held], y[held])
         groups = groups[keep] if groups is not None else None

@@ -28,8 +28,12 @@ from fedtl.data.rows import LabelledImages
 from fedtl.data.store import Writer, open_arrays, store_exists
 from fedtl.models.transfer import TransferModel, state_fingerprint
 
-# Items per forward pass when the cache computes a prefix (eval mode, no gradients).
-PREFIX_BATCH = 256
+# Items per eval-mode forward pass (a prefix the cache computes, predictions): as many as keep one batch's
+# input under FORWARD_BYTES as float32, at most MAX_FORWARD. A forward's activations are a few times its
+# input, so at 224 px this is ~27 images (~100 MB of activations; 256 of them took over a GB per process),
+# while 16-px digits still go MAX_FORWARD at a time.
+FORWARD_BYTES = 16 << 20
+MAX_FORWARD = 256
 
 
 @dataclass(frozen=True)
@@ -106,8 +110,14 @@ def _prefix_parts(model: TransferModel, cut: int, data: LabelledImages) -> dict[
             "items": data.identity}
 
 
-def _batches(n: int) -> Iterator[torch.Tensor]:
-    yield from torch.arange(n).split(PREFIX_BATCH)
+def forward_batch(data: LabelledImages) -> int:
+    """Items of ``data`` per eval-mode forward pass (``FORWARD_BYTES`` of float input, at most ``MAX_FORWARD``)."""
+    per_item = 4 * max(1, data.rows[0].numel()) if len(data.rows) else 4
+    return max(1, min(MAX_FORWARD, FORWARD_BYTES // per_item))
+
+
+def _batches(data: LabelledImages) -> Iterator[torch.Tensor]:
+    yield from torch.arange(len(data)).split(forward_batch(data))
 
 
 @torch.no_grad()
@@ -124,7 +134,7 @@ def _compute(model: TransferModel, data: LabelledImages, cut: int, root: Path, w
     dev = model.device
     blocks = [model.blocks[b] for b in model.block_names[start:cut]]
     out = None
-    for pos in _batches(len(data)):
+    for pos in _batches(data):
         x = base[pos].to(dev) if base is not None else data.batch(pos, dev)
         for block in blocks:
             x = block(x)
@@ -180,12 +190,11 @@ def feed(model: TransferModel, data: LabelledImages, how: Feed = PLAIN, *, train
 
 
 @torch.no_grad()
-def predict(model: TransferModel, data: LabelledImages, how: Feed = PLAIN, *, cut: int | None = None,
-            batch_size: int = 512) -> torch.Tensor:
-    """Logits of every item of ``data`` in eval mode, ``batch_size`` at a time, on the CPU (the cache as ``how``
-    says; never augmented)."""
+def predict(model: TransferModel, data: LabelledImages, how: Feed = PLAIN, *, cut: int | None = None) -> torch.Tensor:
+    """Logits of every item of ``data`` in eval mode, ``forward_batch(data)`` at a time, on the CPU (the cache as
+    ``how`` says; never augmented)."""
     model.eval()
     f = feed(model, data, how, cut=cut)
     dev = model.device
-    parts = [f.net(f.inputs(pos, dev)).cpu() for pos in torch.arange(len(data)).split(batch_size)]
+    parts = [f.net(f.inputs(pos, dev)).cpu() for pos in _batches(data)]
     return torch.cat(parts) if parts else torch.zeros(0, model.head.out_features)

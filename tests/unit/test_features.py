@@ -12,10 +12,10 @@ import torch
 from fedtl.clients.dp_sgd import initial_state, train_private
 from fedtl.clients.trainer import train_local
 from fedtl.config import DataConfig, FinetuneConfig
-from fedtl.data.federated import client_data, server_test_data
+from fedtl.data.federated import LabelledImages, client_data, server_test_data
 from fedtl.models.adapters import adapt
 from fedtl.models.backbones import build_backbone
-from fedtl.models.features import PLAIN, Feed, feed, frozen_prefix, predict
+from fedtl.models.features import FORWARD_BYTES, MAX_FORWARD, PLAIN, Feed, feed, forward_batch, frozen_prefix, predict
 from fedtl.models.transfer import TransferModel
 from fedtl.protocol import RoundPlan
 from tests.helpers import make_config
@@ -116,3 +116,13 @@ def test_dp_sgd_on_cached_features_is_the_same_dp_sgd(adapter: str | None, tmp_p
     assert steps_on == steps_off
     for key in off:
         torch.testing.assert_close(on[key], off[key], rtol=0, atol=0, msg=f"{key} differs with the cache")
+
+
+def test_eval_forward_passes_are_sized_by_their_input() -> None:
+    # 256 images of 224 px per forward pass took over a GB of activations per process; a batch's input is
+    # now kept near FORWARD_BYTES, and small inputs still go MAX_FORWARD at a time.
+    big = LabelledImages(torch.zeros(40, 3, 224, 224, dtype=torch.uint8), torch.zeros(40, dtype=torch.long),
+                         ("clean",) * 40)
+    small = LabelledImages(torch.zeros(40, 1, 16, 16), torch.zeros(40, dtype=torch.long), ("clean",) * 40)
+    assert forward_batch(big) == FORWARD_BYTES // (4 * 3 * 224 * 224) == 27
+    assert forward_batch(small) == MAX_FORWARD

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -113,3 +115,30 @@ def test_two_concurrent_builders_build_once(tmp_path: Path) -> None:
     total = str(sum(i * 48 for i in range(50)))
     assert [(tmp_path / f"out{i}").read_text() for i in range(2)] == [total, total]
 
+
+
+BUILDING_LIBRARIES = {"sklearn", "flwr_datasets", "datasets", "pandas", "matplotlib"}
+
+
+def test_a_client_maps_its_split_without_the_libraries_that_built_it(tmp_path: Path) -> None:
+    # The process that prepares a run builds the scenario and its split into the store once; a client
+    # process (each Ray actor) then maps both, and never imports scikit-learn or flwr-datasets
+    # (~330 MB and seconds per process).
+    from fedtl.data.federated import _split, check_partitions
+
+    cfg = DataConfig(store_dir=str(tmp_path), partitioner="dirichlet", alpha=0.5)
+    check_partitions(cfg, 5, 3)
+    code = (
+        "import json, sys\n"
+        "from fedtl.config import DataConfig\n"
+        "from fedtl.data.federated import client_data, client_test_data\n"
+        f"cfg = DataConfig(store_dir={str(tmp_path)!r}, partitioner='dirichlet', alpha=0.5)\n"
+        "d, t = client_data(cfg, 2, 5, 3), client_test_data(cfg, 2, 5, 3)\n"
+        f"print(json.dumps([d.row_ids().tolist(), t.row_ids().tolist(), sorted({BUILDING_LIBRARIES!r} & set(sys.modules))]))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    train, test, imported = json.loads(done.stdout.splitlines()[-1])
+    expected = _split(cfg, 5, 3)[2]
+    assert train == expected[0].tolist() and test == expected[1].tolist() and len(train) > 0
+    assert imported == []
