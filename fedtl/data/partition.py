@@ -7,26 +7,34 @@ rows, so its partitioners (not a re-implementation) decide who gets what.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
-from datasets import Dataset
-from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, NaturalIdPartitioner, Partitioner
 
 from fedtl.errors import PartitionError  # noqa: F401 - raised here; importable from here too
 from fedtl.registry import Registry
 
-PartitionerFactory = Callable[[int, float, int, int], Partitioner]
+# flwr-datasets (with datasets, pandas and matplotlib, ~330 MB) is imported where a split is built, not at
+# import: the config imports this module to check a partitioner's name in every process, clients too.
+if TYPE_CHECKING:
+    from flwr_datasets.partitioner import Partitioner
+
+PartitionerFactory = Callable[[int, float, int, int], "Partitioner"]
 PARTITIONERS: Registry[PartitionerFactory] = Registry("partitioner")
 
 
 @PARTITIONERS.register("iid")
 def _iid(num_partitions: int, alpha: float, min_size: int, seed: int) -> Partitioner:
+    from flwr_datasets.partitioner import IidPartitioner
+
     # IidPartitioner cuts contiguous shards; the pool is shuffled by `seed` before it.
     return IidPartitioner(num_partitions=num_partitions)
 
 
 @PARTITIONERS.register("dirichlet")
 def _dirichlet(num_partitions: int, alpha: float, min_size: int, seed: int) -> Partitioner:
+    from flwr_datasets.partitioner import DirichletPartitioner
+
     return DirichletPartitioner(
         num_partitions=num_partitions, partition_by="label", alpha=alpha,
         min_partition_size=min_size, self_balancing=False, shuffle=True, seed=seed,
@@ -36,6 +44,8 @@ def _dirichlet(num_partitions: int, alpha: float, min_size: int, seed: int) -> P
 @PARTITIONERS.register("natural")
 def _natural(num_partitions: int, alpha: float, min_size: int, seed: int) -> Partitioner:
     # Each item names its client (its folder, under data.scenario = "client-folders").
+    from flwr_datasets.partitioner import NaturalIdPartitioner
+
     return NaturalIdPartitioner(partition_by="group")
 
 
@@ -83,6 +93,8 @@ def partition_indices(
     columns = {"index": rows.tolist(), "label": labels[rows].tolist()}
     if groups is not None:
         columns["group"] = groups[rows].tolist()
+    from datasets import Dataset
+
     ds = Dataset.from_dict(columns)
     part = PARTITIONERS.get(partitioner)(num_partitions, alpha, min_size, seed)
     part.dataset = ds
