@@ -16,7 +16,7 @@ from fedtl.config import DataConfig
 from fedtl.data.scenarios import DIGIT_STYLES, SCENARIOS, Scenario
 
 # scikit-learn is imported inside the functions that build the store: a client process that only maps
-# the store never pays for it (~130 MB and seconds per process).
+# the store never pays for it (~130 MB per process).
 
 # Fixed for the life of the project: changing it changes every pre-trained backbone.
 SOURCE_TARGET_SEED = 1797

@@ -2,9 +2,10 @@
 
 The split is a deterministic function of the config, so no data ever has to be shipped:
 the first process of a machine to need it (the one that prepares the run) computes it with
-flwr-datasets' partitioners and keeps it in the data store, and every other process maps it. The scenario's arrays are the machine's data store,
-mapped; a client's data is its partition's row numbers into them (``LabelledImages``), and
-only the rows a batch needs are ever read.
+flwr-datasets' partitioners and keeps it in the data store, and every other process maps it.
+The scenario's arrays are the machine's data store, mapped; a client's data is its
+partition's row numbers into them (``LabelledImages``), and only the rows a batch needs
+are ever read.
 """
 
 from __future__ import annotations
@@ -76,14 +77,8 @@ def _partitions(cfg: DataConfig, num_clients: int, seed: int) -> tuple[tuple[np.
     key = {"kind": "partition", "scenario": scenario(cfg).key, "clients": num_clients, "seed": seed,
            **{k: getattr(cfg, k) for k in _SPLIT_FIELDS}}
     a = open_arrays(cfg.store_dir, key, lambda w: _write_split(_split(cfg, num_clients, seed), w)).arrays
-    out = []
-    for i in range(num_clients):
-        pair = []
-        for name in ("train", "test"):
-            ends = a[f"{name}_ends"].numpy()
-            pair.append(a[f"{name}_rows"].numpy()[(ends[i - 1] if i else 0):ends[i]])
-        out.append((pair[0], pair[1]))
-    return tuple(out)
+    train, test = (np.split(a[f"{n}_rows"].numpy(), a[f"{n}_ends"].numpy()[:-1]) for n in ("train", "test"))
+    return tuple(zip(train, test, strict=True))
 
 
 def task(cfg: DataConfig) -> Task:

@@ -123,7 +123,7 @@ BUILDING_LIBRARIES = {"sklearn", "flwr_datasets", "datasets", "pandas", "matplot
 def test_a_client_maps_its_split_without_the_libraries_that_built_it(tmp_path: Path) -> None:
     # The process that prepares a run builds the scenario and its split into the store once; a client
     # process (each Ray actor) then maps both, and never imports scikit-learn or flwr-datasets
-    # (~330 MB and seconds per process).
+    # (~330 MB per process).
     from fedtl.data.federated import _split, check_partitions
 
     cfg = DataConfig(store_dir=str(tmp_path), partitioner="dirichlet", alpha=0.5)
