@@ -83,20 +83,38 @@ def head_plan(cfg: ExperimentConfig) -> RoundPlan:
     return RoundPlan({HEAD: cfg.finetune.lr}, cfg.strategy.head_epochs)
 
 
+def _shared_head_only(why: str, then: Callable[[ExperimentConfig], None] = _accepts_any
+                      ) -> Callable[[ExperimentConfig], None]:
+    """The config check of a personalisation with no shared, trained head: it refuses a head start
+    (``finetune.head-init = "ncm"`` sets the global head), saying ``why``; then runs ``then``."""
+    def check(cfg: ExperimentConfig) -> None:
+        from fedtl.models.ncm import HEAD_INITS  # lazily: this module stays light for the config
+
+        if HEAD_INITS.get(cfg.finetune.head_init).class_means:
+            raise ConfigError(f"finetune.head-init = \"{cfg.finetune.head_init}\" with strategy.personalisation = "
+                              f"\"{cfg.strategy.personalisation}\": the head start sets the global head, but {why}. "
+                              "Use finetune.head-init = \"random\", or another personalisation")
+        then(cfg)
+    return check
+
+
+_LOCAL_HEAD = "each client keeps its own head, which never leaves it"
 PERSONALISATIONS: Registry[Personalisation] = Registry("personalisation")
 PERSONALISATIONS.register("none")(Personalisation())
 # FedPer (Arivazhagan et al. 2019): the body is federated, each client keeps its own head.
-PERSONALISATIONS.register("fedper")(Personalisation(local=_head_keys))
+PERSONALISATIONS.register("fedper")(Personalisation(local=_head_keys, check_config=_shared_head_only(_LOCAL_HEAD)))
 # FedBN (Li et al. 2021): normalisation layers stay local, for feature-shifted silos.
 PERSONALISATIONS.register("fedbn")(Personalisation(local=_norm_keys))
 # FedRep (Collins et al. 2021): the local head first adapts to the received body, then the
 # body trains under that head; only the body travels.
-PERSONALISATIONS.register("fedrep")(Personalisation(local=_head_keys, head_first=True, check_config=refused_per_sample(
-    "strategy.personalisation", "FedRep's extra head phase would train outside the DP-SGD accountant. Use fedper (the "
-    "head trains inside DP-SGD) or no DP-SGD")))
+PERSONALISATIONS.register("fedrep")(Personalisation(local=_head_keys, head_first=True, check_config=_shared_head_only(
+    _LOCAL_HEAD, refused_per_sample(
+        "strategy.personalisation", "FedRep's extra head phase would train outside the DP-SGD accountant. Use fedper "
+        "(the head trains inside DP-SGD) or no DP-SGD"))))
 # FedBABU (Oh et al. 2022): the head stays at its shared random init during federation;
 # each client fine-tunes it on its own data at the end.
-PERSONALISATIONS.register("fedbabu")(Personalisation(trains_head=False, tunes_head=True))
+PERSONALISATIONS.register("fedbabu")(Personalisation(trains_head=False, tunes_head=True, check_config=_shared_head_only(
+    "FedBABU keeps the head at its shared random start during federation")))
 
 
 def personalisation(cfg: ExperimentConfig) -> Personalisation:

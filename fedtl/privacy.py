@@ -143,7 +143,24 @@ def refused_per_sample(key: str, why: str) -> Callable[[ExperimentConfig], None]
     return check
 
 
+def _refuse_class_means(cfg: ExperimentConfig) -> None:
+    # The head start's class sums would leave every node un-noised and outside the accountant.
+    from fedtl.models.ncm import HEAD_INITS  # lazily: this module stays light for the config
+
+    if HEAD_INITS.get(cfg.finetune.head_init).class_means:
+        raise ConfigError(
+            f"finetune.head-init = \"{cfg.finetune.head_init}\" with privacy.mode = \"{cfg.privacy.mode}\": the head "
+            "start sends every client's per-class feature sums and counts without noise, outside the privacy "
+            "accountant, so the guarantee would not hold. Use finetune.head-init = \"random\" under DP, or "
+            "privacy.mode = \"off\"")
+
+
+def _check_dp_sgd(cfg: ExperimentConfig) -> None:
+    _refuse_class_means(cfg)
+
+
 def _check_client_level(cfg: ExperimentConfig) -> None:
+    _refuse_class_means(cfg)
     if cfg.strategy.weighting == "examples":
         raise ConfigError(
             "client-level DP calibrates its noise to equal client weights, but strategy.weighting = \"examples\": "
@@ -168,7 +185,8 @@ def _client_level(p: PrivacyConfig, epsilon: float, noise: float | None) -> str:
 
 PRIVACY_MODES: Registry[PrivacyMode] = Registry("privacy mode")
 PRIVACY_MODES.register("off")(PrivacyMode("none", _none, accounted=False))
-PRIVACY_MODES.register("dp-sgd")(PrivacyMode("sample", _sample_level, per_sample=True, check_plans=check_dp_plans))
+PRIVACY_MODES.register("dp-sgd")(PrivacyMode("sample", _sample_level, per_sample=True, check_config=_check_dp_sgd,
+                                             check_plans=check_dp_plans))
 PRIVACY_MODES.register("client-level")(PrivacyMode(
     "client", _client_level, uniform_weights=True, noised_update=True, check_config=_check_client_level,
     check_plans=check_client_level_plans,

@@ -27,6 +27,11 @@ METRICS = "metrics"  # MetricRecord: a reply's metrics
 DECLINED = "declined"  # ConfigRecord in a reply that declines the round ...
 REASON = "reason"  # ... with its reason
 
+# -- the head start (``finetune.head-init = "ncm"``): a query before round one, and its reply ------
+HEAD_START = "query.class_means"  # the message type (a Flower query with its own action)
+CLASS_SUMS = "class-sums"  # ArrayRecord of the reply ...
+SUMS, COUNTS, NORM_SUM = "sums", "counts", "norm-sum"  # ... and its arrays (see fedtl.models.ncm.class_sums)
+
 # -- the round's config (ConfigRecord ``CONFIG`` of a training or evaluation message) --------
 SERVER_ROUND = "server-round"  # set by Flower's strategies
 FINGERPRINT = "backbone-fingerprint"  # the server's backbone fingerprint; clients refuse a mismatch

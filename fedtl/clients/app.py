@@ -16,11 +16,11 @@ from functools import lru_cache
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable
 
-from fedtl.clients.node_data import node_data
+from fedtl.clients.node_data import NodeData, node_data
 from fedtl.clients.personal import load_local_state, local_round, personalised_model, save_local_state
 from fedtl.clients.privacy import client_privacy
 from fedtl.clients.trainer import train_local
@@ -29,6 +29,7 @@ from fedtl.devices import resolve_device
 from fedtl.errors import BackboneMismatchError, BudgetSpentError
 from fedtl.models.features import Feed
 from fedtl.models.metrics import evaluate_model
+from fedtl.models.ncm import class_sums, head_inputs
 from fedtl.models.transfer import TransferModel
 from fedtl.personalisation import personalisation, run_model
 from fedtl.protocol import (
@@ -36,16 +37,21 @@ from fedtl.protocol import (
     ACCURACY_BEFORE,
     ACCURACY_PERSONAL,
     ARRAYS,
+    CLASS_SUMS,
     CONFIG,
+    COUNTS,
     DECLINED,
     DEVICE,
     FINGERPRINT,
+    HEAD_START,
     HELD_OUT,
     METRICS,
+    NORM_SUM,
     NUM_EXAMPLES,
     REASON,
     SERVER_ROUND,
     STEPS,
+    SUMS,
     THREADS,
     TRAIN_LOSS,
     UNIT_WEIGHT,
@@ -65,6 +71,24 @@ def node_device(context: Context, cfg: ExperimentConfig) -> torch.device:
     return resolve_device(str(context.node_config.get(DEVICE, cfg.device)))
 
 
+def checked_model(config: ConfigRecord, cfg: ExperimentConfig) -> TransferModel:
+    """A copy of the run's model as every round starts it, once its fingerprint matches the server's (``config``).
+
+    Raises
+    ------
+    BackboneMismatchError
+        If this node's pre-trained weights are not the server's.
+    """
+    model = copy.deepcopy(base_model(cfg))
+    theirs = config.get(FINGERPRINT)
+    if theirs != model.backbone_fingerprint:
+        raise BackboneMismatchError(
+            f"backbone fingerprint mismatch: server {theirs}, this node {model.backbone_fingerprint}. "
+            "Both must load the same pre-trained weights (same backbone, pretrain settings and weights file)."
+        )
+    return model
+
+
 def received_model(msg: Message, cfg: ExperimentConfig,
                    device: torch.device | str = "cpu") -> tuple[TransferModel, RoundPlan]:
     """The run's model with the message's travelling tensors loaded, on ``device``, and the message's plan.
@@ -77,13 +101,7 @@ def received_model(msg: Message, cfg: ExperimentConfig,
         If this node's pre-trained weights are not the server's.
     """
     config = msg.content[CONFIG]
-    model = copy.deepcopy(base_model(cfg))
-    theirs = config.get(FINGERPRINT)
-    if theirs != model.backbone_fingerprint:
-        raise BackboneMismatchError(
-            f"backbone fingerprint mismatch: server {theirs}, this node {model.backbone_fingerprint}. "
-            "Both must load the same pre-trained weights (same backbone, pretrain settings and weights file)."
-        )
+    model = checked_model(config, cfg)
     plan = RoundPlan.from_config(config)
     plan.apply_to(model)
     model.load_travelling_state(msg.content[ARRAYS].to_torch_state_dict())
@@ -131,6 +149,34 @@ def handle_query(msg: Message, context: Context, cfg: ExperimentConfig) -> Messa
     return Message(RecordDict({METRICS: metrics}), reply_to=msg)
 
 
+def held_out_reply(msg: Message, node: NodeData) -> Message:
+    """A held-out node's answer to a training message or a head start: it declines, saying why."""
+    reason = f"node {node.key} is held out of training (data.held-out-clients or its node config's held-out)"
+    return Message(RecordDict({METRICS: MetricRecord(node.metrics), DECLINED: ConfigRecord({REASON: reason})}),
+                   reply_to=msg)
+
+
+def handle_head_start(msg: Message, context: Context, cfg: ExperimentConfig) -> Message:
+    """FedNCM's round 0 (``finetune.head-init = "ncm"``): this node's class sums of the features the head
+    receives from the frozen pre-trained backbone (``fedtl.models.ncm.class_sums``), through the feature
+    cache; no tensor is received. A held-out node declines.
+
+    Raises
+    ------
+    BackboneMismatchError
+        If this node's pre-trained weights are not the server's.
+    """
+    node = node_data(context, cfg)
+    if node.held_out:
+        return held_out_reply(msg, node)
+    model = checked_model(msg.content[CONFIG], cfg).to(node_device(context, cfg))
+    data = node.train()
+    sums, counts, norm_sum = class_sums(head_inputs(model, data, Feed.of(cfg)), data.y, model.head.out_features)
+    arrays = ArrayRecord({SUMS: Array(sums.numpy()), COUNTS: Array(counts.numpy()), NORM_SUM: Array(norm_sum.numpy())})
+    metrics = MetricRecord({NUM_EXAMPLES: len(data), **node.metrics})
+    return Message(RecordDict({CLASS_SUMS: arrays, METRICS: metrics}), reply_to=msg)
+
+
 def handle_train(msg: Message, context: Context, cfg: ExperimentConfig) -> Message:
     """Train this node's partition as the message's plan says; reply the travelling tensors.
 
@@ -161,9 +207,7 @@ def handle_train(msg: Message, context: Context, cfg: ExperimentConfig) -> Messa
     """
     node = node_data(context, cfg)
     if node.held_out:
-        reason = f"node {node.key} is held out of training (data.held-out-clients or its node config's held-out)"
-        return Message(RecordDict({METRICS: MetricRecord(node.metrics),
-                                   DECLINED: ConfigRecord({REASON: reason})}), reply_to=msg)
+        return held_out_reply(msg, node)
     data = node.train()
     model, plan = received_model(msg, cfg, node_device(context, cfg))
     load_local_state(model, context)  # this node's own head / norms from its earlier rounds
@@ -232,6 +276,8 @@ def make_client_app(run_config: Mapping[str, Any] | None = None) -> ClientApp:
     client.train()(handler(handle_train))
     client.evaluate()(handler(handle_evaluate))
     client.query()(handler(handle_query))
+    category, action = HEAD_START.split(".")
+    getattr(client, category)(action)(handler(handle_head_start))
 
     return client
 

@@ -142,6 +142,9 @@ class FinetuneConfig(Validated):
     # "auto": where every trainable tensor sits above a frozen prefix of blocks, compute the prefix once per
     # image (cached on disk, shared by the machine's processes) and train the rest on it; exact. "off": never.
     feature_cache: str = field(default="auto", metadata=one_of(("auto", "off")))
+    # How the head starts: "random" (seeded), or "ncm": the clients' class means of the frozen features, in a
+    # round 0 before training (FedNCM; docs/concepts.md).
+    head_init: str = field(default="random", metadata=one_of("fedtl.models.ncm:HEAD_INITS"))
 
 
 @dataclass(frozen=True)

@@ -116,7 +116,7 @@ def forward_batch(data: LabelledImages) -> int:
     return max(1, min(MAX_FORWARD, FORWARD_BYTES // per_item))
 
 
-def _batches(data: LabelledImages) -> Iterator[torch.Tensor]:
+def batches(data: LabelledImages) -> Iterator[torch.Tensor]:
     yield from torch.arange(len(data)).split(forward_batch(data))
 
 
@@ -134,7 +134,7 @@ def _compute(model: TransferModel, data: LabelledImages, cut: int, root: Path, w
     dev = model.device
     blocks = [model.blocks[b] for b in model.block_names[start:cut]]
     out = None
-    for pos in _batches(data):
+    for pos in batches(data):
         x = base[pos].to(dev) if base is not None else data.batch(pos, dev)
         for block in blocks:
             x = block(x)
@@ -196,5 +196,5 @@ def predict(model: TransferModel, data: LabelledImages, how: Feed = PLAIN, *, cu
     model.eval()
     f = feed(model, data, how, cut=cut)
     dev = model.device
-    parts = [f.net(f.inputs(pos, dev)).cpu() for pos in _batches(data)]
+    parts = [f.net(f.inputs(pos, dev)).cpu() for pos in batches(data)]
     return torch.cat(parts) if parts else torch.zeros(0, model.head.out_features)

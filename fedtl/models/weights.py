@@ -15,6 +15,7 @@ weights' mean and std, and grey images are repeated to RGB, inside the first blo
 
 from __future__ import annotations
 
+import dataclasses
 import pickle  # only for its exception: torch.load(weights_only=True) raises it on a file it refuses
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -159,8 +160,7 @@ def load_into(backbone: Backbone, state: Mapping[str, Tensor], origin: str) -> N
 def with_preprocess(backbone: Backbone, mean: Sequence[float], std: Sequence[float], channels: int) -> Backbone:
     """``backbone`` with ``Preprocess`` ahead of its first block."""
     (first, block), *rest = backbone.blocks
-    return Backbone([(first, nn.Sequential(Preprocess(mean, std, channels), block)), *rest], backbone.feature_dim,
-                    backbone.source, backbone.head_prefixes, backbone.fit_state)
+    return dataclasses.replace(backbone, blocks=[(first, nn.Sequential(Preprocess(mean, std, channels), block)), *rest])
 
 
 def normalisation(backbone: str, weights: str) -> tuple[list[float], list[float]]:

@@ -16,14 +16,16 @@ from flwr.serverapp.strategy import Strategy
 
 from fedtl.config import ExperimentConfig
 from fedtl.data.federated import server_test_data
-from fedtl.errors import RunStoppedError
+from fedtl.errors import RoundFailedError, RunStoppedError
 from fedtl.models.features import Feed, frozen_prefix
 from fedtl.models.metrics import central_evaluate
+from fedtl.models.ncm import HEAD_INITS
 from fedtl.models.transfer import TransferModel
 from fedtl.personalisation import check_personal_plans, personal_plan, run_model
 from fedtl.privacy import privacy_mode
 from fedtl.protocol import ACCURACY, RoundPlan
 from fedtl.reports.plots import plot_accuracy
+from fedtl.server.head_start import head_start
 from fedtl.server.ledger import PrivacyLedger
 from fedtl.server.nodes import TrainingNodes
 from fedtl.server.record import RunRecorder, Terminal
@@ -99,12 +101,20 @@ def run_server(grid: Grid, cfg: ExperimentConfig, terminal: Terminal | None = No
             ledger.on_round(report)
 
     timeout = cfg.strategy.round_timeout
+    min_nodes = max(cfg.strategy.min_train_nodes, cfg.strategy.min_available_nodes)
+    if HEAD_INITS.get(cfg.finetune.head_init).class_means:
+        # Before the strategy copies the initial state: the head every round starts from is the head start's.
+        try:
+            observe(head_start(grid, model, timeout=timeout, min_nodes=min_nodes))
+        except RoundFailedError:
+            recorder.close()
+            raise
     strategy = TransferStrategy(
         inner=inner, plan=plan, keys_of=model.unit_keys, initial_state=model.state_dict(),
         fingerprint=model.backbone_fingerprint, observer=observe, final_round=cfg.rounds,
         on_evaluate=recorder.on_client_evaluation,
         training_nodes=(lambda g: TrainingNodes(g, timeout)) if cfg.data.held_out_clients else None,
-        min_nodes=max(cfg.strategy.min_train_nodes, cfg.strategy.min_available_nodes),
+        min_nodes=min_nodes,
         # Not under client-level DP: its wrapper noises the statistics with the rest, and the exact mean would leak them.
         statistics_by_mean=weight_key(cfg) if steps_server_optimiser(inner) and not privacy.noised_update else None,
     )
@@ -151,7 +161,8 @@ def run_server(grid: Grid, cfg: ExperimentConfig, terminal: Terminal | None = No
         travelling_bytes=size["travelling_bytes"], model_bytes=size["model_bytes"],
         travelling_ratio=size["travelling_bytes"] / size["model_bytes"],
         personalisation=cfg.strategy.personalisation, local_keys=len(model.local_keys),
-        backbone_fingerprint=model.backbone_fingerprint, stopped_early=stopped,
+        backbone_fingerprint=model.backbone_fingerprint, stopped_early=stopped, head_init=cfg.finetune.head_init,
+        initial_accuracy=recorder.rows[0][ACCURACY] if recorder.rows else None,
         privacy=ledger.summary() if ledger is not None else {
             "mode": cfg.privacy.mode, "guarantee": privacy.guarantee(cfg.privacy, 0.0, None)},
     )

@@ -87,7 +87,7 @@ def declined_reason(msg: Message) -> str | None:
     return str(msg.content.config_records[DECLINED].get(REASON, "no reason given"))
 
 
-def reply_problem(msg: Message, expected: _Spec) -> str | None:
+def reply_problem(msg: Message, expected: _Spec, record: str = ARRAYS) -> str | None:
     """Why the reply ``msg`` cannot be merged, or ``None`` if it can.
 
     Parameters
@@ -96,14 +96,16 @@ def reply_problem(msg: Message, expected: _Spec) -> str | None:
         A reply to a training message.
     expected : dict
         Key -> (shape, dtype) of every tensor that was sent.
+    record : str, default ``ARRAYS``
+        The name of the reply's ArrayRecord that holds them.
     """
     if msg.has_error():
         # Simulation wraps the client's exception in Ray's traceback; its last line says what happened.
         lines = [line.strip() for line in msg.error.reason.splitlines() if line.strip()]
         return f"error reply: {(lines[-1] if lines else msg.error.reason)[:300]}"
-    if ARRAYS not in msg.content.array_records:
-        return f"no {ARRAYS!r} ArrayRecord in the reply"
-    arrays = msg.content[ARRAYS]
+    if record not in msg.content.array_records:
+        return f"no {record!r} ArrayRecord in the reply"
+    arrays = msg.content[record]
     got = set(arrays.keys())
     if got != set(expected):
         return f"keys differ: missing {sorted(set(expected) - got)[:5]}, unexpected {sorted(got - set(expected))[:5]}"
@@ -140,9 +142,9 @@ def mean_statistics(arrays: ArrayRecord, replies: list[Message], weight_key: str
     return out
 
 
-def content_key(msg: Message) -> str:
-    """A key of a reply's tensors, for ordering replies by content rather than arrival."""
-    arrays = msg.content[ARRAYS]
+def content_key(msg: Message, record: str = ARRAYS) -> str:
+    """A key of a reply's tensors (its ArrayRecord ``record``), for ordering replies by content rather than arrival."""
+    arrays = msg.content[record]
     h = hashlib.sha256()
     for key in sorted(arrays.keys()):
         h.update(key.encode())

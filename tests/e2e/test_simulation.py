@@ -13,8 +13,12 @@ import torch
 from safetensors.torch import load_file
 
 from fedtl.config import load_config
+from fedtl.data.federated import client_data, server_test_data
 from fedtl.models.factory import build_model
+from fedtl.models.features import Feed
+from fedtl.models.metrics import central_evaluate
 from fedtl.models.modes import MODES, plan_round
+from fedtl.models.ncm import class_sums, head_inputs, ncm_head
 from fedtl.reports.runs import read_metrics
 from fedtl.server.app import make_server_app
 from fedtl.simulations.simulate import prepare_run_dir, simulate, simulate_with_scratch
@@ -160,3 +164,29 @@ def test_a_run_is_reproducible(tmp_path: Path) -> None:
         simulate(cfg)
         runs.append([(r["accuracy"], r["loss"], r.get("train_loss")) for r in read_metrics(tmp_path / name)])
     assert runs[0] == runs[1]
+
+
+def test_the_ncm_head_start_is_the_pooled_class_means_in_round_0(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    cfg = make_config("finetune.head-init=ncm", "clients=3", "rounds=1", f"out={str(out)!r}")
+    summary = simulate(cfg)
+    rows = read_metrics(out)
+    assert [r["round"] for r in rows] == [0, 1]
+
+    # The same head computed here from the three clients' data, pooled: the server's round 0 is exactly it.
+    model = build_model(cfg)
+    parts = [class_sums(head_inputs(model, d, Feed()), d.y, 10)
+             for d in (client_data(cfg.data, pid, 3, cfg.seed) for pid in range(3))]
+    weight, bias = ncm_head(*(sum(p[k].double() for p in parts) for k in range(3)))
+    with torch.no_grad():
+        model.head.weight.copy_(weight)
+        model.head.bias.copy_(bias)
+    expected = central_evaluate(model, server_test_data(cfg.data))["accuracy"]
+    assert rows[0]["accuracy"] == pytest.approx(expected, abs=1e-9)
+    assert summary["initial_accuracy"] == rows[0]["accuracy"] > 0.3  # a seeded random head is at chance (~0.1)
+    assert summary["head_init"] == "ncm"
+    # Round 0's traffic, counted like a round's: nothing down, each client's float32 sums, counts and norm sum up.
+    assert rows[0]["clients_ok"] == 3 and rows[0]["bytes_down"] == 0
+    raw = 3 * 4 * (10 * model.head.in_features + 10 + 1)
+    assert raw <= rows[0]["bytes_up"] <= raw + 3 * 1024  # Flower's count includes each array's shape and dtype
+    assert summary["bytes_up_total"] == sum(r["bytes_up"] for r in rows)
