@@ -346,8 +346,9 @@ class ExperimentConfig(Validated):
         return typing.cast(ExperimentConfig, build(cls, unflatten(dict(run_config)), cls))
 
     def as_scratch(self) -> ExperimentConfig:
-        """The from-scratch baseline of this run: random init, every block trained at the head's lr."""
-        finetune = dataclasses.replace(self.finetune, mode="full", backbone_lr_scale=1.0)
+        """The from-scratch baseline of this run: random init, every block trained at the head's lr, a seeded
+        random head (a head start needs pre-trained features)."""
+        finetune = dataclasses.replace(self.finetune, mode="full", backbone_lr_scale=1.0, head_init="random")
         return dataclasses.replace(self, init="scratch", finetune=finetune)
 
     def replace(self, **changes: Any) -> ExperimentConfig:

@@ -87,11 +87,15 @@ def bytes_per_round(run: RunResult) -> float:
 
 
 def to_target(run: RunResult, target: float) -> dict[str, float]:
-    """Round, seconds and bytes until the test accuracy first reaches ``target`` (NaN if never)."""
+    """Round, seconds and bytes until the test accuracy first reaches ``target`` (NaN if never).
+
+    Round 0 counts only where the clients sent something in it (a head start, ``finetune.head-init = "ncm"``):
+    a seeded random head is nothing anyone trained.
+    """
     total = 0.0
     for r in run.rows:
         total += r["bytes_down"] + r["bytes_up"]
-        if r["round"] > 0 and r["accuracy"] >= target:
+        if (r["round"] > 0 or r["bytes_up"] > 0) and r["accuracy"] >= target:
             return {"round": r["round"], "seconds": r["wall_seconds"], "bytes": total}
     return {"round": math.nan, "seconds": math.nan, "bytes": math.nan}
 

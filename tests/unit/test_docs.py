@@ -13,7 +13,8 @@ DOCS = ROOT / "docs"
 COMMITTED = {"### `modes.toml`": DOCS / "results" / "modes" / "results.md",
              "### What privacy costs in accuracy": DOCS / "results" / "privacy-sweep" / "results.md",
              "### `clients.toml`": DOCS / "results" / "clients" / "results.md",
-             "### `heterogeneity.toml`": DOCS / "results" / "heterogeneity" / "results.md"}
+             "### `heterogeneity.toml`": DOCS / "results" / "heterogeneity" / "results.md",
+             "### `imagenet-transfer.toml`": DOCS / "results" / "imagenet-transfer" / "results.md"}
 
 
 def _table(lines: list[str]) -> tuple[list[str], list[list[str]]]:

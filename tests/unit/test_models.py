@@ -15,7 +15,7 @@ SHAPES = {n: BACKBONES.get(n).test_input for n in BACKBONES.names() if len(BACKB
 
 def test_every_registered_backbone_is_tested_here_or_with_text() -> None:
     assert {"small-cnn", "small-cnn-bn", "resnet18", "resnet50", "mobilenet_v3_small", "mobilenet_v3_large",
-            "efficientnet_b0", "convnext_tiny", "vit_b_16"} <= set(SHAPES)
+            "efficientnet_b0", "efficientnet-lite0", "convnext_tiny", "vit_b_16"} <= set(SHAPES)
     text = set(BACKBONES.names()) - set(SHAPES)
     assert text == {"hf-text", "minilm"}  # token ids: tests/unit/test_text.py runs them
     assert all(BACKBONES.get(n).test_input == (8,) for n in text)

@@ -143,6 +143,9 @@ def test_efficiency_to_target_and_compare(tmp_path: Path) -> None:
     run = RunResult("x", 0, tmp_path, {}, rows)
     assert to_target(run, 0.7) == {"round": 2, "seconds": 3.5, "bytes": 380}
     assert all(math.isnan(v) for v in to_target(run, 0.9).values())
+    assert to_target(run, 0.05)["round"] == 1  # a random head's round 0 was not trained by anyone
+    head_start = RunResult("x", 0, tmp_path, {}, [{**rows[0], "bytes_up": 50}, *rows[1:]])
+    assert to_target(head_start, 0.05) == {"round": 0, "seconds": 1.0, "bytes": 50}  # the class sums were sent
     for name, acc in (("a", 0.5), ("b", 0.75)):
         (tmp_path / name).mkdir()
         (tmp_path / name / "summary.json").write_text(json.dumps({"final_accuracy": acc, "mode": "full"}))
