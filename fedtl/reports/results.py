@@ -102,7 +102,8 @@ def to_target(run: RunResult, target: float) -> dict[str, float]:
 
 def epsilon(run: RunResult) -> float:
     """The run's largest epsilon; infinity without DP."""
-    return float(run.summary.get("privacy", {}).get("epsilon_max", math.inf))
+    value = run.summary.get("privacy", {}).get("epsilon_max")
+    return math.inf if value is None else float(value)  # null: an infinite epsilon, as strict JSON writes it
 
 
 def _get(path: str) -> Callable[[RunResult], float]:

@@ -8,6 +8,7 @@ that skips finished runs) reads through here.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,22 @@ LEDGER_FILE = "privacy.jsonl"
 LOG_FILE = "flower.log"
 # A study folder's list of runs.
 PLAN_FILE = "plan.json"
+
+
+def finite(value: Any) -> Any:
+    """``value`` with every NaN or infinite float (nested in dicts, lists, tuples) replaced by ``None``."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value
+
+
+def to_json(value: Any, **kwargs: Any) -> str:
+    """``value`` as strict JSON: Python's ``json`` writes NaN and Infinity, which JSON has not; they become null."""
+    return json.dumps(finite(value), allow_nan=False, **kwargs)
 
 
 def holds_run(run_dir: Path) -> bool:

@@ -7,7 +7,6 @@ guarantee, so the run's statement is about the largest one. Each line of
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ from fedtl.protocol import (
     PRIVACY_STEPS,
 )
 from fedtl.reports.plots import plot_privacy
-from fedtl.reports.runs import LEDGER_FILE
+from fedtl.reports.runs import LEDGER_FILE, to_json
 from fedtl.strategies.transfer import RoundReport
 
 # Reply metric -> ledger column.
@@ -79,7 +78,7 @@ class PrivacyLedger:
                 rows.append({**row, **{col: metrics[key] for key, col in _COLUMNS.items() if key in metrics}})
         with self.path.open("a") as f:
             for row in rows:
-                f.write(json.dumps(row) + "\n")
+                f.write(to_json(row) + "\n")
                 self.latest[row["client"]] = row["epsilon"]
                 self.curves.setdefault(row["client"], []).append((report.round, row["epsilon"]))
                 if row.get("declined"):

@@ -6,7 +6,6 @@ later keeps everything computed so far. Nothing is printed that is not also save
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import statistics
@@ -25,7 +24,7 @@ from fedtl.config import ExperimentConfig
 from fedtl.errors import RunFolderError
 from fedtl.privacy import privacy_mode
 from fedtl.protocol import ACCURACY, ACCURACY_BEFORE, ACCURACY_PERSONAL, HELD_OUT, NODE_ID, PARTITION_ID
-from fedtl.reports.runs import METRICS_FILE, SUMMARY_FILE, holds_run
+from fedtl.reports.runs import METRICS_FILE, SUMMARY_FILE, holds_run, to_json
 
 SUMMARY_SCHEMA = 1
 # (metrics key, column label, format): the live table, at most 79 characters wide; the
@@ -104,7 +103,7 @@ class RunRecorder:
         self.client_evaluation = sorted(clients, key=lambda c: (c.get(PARTITION_ID, -1), c[NODE_ID]))
         with (self.out / "clients.jsonl").open("w") as f:
             for c in self.client_evaluation:
-                f.write(json.dumps({"round": rnd, **c}) + "\n")
+                f.write(to_json({"round": rnd, **c}) + "\n")
 
     def on_train(self, rnd: int, info: dict[str, Any]) -> None:
         """Keep a round's traffic and training figures until its evaluation ends the round."""
@@ -117,7 +116,7 @@ class RunRecorder:
                                "wall_seconds": time.perf_counter() - self._t0}
         self.rows.append(row)
         with self.metrics_path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(to_json(row) + "\n")
         if rnd % self.table_every == 0 or rnd == self.cfg.rounds:
             cells = [fmt.format(row[key]) if key in row else " " * len(fmt.format(0)) for key, _, fmt in self.columns]
             self._progress.console.print("  ".join(cells))
@@ -128,7 +127,7 @@ class RunRecorder:
         """Save a full model state as ``checkpoints/<name>.safetensors`` with metadata."""
         path = self.out / "checkpoints" / f"{name}.safetensors"
         tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
-        save_file(tensors, str(path), metadata={k: json.dumps(v) for k, v in meta.items()})
+        save_file(tensors, str(path), metadata={k: to_json(v) for k, v in meta.items()})
         return path
 
     def close(self) -> None:
@@ -194,4 +193,4 @@ def client_summary(clients: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
     """Write ``summary.json`` (sorted keys, so diffs between runs read well)."""
-    (Path(run_dir) / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    (Path(run_dir) / SUMMARY_FILE).write_text(to_json(summary, indent=2, sort_keys=True) + "\n")

@@ -60,3 +60,23 @@ def test_a_refused_config_leaves_the_run_it_would_overwrite_as_it_was(tmp_path: 
     with pytest.raises(DPConfigError, match="DP-SGD cannot train BatchNorm"):
         simulate(cfg, overwrite=True)
     assert (run / "metrics.jsonl").read_text().strip() and not (run / "flower.log").exists()
+
+
+def _strict(line: str) -> object:
+    def refuse(name: str) -> None:
+        raise ValueError(f"{name} is not JSON")
+    return json.loads(line, parse_constant=refuse)
+
+
+def test_a_non_finite_value_is_written_as_json_null(tmp_path: Path) -> None:
+    rec = RunRecorder(tmp_path / "run", ExperimentConfig(rounds=1))
+    rec.end_round(0, {"accuracy": 0.1, "loss": 2.3})
+    rec.on_train(1, {"bytes_down": 1, "bytes_up": 1, "clients_ok": 1, "clients_failed": 0, "train_loss": float("nan")})
+    rec.end_round(1, {"accuracy": 0.2, "loss": float("inf")})
+    rec.on_client_evaluation(1, [{"node-id": 1, "loss": float("nan")}])
+    rec.finish(final_loss_extra=float("-inf"))
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    row = _strict(lines[1])
+    assert row["train_loss"] is None and row["loss"] is None and row["accuracy"] == 0.2
+    assert _strict((tmp_path / "run" / "clients.jsonl").read_text().splitlines()[0])["loss"] is None
+    assert _strict((tmp_path / "run" / "summary.json").read_text())["final_loss_extra"] is None
