@@ -6,7 +6,10 @@ Like Flower's DP wrappers, it holds a strategy and adds behaviour around it:
 - the ArrayRecord sent holds exactly this round's travelling keys; keys that join the
   set (gradual unfreezing) start from the server's pre-trained values;
 - a reply is merged only if it carries exactly the tensors sent, with the same shapes
-  and dtypes and finite values; a round in which no reply is merged stops the run;
+  and dtypes (those its bytes hold, not only those it declares) and finite values, no
+  record the protocol lacks, finite metrics, and the metric names most replies carry
+  (Flower would end the run on replies that differ); a dropped reply is recorded with its
+  reason; a round in which no reply is merged stops the run;
 - a client may decline to train (its privacy budget is spent): it is counted, not
   merged, and never sampled again; the run ends when too few clients are left to sample;
 - the bytes sent and received are measured and reported to an observer;
@@ -20,6 +23,7 @@ Like Flower's DP wrappers, it holds a strategy and adds behaviour around it:
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
@@ -105,6 +109,15 @@ def reply_problem(msg: Message, expected: _Spec, record: str = ARRAYS) -> str | 
         return f"error reply: {(lines[-1] if lines else msg.error.reason)[:300]}"
     if record not in msg.content.array_records:
         return f"no {record!r} ArrayRecord in the reply"
+    content = msg.content
+    unexpected = sorted({*content.array_records} - {record}) + sorted({*content.metric_records} - {METRICS}) \
+        + sorted(content.config_records)
+    if unexpected:
+        return f"records the protocol does not have: {unexpected[:5]}"
+    for name, value in (content[METRICS].items() if METRICS in content.metric_records else ()):
+        values = value if isinstance(value, list) else [value]
+        if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+            return f"metric {name!r} is {str(value)[:40]}, not a finite number"
     arrays = msg.content[record]
     got = set(arrays.keys())
     if got != set(expected):
@@ -113,10 +126,38 @@ def reply_problem(msg: Message, expected: _Spec, record: str = ARRAYS) -> str | 
         a = arrays[key]
         if tuple(a.shape) != shape or a.dtype != dtype:
             return f"{key} is {a.dtype}{list(a.shape)}, expected {dtype}{list(shape)}"
-        values = a.numpy()
+        try:
+            values = a.numpy()
+        except (TypeError, ValueError, EOFError) as err:  # another serialisation, or bytes that are no array
+            return f"{key} cannot be read as an array ({type(err).__name__}: {str(err)[:100]})"
+        # An Array's declared shape and dtype are metadata beside its bytes: check what the bytes hold.
+        if values.shape != shape or str(values.dtype) != dtype:
+            return f"{key} holds {values.dtype}{list(values.shape)}, declared {a.dtype}{list(a.shape)}"
         if values.dtype.kind == "f" and not np.isfinite(values).all():
             return f"{key} holds NaN or infinite values"
     return None
+
+
+def consistent(replies: list[Message]) -> tuple[list[Message], list[tuple[Message, str]]]:
+    """The replies whose metric names are those most replies carry, and why each other one is left out.
+
+    Flower's strategies refuse a round whose replies carry different metrics (``InconsistentMessageReplies``,
+    which ends the run without naming the node): the odd ones are dropped instead, like a bad update.
+    Ties go to the larger set, then the first in name order, so the choice does not depend on arrival.
+    """
+    names = [frozenset(m.content[METRICS].keys()) if METRICS in m.content.metric_records else frozenset()
+             for m in replies]
+    if len(set(names)) <= 1:
+        return replies, []
+    common = max(set(names), key=lambda n: (names.count(n), len(n), sorted(n)))
+    kept, dropped = [], []
+    for msg, n in zip(replies, names, strict=True):
+        if n == common:
+            kept.append(msg)
+        else:
+            dropped.append((msg, f"its metrics differ from the other replies': missing {sorted(common - n)[:5]}, "
+                                 f"unexpected {sorted(n - common)[:5]}"))
+    return kept, dropped
 
 
 def as_sent(arrays: ArrayRecord, spec: _Spec) -> ArrayRecord:
@@ -263,6 +304,10 @@ class TransferStrategy(Strategy):
             else:
                 problems.append(f"node {msg.metadata.src_node_id}: {problem}")
                 log(WARNING, "Round %s: not merging the update of %s", server_round, problems[-1])
+        accepted, odd = consistent(accepted)
+        for msg, why in odd:
+            problems.append(f"node {msg.metadata.src_node_id}: {why}")
+            log(WARNING, "Round %s: not merging the update of %s", server_round, problems[-1])
         for node in sorted(set(sent_to) - {m.metadata.src_node_id for m in replies}):
             problems.append(f"node {node}: no reply within the round timeout (stopped, or disconnected?)")
             log(WARNING, "Round %s: %s", server_round, problems[-1])

@@ -180,3 +180,56 @@ def test_held_out_and_silent_nodes_are_not_trained_but_all_evaluate(task_identit
                for m, a, h in zip(final, [0.5, 0.7, 0.9, 0.1], [0, 0, 0, 1])]
     assert s.aggregate_evaluate(2, replies)["client-accuracy-mean"] == pytest.approx(0.7)
     assert [c["accuracy"] for c in evaluated[0][1]] == [0.5, 0.7, 0.9, 0.1]
+
+
+def test_an_array_whose_data_differs_from_its_declared_shape_is_not_merged(task_identity: None,
+                                                                          caplog: pytest.LogCaptureFixture) -> None:
+    import io
+
+    from flwr.app import Array
+
+    observed: list = []
+    s = strategy(observed)
+    out = configure_round_one(s, [1, 2])
+    good = {"head.w": np.full((2, 2), 3.0, np.float32), "head.b": np.ones(2, np.float32)}
+    buf = io.BytesIO()
+    np.save(buf, np.full(1, 1e6, np.float32), allow_pickle=False)  # one value, declared as a 2 x 2 matrix
+    lying = Array(dtype="float32", shape=(2, 2), stype="numpy.ndarray", data=buf.getvalue())
+    bad = reply(out[1], good, 5)
+    bad.content["arrays"]["head.w"] = lying
+    arrays, _ = s.aggregate_train(1, [reply(out[0], good, 5), bad])
+    np.testing.assert_array_equal(arrays["head.w"].numpy(), good["head.w"])  # not broadcast into every row
+    assert observed[0][1]["clients_failed"] == 1
+    assert "head.w holds float32[1], declared float32[2, 2]" in caplog.text
+
+
+def _with(msg: Message, change: str) -> Message:
+    if change == "extra metric":
+        msg.content["metrics"]["surprise"] = 1.0
+    elif change == "missing metric":
+        del msg.content["metrics"]["train-loss"]
+    elif change == "second ArrayRecord":
+        msg.content["more"] = ArrayRecord({"x": torch.ones(1)})
+    elif change == "NaN metric":
+        msg.content["metrics"]["train-loss"] = float("nan")
+    return msg
+
+
+@pytest.mark.parametrize(("change", "problem"), [
+    ("extra metric", "unexpected ['surprise']"),
+    ("missing metric", "missing ['train-loss']"),
+    ("second ArrayRecord", "records the protocol does not have: ['more']"),
+    ("NaN metric", "metric 'train-loss' is nan, not a finite number"),
+])
+def test_a_reply_off_the_protocol_is_dropped_with_its_reason_and_the_round_goes_on(
+        task_identity: None, caplog: pytest.LogCaptureFixture, change: str, problem: str) -> None:
+    # Flower's FedAvg alone raises InconsistentMessageReplies on the first two, ending the run unnamed.
+    observed: list = []
+    s = strategy(observed)
+    out = configure_round_one(s, [1, 2, 3])
+    good = {"head.w": np.full((2, 2), 3.0, np.float32), "head.b": np.ones(2, np.float32)}
+    odd = _with(reply(out[2], {k: v * 100 for k, v in good.items()}, 5), change)
+    arrays, _ = s.aggregate_train(1, [reply(out[0], good, 5), reply(out[1], good, 5), odd])
+    np.testing.assert_array_equal(arrays["head.w"].numpy(), good["head.w"])
+    assert observed[0][1]["clients_ok"] == 2 and observed[0][1]["clients_failed"] == 1
+    assert problem in caplog.text and f"node {odd.metadata.src_node_id}" in caplog.text
