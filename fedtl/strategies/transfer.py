@@ -47,6 +47,7 @@ from fedtl.protocol import (
     HELD_OUT,
     METRICS,
     NODE_ID,
+    NUM_EXAMPLES,
     REASON,
     SERVER_ROUND,
     TRAIN_LOSS,
@@ -118,6 +119,9 @@ def reply_problem(msg: Message, expected: _Spec, record: str = ARRAYS) -> str | 
         values = value if isinstance(value, list) else [value]
         if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
             return f"metric {name!r} is {str(value)[:40]}, not a finite number"
+    examples = content[METRICS].get(NUM_EXAMPLES, 1) if METRICS in content.metric_records else 1
+    if not (isinstance(examples, (int, float)) and examples >= 1 and examples == int(examples)):
+        return f"{NUM_EXAMPLES} is {examples}: a weight must count at least one example"  # -24 would cancel others
     arrays = msg.content[record]
     got = set(arrays.keys())
     if got != set(expected):

@@ -212,6 +212,8 @@ def _with(msg: Message, change: str) -> Message:
         msg.content["more"] = ArrayRecord({"x": torch.ones(1)})
     elif change == "NaN metric":
         msg.content["metrics"]["train-loss"] = float("nan")
+    elif change == "negative examples":
+        msg.content["metrics"]["num-examples"] = -24
     return msg
 
 
@@ -220,6 +222,7 @@ def _with(msg: Message, change: str) -> Message:
     ("missing metric", "missing ['train-loss']"),
     ("second ArrayRecord", "records the protocol does not have: ['more']"),
     ("NaN metric", "metric 'train-loss' is nan, not a finite number"),
+    ("negative examples", "num-examples is -24: a weight must count at least one example"),
 ])
 def test_a_reply_off_the_protocol_is_dropped_with_its_reason_and_the_round_goes_on(
         task_identity: None, caplog: pytest.LogCaptureFixture, change: str, problem: str) -> None:
