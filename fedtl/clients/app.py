@@ -276,8 +276,7 @@ def make_client_app(run_config: Mapping[str, Any] | None = None) -> ClientApp:
     client.train()(handler(handle_train))
     client.evaluate()(handler(handle_evaluate))
     client.query()(handler(handle_query))
-    category, action = HEAD_START.split(".")
-    getattr(client, category)(action)(handler(handle_head_start))
+    client.query(HEAD_START.split(".", 1)[1])(handler(handle_head_start))  # a query with its own action
 
     return client
 

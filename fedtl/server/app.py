@@ -16,7 +16,7 @@ from flwr.serverapp.strategy import Strategy
 
 from fedtl.config import ExperimentConfig
 from fedtl.data.federated import server_test_data
-from fedtl.errors import RoundFailedError, RunStoppedError
+from fedtl.errors import RunStoppedError
 from fedtl.models.features import Feed, frozen_prefix
 from fedtl.models.metrics import central_evaluate
 from fedtl.models.ncm import HEAD_INITS
@@ -106,8 +106,8 @@ def run_server(grid: Grid, cfg: ExperimentConfig, terminal: Terminal | None = No
         # Before the strategy copies the initial state: the head every round starts from is the head start's.
         try:
             observe(head_start(grid, model, timeout=timeout, min_nodes=min_nodes))
-        except RoundFailedError:
-            recorder.close()
+        except BaseException:
+            recorder.close()  # as a failed round does: the terminal and Flower's log as they were
             raise
     strategy = TransferStrategy(
         inner=inner, plan=plan, keys_of=model.unit_keys, initial_state=model.state_dict(),

@@ -4,8 +4,8 @@ Before round one the server sends every connected node a ``HEAD_START`` query (t
 fingerprint, no tensor); each training node replies its per-class sums of L2-normalised
 frozen features, its class counts and its sum of feature norms (``fedtl.models.ncm``). The
 server checks every reply like a training update (shapes, finite values, counts that are
-whole and non-negative, and no class sum longer than its count, which a sum of unit vectors
-cannot be), adds up the accepted ones and writes the nearest-class-mean classifier into the
+whole, non-negative and adding up to the examples it reports, and no class sum longer than
+its count, which a sum of unit vectors cannot be), adds up the accepted ones and writes the nearest-class-mean classifier into the
 head. The exchange is recorded as round 0's traffic; round 0's evaluation then measures the
 head start, and training continues from it with the configured mode.
 """
@@ -24,8 +24,20 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from fedtl.errors import RoundFailedError
 from fedtl.models.ncm import ncm_head
 from fedtl.models.transfer import TransferModel
-from fedtl.protocol import CLASS_SUMS, CONFIG, COUNTS, FINGERPRINT, HEAD_START, NORM_SUM, SERVER_ROUND, SUMS
-from fedtl.strategies.transfer import RoundReport, content_key, declined_reason, reply_problem
+from fedtl.protocol import (
+    CLASS_SUMS,
+    CONFIG,
+    COUNTS,
+    FINGERPRINT,
+    HEAD_START,
+    METRICS,
+    NORM_SUM,
+    NUM_EXAMPLES,
+    SERVER_ROUND,
+    SUMS,
+)
+from fedtl.strategies.replies import content_key, declined_reason, reply_problem
+from fedtl.strategies.transfer import RoundReport
 
 
 def class_sums_problem(msg: Message, classes: int, dim: int) -> str | None:
@@ -38,6 +50,9 @@ def class_sums_problem(msg: Message, classes: int, dim: int) -> str | None:
     sums, counts, norm_sum = (arrays[k].numpy() for k in (SUMS, COUNTS, NORM_SUM))
     if (counts < 0).any() or (counts != np.round(counts)).any():
         return "class counts are not whole non-negative numbers"
+    examples = msg.content[METRICS].get(NUM_EXAMPLES) if METRICS in msg.content.metric_records else None
+    if examples is None or counts.sum() != examples:  # so the pooled counts hold at least one example
+        return f"class counts add up to {counts.sum():g}, not the {NUM_EXAMPLES} it reports ({examples})"
     if norm_sum[0] < 0:
         return "the sum of feature norms is negative"
     # A sum of n unit vectors is at most n long: anything longer was not built from normalised features.

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from flwr.app import Array, ArrayRecord, Message, RecordDict
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 
 from fedtl.config import ConfigError
 from fedtl.data.federated import LabelledImages
@@ -54,10 +54,11 @@ def test_a_class_no_client_holds_gets_a_zero_row_and_no_data_is_refused() -> Non
         ncm_head(torch.zeros(2, 2), torch.zeros(2), torch.zeros(1))
 
 
-def _reply(sums: np.ndarray, counts: np.ndarray, norm_sum: float) -> Message:
+def _reply(sums: np.ndarray, counts: np.ndarray, norm_sum: float, examples: int = 6) -> Message:
     arrays = ArrayRecord({SUMS: Array(sums.astype(np.float32)), COUNTS: Array(counts.astype(np.float32)),
                           NORM_SUM: Array(np.array([norm_sum], dtype=np.float32))})
-    return Message(RecordDict({CLASS_SUMS: arrays}), dst_node_id=0, message_type="query.class_means")
+    return Message(RecordDict({CLASS_SUMS: arrays, "metrics": MetricRecord({"num-examples": examples})}),
+                   dst_node_id=0, message_type="query.class_means")
 
 
 @pytest.mark.parametrize(("sums", "counts", "norm_sum", "problem"), [
@@ -68,6 +69,7 @@ def _reply(sums: np.ndarray, counts: np.ndarray, norm_sum: float) -> Message:
     (np.ones((3, 2)), np.array([2, 2, 2]), -1.0, "negative"),
     (np.full((3, 2), np.nan), np.array([2, 2, 2]), 6.0, "NaN"),
     (np.ones((2, 2)), np.array([2, 2]), 6.0, "expected float32[3, 2]"),
+    (np.zeros((3, 2)), np.array([0, 0, 0]), 0.0, "class counts add up to 0, not the num-examples it reports (6)"),
 ])
 def test_a_head_start_reply_is_checked_before_it_is_added(task_identity: None, sums: np.ndarray, counts: np.ndarray,
                                                           norm_sum: float, problem: str | None) -> None:

@@ -1,0 +1,110 @@
+"""What a reply must be before any Flower code merges it: the checks both the rounds and the head start run.
+
+A reply is judged against what was sent (every tensor's key, shape and dtype, also as its bytes hold
+it) and against the protocol (its records, finite metrics, a weight that counts at least one example).
+Across a round, replies must carry the same metric names: Flower's strategies refuse a round whose
+replies differ, ending the run without naming the node, so the odd ones are dropped here instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import numpy as np
+from flwr.app import Message
+
+from fedtl.protocol import ARRAYS, DECLINED, METRICS, NUM_EXAMPLES, REASON
+
+# key -> (shape, dtype) of every tensor that was sent
+Spec = dict[str, tuple[tuple[int, ...], str]]
+
+
+def declined_reason(msg: Message) -> str | None:
+    """The reason a reply declines the round, or ``None`` if it does not."""
+    if msg.has_error() or DECLINED not in msg.content.config_records:
+        return None
+    return str(msg.content.config_records[DECLINED].get(REASON, "no reason given"))
+
+
+def reply_problem(msg: Message, expected: Spec, record: str = ARRAYS) -> str | None:
+    """Why the reply ``msg`` cannot be merged, or ``None`` if it can.
+
+    Parameters
+    ----------
+    msg : Message
+        A reply to a training message.
+    expected : dict
+        Key -> (shape, dtype) of every tensor that was sent.
+    record : str, default ``ARRAYS``
+        The name of the reply's ArrayRecord that holds them.
+    """
+    if msg.has_error():
+        # Simulation wraps the client's exception in Ray's traceback; its last line says what happened.
+        lines = [line.strip() for line in msg.error.reason.splitlines() if line.strip()]
+        return f"error reply: {(lines[-1] if lines else msg.error.reason)[:300]}"
+    if record not in msg.content.array_records:
+        return f"no {record!r} ArrayRecord in the reply"
+    content = msg.content
+    unexpected = sorted({*content.array_records} - {record}) + sorted({*content.metric_records} - {METRICS}) \
+        + sorted(content.config_records)
+    if unexpected:
+        return f"records the protocol does not have: {unexpected[:5]}"
+    metrics = dict(content[METRICS]) if METRICS in content.metric_records else {}
+    for name, value in metrics.items():
+        values = value if isinstance(value, list) else [value]
+        if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+            return f"metric {name!r} is {str(value)[:40]}, not a finite number"
+    examples = metrics.get(NUM_EXAMPLES, 1)
+    if not (isinstance(examples, (int, float)) and examples >= 1 and examples == int(examples)):
+        return f"{NUM_EXAMPLES} is {examples}: a weight must count at least one example"  # -24 would cancel others
+    arrays = msg.content[record]
+    got = set(arrays.keys())
+    if got != set(expected):
+        return f"keys differ: missing {sorted(set(expected) - got)[:5]}, unexpected {sorted(got - set(expected))[:5]}"
+    for key, (shape, dtype) in expected.items():
+        a = arrays[key]
+        if tuple(a.shape) != shape or a.dtype != dtype:
+            return f"{key} is {a.dtype}{list(a.shape)}, expected {dtype}{list(shape)}"
+        try:
+            values = a.numpy()
+        except (TypeError, ValueError, EOFError) as err:  # another serialisation, or bytes that are no array
+            return f"{key} cannot be read as an array ({type(err).__name__}: {str(err)[:100]})"
+        # An Array's declared shape and dtype are metadata beside its bytes: check what the bytes hold.
+        if values.shape != shape or str(values.dtype) != dtype:
+            return f"{key} holds {values.dtype}{list(values.shape)}, declared {a.dtype}{list(a.shape)}"
+        if values.dtype.kind == "f" and not np.isfinite(values).all():
+            return f"{key} holds NaN or infinite values"
+    return None
+
+
+def consistent(replies: list[Message]) -> tuple[list[Message], list[tuple[Message, str]]]:
+    """The replies whose metric names are those most replies carry, and why each other one is left out.
+
+    Flower's strategies refuse a round whose replies carry different metrics (``InconsistentMessageReplies``,
+    which ends the run without naming the node): the odd ones are dropped instead, like a bad update.
+    Ties go to the larger set, then the first in name order, so the choice does not depend on arrival.
+    """
+    names = [frozenset(m.content[METRICS].keys()) if METRICS in m.content.metric_records else frozenset()
+             for m in replies]
+    if len(set(names)) <= 1:
+        return replies, []
+    common = max(set(names), key=lambda n: (names.count(n), len(n), sorted(n)))
+    kept, dropped = [], []
+    for msg, n in zip(replies, names, strict=True):
+        if n == common:
+            kept.append(msg)
+        else:
+            dropped.append((msg, f"its metrics differ from the other replies': missing {sorted(common - n)[:5]}, "
+                                 f"unexpected {sorted(n - common)[:5]}"))
+    return kept, dropped
+
+
+def content_key(msg: Message, record: str = ARRAYS) -> str:
+    """A key of a reply's tensors (its ArrayRecord ``record``), for ordering replies by content rather than arrival."""
+    arrays = msg.content[record]
+    h = hashlib.sha256()
+    for key in sorted(arrays.keys()):
+        h.update(key.encode())
+        h.update(arrays[key].data)
+    return h.hexdigest()
