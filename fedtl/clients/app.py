@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import copy
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from functools import lru_cache
 from typing import Any
 
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.clientapp.typing import ClientAppCallable
+from flwr.clientapp.typing import ClientAppCallable, Mod
 
 from fedtl.clients.node_data import NodeData, node_data
 from fedtl.clients.personal import load_local_state, local_round, personalised_model, save_local_state
@@ -142,10 +142,11 @@ def handle_evaluate(msg: Message, context: Context, cfg: ExperimentConfig) -> Me
 
 
 def handle_query(msg: Message, context: Context, cfg: ExperimentConfig) -> Message:
-    """This node's partition (if it has one) and whether it is held out of training (the server asks once
-    per node)."""
+    """This node's partition (if it has one), whether it is held out of training and, if not, how many
+    training examples it holds (the server asks once per node)."""
     node = node_data(context, cfg)
-    metrics = MetricRecord({**node.metrics, HELD_OUT: int(node.held_out)})
+    declared = {} if node.held_out else {NUM_EXAMPLES: len(node.train())}  # the most a training reply may count
+    metrics = MetricRecord({**node.metrics, HELD_OUT: int(node.held_out), **declared})
     return Message(RecordDict({METRICS: metrics}), reply_to=msg)
 
 
@@ -246,11 +247,13 @@ def set_threads(context: Context, cfg: ExperimentConfig) -> None:
         torch.set_num_threads(max(1, cfg.simulation.threads or round(cfg.simulation.num_cpus)))
 
 
-def make_client_app(run_config: Mapping[str, Any] | None = None) -> ClientApp:
+def make_client_app(run_config: Mapping[str, Any] | None = None, mods: Sequence[Mod] = ()) -> ClientApp:
     """A ClientApp for ``run_config`` (a flattened ExperimentConfig).
 
     ``None`` reads it from the run's Context, as under ``flwr run``; ``fedtl simulate``
-    passes it here because Flower's ``run_simulation`` carries no run config.
+    passes it here because Flower's ``run_simulation`` carries no run config. ``mods``: Flower
+    mods around everything the node does, its privacy mode's included (what a node sends is
+    what they return: the fault-injection tests corrupt replies this way).
     """
     def config_of(context: Context) -> ExperimentConfig:
         return parsed_config(tuple(sorted((run_config if run_config is not None else context.run_config).items())))
@@ -264,7 +267,7 @@ def make_client_app(run_config: Mapping[str, Any] | None = None) -> ClientApp:
             return call_next(msg, context)
         return mod(msg, context, call_next)
 
-    client = ClientApp(mods=[privacy_mod])
+    client = ClientApp(mods=[*mods, privacy_mod])
 
     def handler(handle: Callable[[Message, Context, ExperimentConfig], Message]) -> Callable[[Message, Context], Message]:
         def run(msg: Message, context: Context) -> Message:

@@ -27,8 +27,8 @@ from fedtl.protocol import ACCURACY, RoundPlan
 from fedtl.reports.plots import plot_accuracy
 from fedtl.server.head_start import head_start
 from fedtl.server.ledger import PrivacyLedger
-from fedtl.server.nodes import TrainingNodes
 from fedtl.server.record import RunRecorder, Terminal
+from fedtl.strategies.nodes import TrainingNodes
 from fedtl.strategies.privacy import wrap_private
 from fedtl.strategies.registry import build_strategy, steps_server_optimiser, weight_key
 from fedtl.strategies.transfer import RoundReport, TransferStrategy
@@ -105,7 +105,8 @@ def run_server(grid: Grid, cfg: ExperimentConfig, terminal: Terminal | None = No
     if HEAD_INITS.get(cfg.finetune.head_init).class_means:
         # Before the strategy copies the initial state: the head every round starts from is the head start's.
         try:
-            observe(head_start(grid, model, timeout=timeout, min_nodes=min_nodes))
+            observe(head_start(grid, model, timeout=timeout, min_nodes=min_nodes,
+                               max_examples=cfg.strategy.max_examples or float("inf")))
         except BaseException:
             recorder.close()  # as a failed round does: the terminal and Flower's log as they were
             raise
@@ -113,7 +114,8 @@ def run_server(grid: Grid, cfg: ExperimentConfig, terminal: Terminal | None = No
         inner=inner, plan=plan, keys_of=model.unit_keys, initial_state=model.state_dict(),
         fingerprint=model.backbone_fingerprint, observer=observe, final_round=cfg.rounds,
         on_evaluate=recorder.on_client_evaluation,
-        training_nodes=(lambda g: TrainingNodes(g, timeout)) if cfg.data.held_out_clients else None,
+        training_nodes=lambda g: TrainingNodes(g, timeout),  # held out or not, and the examples each declares
+        max_examples=cfg.strategy.max_examples or float("inf"), max_update_ratio=cfg.strategy.max_update_ratio,
         min_nodes=min_nodes,
         # Not under client-level DP: its wrapper noises the statistics with the rest, and the exact mean would leak them.
         statistics_by_mean=weight_key(cfg) if steps_server_optimiser(inner) and not privacy.noised_update else None,

@@ -36,7 +36,8 @@ from fedtl.protocol import (
     SERVER_ROUND,
     SUMS,
 )
-from fedtl.strategies.replies import content_key, declined_reason, reply_problem
+from fedtl.strategies.nodes import TrainingNodes
+from fedtl.strategies.replies import content_key, declined_reason, examples_problem, reply_problem
 from fedtl.strategies.transfer import RoundReport
 
 
@@ -61,10 +62,13 @@ def class_sums_problem(msg: Message, classes: int, dim: int) -> str | None:
     return None
 
 
-def head_start(grid: Grid, model: TransferModel, *, timeout: float, min_nodes: int) -> RoundReport:
-    """Ask every connected node for its class sums and set ``model``'s head from the accepted ones.
+def head_start(grid: Grid, model: TransferModel, *, timeout: float, min_nodes: int,
+               max_examples: float = float("inf")) -> RoundReport:
+    """Ask every connected training node for its class sums and set ``model``'s head from the accepted ones.
 
-    Waits, like a round, for ``min_nodes`` nodes to connect; held-out nodes decline and are not counted as failed.
+    Waits, like a round, for ``min_nodes`` training nodes to connect (each is asked first, as training
+    asks, whether it is held out and how many examples it holds). A reply may count no more examples
+    than its node declared, nor than ``max_examples``.
 
     Returns
     -------
@@ -76,7 +80,8 @@ def head_start(grid: Grid, model: TransferModel, *, timeout: float, min_nodes: i
     RoundFailedError
         If no node's class sums could be added up.
     """
-    _, nodes = sample_nodes(grid, min_nodes, 0)
+    view = TrainingNodes(grid, timeout)
+    _, nodes = sample_nodes(view, min_nodes, 0)
     config = ConfigRecord({FINGERPRINT: model.backbone_fingerprint, SERVER_ROUND: 0})
     queries = [Message(RecordDict({CONFIG: config}), dst_node_id=n, message_type=HEAD_START) for n in nodes]
     replies = list(grid.send_and_receive(queries, timeout=timeout))
@@ -85,7 +90,8 @@ def head_start(grid: Grid, model: TransferModel, *, timeout: float, min_nodes: i
     for msg in replies:
         if declined_reason(msg) is not None:
             declined += 1
-        elif (problem := class_sums_problem(msg, classes, dim)) is None:
+        elif (problem := class_sums_problem(msg, classes, dim) or examples_problem(
+                msg, min(view.examples.get(msg.metadata.src_node_id, float("inf")), max_examples))) is None:
             accepted.append(msg)
         else:
             problems.append(f"node {msg.metadata.src_node_id}: {problem}")

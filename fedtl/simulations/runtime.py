@@ -13,10 +13,9 @@ model and map the data: ~20-25 s on a 2-core machine against ~0.25 s per round o
 study. ``kept_warm()`` keeps one Ray instance and one pool of actors for all the runs inside it:
 Flower still runs each run as it always does (its own run id, SuperNodes, node states, messages
 and strategy), but the actors survive between runs, and with them what each process cached
-(imports, the pre-trained model, the mapped data store). It does so by handing Flower's
-simulation engine a subclass of its own ``RayBackend`` whose ``build`` reuses the pool and whose
-``terminate`` keeps it; the class is swapped in only inside ``kept_warm()``, and restored on exit,
-when the actors are ended and Ray shut down. Flower has no option for this, hence the subclass.
+(imports, the pre-trained model, the mapped data store). It does so through fedtl's
+subclass of Flower's ``RayBackend`` (``backend.py``), whose ``build`` reuses the pool and whose
+``terminate`` keeps it while ``kept_warm()`` is entered; on exit the actors are ended and Ray shut down.
 """
 
 from __future__ import annotations
@@ -26,9 +25,9 @@ import math
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
 
 from fedtl.config import ExperimentConfig
+from fedtl.simulations.backend import WARM, drop_pool
 
 
 def machine_cores() -> int:
@@ -69,61 +68,21 @@ def resolve_resources(cfg: ExperimentConfig, cores: int | None = None) -> Experi
 
 
 # -- keeping the runtime warm ---------------------------------------------------------------------
-_warm: dict[str, Any] = {}
-
-
-def _warm_backend() -> type:
-    from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend
-
-    class WarmRayBackend(RayBackend):  # type: ignore[misc]
-        """Flower's Ray backend, but the actor pool of the previous run is reused and kept at the end."""
-
-        def build(self, app_fn: Any) -> None:
-            pool = _warm.get("pool")
-            if pool is not None and _warm.get("resources") == self.client_resources:
-                self.pool, self.app_fn = pool, app_fn
-                return
-            _drop_pool()
-            super().build(app_fn)
-            _warm.update(pool=self.pool, resources=dict(self.client_resources))
-
-        def terminate(self) -> None:
-            pool = self.pool
-            # Kept only if every actor is back, idle: a run that failed mid-round leaves its actors behind.
-            if pool is not None and _warm.get("pool") is pool and len(pool.pool) == pool.num_actors:
-                return
-            _drop_pool()
-
-    return WarmRayBackend
-
-
-def _drop_pool() -> None:
-    pool = _warm.pop("pool", None)
-    _warm.pop("resources", None)
-    if pool is not None:
-        pool.terminate_all_actors()
-
-
 @contextmanager
 def kept_warm() -> Iterator[None]:
     """Run the simulations inside on one Ray instance and one pool of actors (see the module).
 
     Nested uses share the outer one. On exit the actors are ended and Ray is shut down.
     """
-    if "backend" in _warm:
+    if WARM.get("on"):
         yield
         return
-    from flwr.server.superlink.fleet.vce.backend import raybackend
-
-    original = raybackend.RayBackend
-    raybackend.RayBackend = _warm_backend()
-    _warm["backend"] = original
+    WARM["on"] = True
     try:
         yield
     finally:
-        raybackend.RayBackend = original
-        _warm.pop("backend", None)
-        _drop_pool()
+        WARM.pop("on", None)
+        drop_pool()
         import ray
 
         if ray.is_initialized():

@@ -11,8 +11,9 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedtl.clients.app import make_client_app
 from fedtl.config import ExperimentConfig
@@ -25,8 +26,12 @@ from fedtl.reports.plots import plot_accuracy
 from fedtl.reports.runs import LOG_FILE, RUN_FILES, holds_run, read_metrics
 from fedtl.server.app import make_server_app, private_strategy, run_dir
 from fedtl.server.record import Terminal, write_summary
+from fedtl.simulations.backend import fedtl_backend
 from fedtl.simulations.logs import flower_log_copy, quiet_output
 from fedtl.simulations.runtime import kept_warm, resolve_resources
+
+if TYPE_CHECKING:
+    from flwr.clientapp.typing import Mod
 
 
 def prepare_run_dir(cfg: ExperimentConfig, *, overwrite: bool = False, clear: bool = True) -> ExperimentConfig:
@@ -55,7 +60,7 @@ def clear_run_dir(out: Path) -> None:
 
 
 def simulate(cfg: ExperimentConfig, *, overwrite: bool = False, verbose: bool = False,
-             table_every: int = 1) -> dict[str, Any]:
+             table_every: int = 1, mods: Sequence[Mod] = ()) -> dict[str, Any]:
     """Run ``cfg`` with ``cfg.clients`` virtual clients on Ray; return its summary.
 
     Parameters
@@ -69,6 +74,9 @@ def simulate(cfg: ExperimentConfig, *, overwrite: bool = False, verbose: bool = 
         terminal shows only fedtl's round table and progress bar.
     table_every : int, default 1
         Print every this many rounds' table lines (the last always; all are in ``metrics.jsonl``).
+    mods : sequence of Flower mods, default ()
+        Around every virtual client (``make_client_app``): a study of faulty or hostile clients
+        wraps them this way (``tests/faults.py``). Ray pickles them: module-level functions.
     """
     cfg = resolve_resources(prepare_run_dir(cfg, overwrite=overwrite, clear=False))
     out = Path(cfg.out)
@@ -76,7 +84,7 @@ def simulate(cfg: ExperimentConfig, *, overwrite: bool = False, verbose: bool = 
         preflight(cfg)
         clear_run_dir(out)  # only now: a refused config leaves the run it would replace as it was
         with flower_log_copy(out):
-            return _simulate(cfg, Terminal(table_every=table_every))
+            return _simulate(cfg, Terminal(table_every=table_every), mods)
     # Before the run folder is made or cleared, so that a refused config leaves it as it was; what
     # Flower logs meanwhile (its strategies' warnings) joins the run's log once the run starts.
     with tempfile.TemporaryDirectory() as tmp:
@@ -87,7 +95,7 @@ def simulate(cfg: ExperimentConfig, *, overwrite: bool = False, verbose: bool = 
         out.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(early, out / LOG_FILE)
     with quiet_output(out / LOG_FILE) as console:
-        return _simulate(cfg, Terminal(console, quiet=True, table_every=table_every))
+        return _simulate(cfg, Terminal(console, quiet=True, table_every=table_every), mods)
 
 
 def preflight(cfg: ExperimentConfig) -> None:
@@ -103,7 +111,7 @@ def preflight(cfg: ExperimentConfig) -> None:
         build_model(cfg)  # outside weights: a missing or mismatched file fails here, not in every client
 
 
-def _simulate(cfg: ExperimentConfig, terminal: Terminal) -> dict[str, Any]:
+def _simulate(cfg: ExperimentConfig, terminal: Terminal, mods: Sequence[Mod] = ()) -> dict[str, Any]:
     from flwr.simulation import run_simulation  # heavy import: only when a run starts
 
     rc = cfg.to_run_config()
@@ -111,10 +119,11 @@ def _simulate(cfg: ExperimentConfig, terminal: Terminal) -> dict[str, Any]:
     backend: dict[str, Any] = {"client_resources": resources}
     if cfg.simulation.ray_address:  # Flower's Ray backend passes init_args to ray.init
         backend["init_args"] = {"address": cfg.simulation.ray_address}
-    run_simulation(
-        server_app=make_server_app(rc, terminal), client_app=make_client_app(rc), num_supernodes=cfg.clients,
-        backend_config=backend,
-    )
+    with fedtl_backend(limit_s=cfg.strategy.round_timeout):  # a dead or hung client process is replaced
+        run_simulation(
+            server_app=make_server_app(rc, terminal), client_app=make_client_app(rc, mods),
+            num_supernodes=cfg.clients, backend_config=backend,
+        )
     summary_path = Path(cfg.out) / "summary.json"
     if not summary_path.is_file():
         raise RuntimeError(f"the simulation ended without writing {summary_path}; see {Path(cfg.out) / LOG_FILE}")

@@ -1,7 +1,8 @@
 """What a reply must be before any Flower code merges it: the checks both the rounds and the head start run.
 
 A reply is judged against what was sent (every tensor's key, shape and dtype, also as its bytes hold
-it) and against the protocol (its records, finite metrics, a weight that counts at least one example).
+it) and against the protocol (its records, finite metrics, a weight that counts at least one example
+and no more than the node may claim, tensors that moved a bounded distance from what was sent).
 Across a round, replies must carry the same metric names: Flower's strategies refuse a round whose
 replies differ, ending the run without naming the node, so the odd ones are dropped here instead.
 """
@@ -12,7 +13,7 @@ import hashlib
 import math
 
 import numpy as np
-from flwr.app import Message
+from flwr.app import ArrayRecord, Message
 
 from fedtl.protocol import ARRAYS, DECLINED, METRICS, NUM_EXAMPLES, REASON
 
@@ -75,6 +76,41 @@ def reply_problem(msg: Message, expected: Spec, record: str = ARRAYS) -> str | N
             return f"{key} holds {values.dtype}{list(values.shape)}, declared {a.dtype}{list(a.shape)}"
         if values.dtype.kind == "f" and not np.isfinite(values).all():
             return f"{key} holds NaN or infinite values"
+    return None
+
+
+def examples_problem(msg: Message, most: float) -> str | None:
+    """Why the reply's ``num-examples`` (its weight) is more than it may be, ``most``, or ``None``.
+
+    ``most`` is what the node declared when the run began (its training set's size) or
+    ``strategy.max-examples``, the smaller: one node claiming 1e12 would take over the mean.
+    """
+    examples = msg.content[METRICS].get(NUM_EXAMPLES, 1) if METRICS in msg.content.metric_records else 1
+    if examples > most:
+        return f"{NUM_EXAMPLES} is {examples:g}, more than the {most:g} it may count (its declared training " \
+               "examples, or strategy.max-examples)"
+    return None
+
+
+def update_problem(msg: Message, sent: ArrayRecord, ratio: float) -> str | None:
+    """Why the reply's tensors moved too far from those ``sent``, or ``None``.
+
+    A tensor may move by a root mean square per value of at most ``ratio`` × (the sent tensor's own
+    RMS + 1): scale-free for trained weights, and still room for a zero-initialised one (a LoRA B) to
+    grow. ``strategy.max-update-ratio`` (default 100) is far above any fine-tuning step; an update
+    scaled ×1e6, or values near the float32 maximum, are far above it.
+    """
+    arrays = msg.content[ARRAYS]
+    for key, a in sent.items():
+        before = a.numpy()
+        if before.dtype.kind != "f" or before.size == 0:
+            continue
+        before = before.astype(np.float64)
+        moved = float(np.sqrt(np.mean((arrays[key].numpy().astype(np.float64) - before) ** 2)))
+        scale = float(np.sqrt(np.mean(before**2)))
+        if not moved <= ratio * (scale + 1.0):
+            return f"{key} moved by {moved:.3g} per value (root mean square), over the bound {ratio * (scale + 1):.3g}" \
+                   f" = strategy.max-update-ratio {ratio:g} × (its RMS {scale:.3g} + 1)"
     return None
 
 

@@ -8,8 +8,10 @@ Like Flower's DP wrappers, it holds a strategy and adds behaviour around it:
 - a reply is merged only if it carries exactly the tensors sent, with the same shapes
   and dtypes (those its bytes hold, not only those it declares) and finite values, no
   record the protocol lacks, finite metrics, and the metric names most replies carry
-  (Flower would end the run on replies that differ); a dropped reply is recorded with its
-  reason; a round in which no reply is merged stops the run;
+  (Flower would end the run on replies that differ), a weight (``num-examples``) no larger
+  than the node declared or ``max_examples``, and tensors that moved a bounded distance from
+  those sent (``max_update_ratio``); a dropped reply is recorded with its reason; a round in
+  which no reply is merged stops the run;
 - a client may decline to train (its privacy budget is spent): it is counted, not
   merged, and never sampled again; the run ends when too few clients are left to sample;
 - the bytes sent and received are measured and reported to an observer;
@@ -50,7 +52,16 @@ from fedtl.protocol import (
     RoundPlan,
 )
 from fedtl.strategies.grids import FilteredGrid
-from fedtl.strategies.replies import Spec, consistent, content_key, declined_reason, reply_problem
+from fedtl.strategies.nodes import TrainingNodes
+from fedtl.strategies.replies import (
+    Spec,
+    consistent,
+    content_key,
+    declined_reason,
+    examples_problem,
+    reply_problem,
+    update_problem,
+)
 from fedtl.strategies.state import align_server_state
 
 
@@ -126,22 +137,28 @@ class TransferStrategy(Strategy):
         test images; ``None``: no client evaluation.
     on_evaluate : Callable[[int, list[dict]], None], optional
         Called with the round and every node's evaluation metrics (with ``node-id``).
-    training_nodes : Callable[[Grid], Grid], optional
-        The view of the grid training samples from (``TrainingNodes``); default: all nodes.
+    training_nodes : Callable[[Grid], TrainingNodes], optional
+        The view of the grid training samples from, which also holds what each node declared;
+        default: all nodes, nothing declared.
     min_nodes : int, default 1
         Fewest nodes a round needs (the inner strategy's minimums); with fewer left to
         sample, the run stops rather than wait.
     statistics_by_mean : str, optional
         The reply metric to weight by (e.g. ``"num-examples"``) when BatchNorm statistics
         must be merged by the weighted mean whatever the inner rule; ``None``: by the inner rule.
+    max_examples : float, default inf
+        The most ``num-examples`` any reply may count (``strategy.max-examples``); a node the
+        ``training_nodes`` view asked may count no more than it declared, either way.
+    max_update_ratio : float, default 0
+        Bound on how far each tensor may move (``replies.update_problem``); 0: unbounded.
     """
 
     def __init__(
         self, inner: Strategy, *, plan: Callable[[int], RoundPlan], keys_of: Callable[[Iterable[str]], list[str]],
         initial_state: Mapping[str, torch.Tensor], fingerprint: str, observer: RoundObserver | None = None,
         final_round: int | None = None, on_evaluate: Callable[[int, list[dict[str, Any]]], None] | None = None,
-        training_nodes: Callable[[Grid], Grid] | None = None, min_nodes: int = 1,
-        statistics_by_mean: str | None = None,
+        training_nodes: Callable[[Grid], TrainingNodes] | None = None, min_nodes: int = 1,
+        statistics_by_mean: str | None = None, max_examples: float = float("inf"), max_update_ratio: float = 0.0,
     ) -> None:
         self.inner = inner
         self.plan = plan
@@ -154,9 +171,11 @@ class TransferStrategy(Strategy):
         self.training_nodes = training_nodes
         self.min_nodes = min_nodes
         self.statistics_by_mean = statistics_by_mean
+        self.max_examples = max_examples
+        self.max_update_ratio = max_update_ratio
         self.declined: dict[int, str] = {}  # node -> why it trains no more
-        self._views: dict[int, Grid] = {}
-        self._sent: dict[int, tuple[Spec, list[int], int]] = {}  # round -> (spec, destination nodes, bytes)
+        self._views: dict[int, TrainingNodes] = {}
+        self._sent: dict[int, tuple[ArrayRecord, list[int], int]] = {}  # round -> (arrays, destination nodes, bytes)
 
     def summary(self) -> None:
         log(INFO, "\t├──> TransferStrategy: only travelling tensors are sent and merged")
@@ -189,8 +208,7 @@ class TransferStrategy(Strategy):
                     f"needs; {len(self.declined)} declined for good ({next(reversed(self.declined.values()))})")
         align_server_state(self.inner, record)  # keys that join (gradual unfreezing) start fresh
         messages = list(self.inner.configure_train(server_round, record, cfg, grid))
-        spec = {k: (tuple(a.shape), a.dtype) for k, a in record.items()}
-        self._sent[server_round] = (spec, [m.metadata.dst_node_id for m in messages],
+        self._sent[server_round] = (record, [m.metadata.dst_node_id for m in messages],
                                     sum(m.content[ARRAYS].count_bytes() for m in messages))
         return messages
 
@@ -198,12 +216,13 @@ class TransferStrategy(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
-        spec, sent_to, bytes_down = self._sent.pop(server_round)
+        record, sent_to, bytes_down = self._sent.pop(server_round)
+        spec = {k: (tuple(a.shape), a.dtype) for k, a in record.items()}
         sent = len(sent_to)
         accepted, declined, problems = [], [], []
         for msg in replies:
             reason = declined_reason(msg)
-            problem = None if reason is not None else reply_problem(msg, spec)
+            problem = None if reason is not None else self._problem(msg, record, spec)
             if reason is not None:
                 declined.append(msg)
                 self.declined[msg.metadata.src_node_id] = reason
@@ -240,6 +259,17 @@ class TransferStrategy(Strategy):
             self.observer(self._report(server_round, replies, accepted, len(declined), sent, bytes_down, metrics,
                                        problems))
         return arrays, metrics
+
+    def _problem(self, msg: Message, sent: ArrayRecord, spec: Spec) -> str | None:
+        """Why the training reply ``msg`` to ``sent`` cannot be merged, or ``None``."""
+        declared = self._declared.get(msg.metadata.src_node_id, float("inf"))
+        return reply_problem(msg, spec) or examples_problem(msg, min(declared, self.max_examples)) or (
+            update_problem(msg, sent, self.max_update_ratio) if self.max_update_ratio else None)
+
+    @property
+    def _declared(self) -> dict[int, int]:
+        """Node -> the training examples it declared, from every view of the grid that asked."""
+        return {n: e for view in self._views.values() for n, e in view.examples.items()}
 
     @staticmethod
     def _report(server_round: int, replies: list[Message], accepted: list[Message], declined: int, sent: int,

@@ -159,7 +159,7 @@ class AnsweringGrid(StaticGrid):
 
 
 def test_held_out_and_silent_nodes_are_not_trained_but_all_evaluate(task_identity: None) -> None:
-    from fedtl.server.nodes import TrainingNodes
+    from fedtl.strategies.nodes import TrainingNodes
 
     evaluated: list = []
     s = TransferStrategy(
@@ -236,3 +236,59 @@ def test_a_reply_off_the_protocol_is_dropped_with_its_reason_and_the_round_goes_
     np.testing.assert_array_equal(arrays["head.w"].numpy(), good["head.w"])
     assert observed[0][1]["clients_ok"] == 2 and observed[0][1]["clients_failed"] == 1
     assert problem in caplog.text and f"node {odd.metadata.src_node_id}" in caplog.text
+
+
+class DeclaringGrid(StaticGrid):
+    """Nodes that answer Flower's query, each declaring 5 training examples."""
+
+    def send_and_receive(self, messages, *, timeout=None):  # noqa: ANN001, ANN201
+        return [Message(RecordDict({"metrics": MetricRecord({"held-out": 0, "num-examples": 5})}), reply_to=m)
+                for m in messages]
+
+
+@pytest.mark.parametrize(("claimed", "max_examples", "problem"), [
+    (10**12, float("inf"), "num-examples is 1e+12, more than the 5 it may count"),  # more than it declared
+    (5, 4, "num-examples is 5, more than the 4 it may count"),  # strategy.max-examples
+])
+def test_a_reply_counting_more_examples_than_it_may_is_dropped(
+        task_identity: None, caplog: pytest.LogCaptureFixture, claimed: int, max_examples: float,
+        problem: str) -> None:
+    from fedtl.strategies.nodes import TrainingNodes
+
+    observed: list = []
+    s = TransferStrategy(build_strategy(make_config("clients=3")), plan=plan, keys_of=keys_of, initial_state=INITIAL,
+                         fingerprint="f00d", training_nodes=lambda g: TrainingNodes(g, timeout=5),
+                         observer=lambda report: observed.append(report.totals), max_examples=max_examples)
+    out = list(s.configure_train(1, ArrayRecord({k: INITIAL[k] for k in keys_of(["head"])}), ConfigRecord(),
+                                 DeclaringGrid([1, 2, 3])))
+    good = {"head.w": np.full((2, 2), 3.0, np.float32), "head.b": np.ones(2, np.float32)}
+    honest = 4 if max_examples == 4 else 5
+    replies = [reply(out[0], good, honest), reply(out[1], good, honest), reply(out[2], {"head.w": -good["head.w"],
+                                                                                       "head.b": good["head.b"]}, claimed)]
+    arrays, _ = s.aggregate_train(1, replies)
+    np.testing.assert_array_equal(arrays["head.w"].numpy(), good["head.w"])  # the big claim took nothing over
+    assert observed[0]["clients_ok"] == 2 and observed[0]["clients_failed"] == 1
+    assert problem in caplog.text
+
+
+@pytest.mark.parametrize(("attack", "problem"), [
+    ("scaled", "head.w moved by 6e+06 per value"),
+    ("float max", "moved by 1.7e+38 per value"),
+])
+def test_an_update_that_moves_too_far_is_dropped(task_identity: None, caplog: pytest.LogCaptureFixture,
+                                                 attack: str, problem: str) -> None:
+    observed: list = []
+    s = TransferStrategy(build_strategy(make_config("clients=3")), plan=plan, keys_of=keys_of, initial_state=INITIAL,
+                         fingerprint="f00d", observer=lambda report: observed.append(report.totals),
+                         max_update_ratio=100.0)
+    out = configure_round_one(s, [1, 2, 3])
+    sent = {k: out[0].content["arrays"][k].numpy() for k in keys_of(["head"])}
+    honest = {k: v + 0.5 for k, v in sent.items()}  # a big honest step: RMS 0.5 per value, far under the bound
+    if attack == "scaled":
+        bad = {k: v + 6.0 * 1e6 for k, v in sent.items()}  # a ×1e6 model-replacement step (a step of 6)
+    else:
+        bad = {k: np.full_like(v, np.finfo(np.float32).max / 2) for k, v in sent.items()}  # finite, not NaN
+    arrays, _ = s.aggregate_train(1, [reply(out[0], honest, 5), reply(out[1], honest, 5), reply(out[2], bad, 5)])
+    np.testing.assert_allclose(arrays["head.w"].numpy(), honest["head.w"], rtol=1e-6)
+    assert observed[0]["clients_ok"] == 2 and observed[0]["clients_failed"] == 1
+    assert problem in caplog.text and "strategy.max-update-ratio 100" in caplog.text

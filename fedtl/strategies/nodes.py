@@ -1,8 +1,8 @@
-"""Which nodes train: ``TrainingNodes`` leaves out the nodes held out of training.
+"""Which nodes train, and what each declared: ``TrainingNodes`` leaves out the nodes held out of training.
 
-The server cannot see a node's config, so it asks each node once (a Flower ``query``
-message) whether it is held out. Held-out nodes still get the final evaluation (the
-adaptability figures).
+The server cannot see a node's config or data, so it asks each node once (a Flower ``query``
+message) whether it is held out and how many training examples it holds: a training reply may
+weigh no more than that. Held-out nodes still get the final evaluation (the adaptability figures).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from flwr.app import Message, MessageType, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from fedtl.protocol import HELD_OUT, METRICS
+from fedtl.protocol import HELD_OUT, METRICS, NUM_EXAMPLES
 from fedtl.strategies.grids import FilteredGrid
 
 
@@ -32,6 +32,7 @@ class TrainingNodes(FilteredGrid):
         super().__init__(grid, self._training)
         self.timeout = timeout
         self.held_out: dict[int, bool] = {}
+        self.examples: dict[int, int] = {}  # node -> the training examples it declared
 
     def _training(self, ids: list[int]) -> list[int]:
         new = [n for n in ids if n not in self.held_out]
@@ -45,8 +46,11 @@ class TrainingNodes(FilteredGrid):
         for reply in self.grid.send_and_receive(queries, timeout=self.timeout):
             if reply.has_error() or METRICS not in reply.content.metric_records:
                 continue
-            self.held_out[reply.metadata.src_node_id] = bool(reply.content[METRICS].get(HELD_OUT, 0))
-            answered.add(reply.metadata.src_node_id)
+            node, metrics = reply.metadata.src_node_id, reply.content[METRICS]
+            self.held_out[node] = bool(metrics.get(HELD_OUT, 0))
+            if isinstance(metrics.get(NUM_EXAMPLES), int):
+                self.examples[node] = metrics[NUM_EXAMPLES]
+            answered.add(node)
         for n in set(nodes) - answered:
             # Asked again next round; meanwhile it does not train: an unknown role is not a training role.
             log(WARNING, "node %s did not say whether it is held out of training; not training it this round", n)

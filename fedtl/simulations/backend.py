@@ -1,0 +1,121 @@
+"""fedtl's Ray backend for Flower's simulation runtime: a dead or hung client process is replaced, and
+the actor pool can outlive a run.
+
+**Failures.** Flower 1.42's ``RayBackend`` puts an actor back into its pool even when its process
+died (``os._exit``, an OOM kill, a segfault): every later message sent to it fails at once, so
+honest nodes get the blame in the rounds after. And a client that never returns holds its worker
+thread in ``ray.get`` for ever: the round times out on the server, but the simulation cannot end
+(its thread pool waits for that thread), and the process, with Ray's, stays up. Here a message has
+``limit_s`` (the round timeout) to come back: an actor that died or overran is killed and replaced by
+a fresh one, and the node's reply is an error that names what happened. The node is sampled again in
+later rounds (a retry); the round's record says which node failed and why.
+
+**Kept warm.** Inside ``runtime.kept_warm()`` the pool survives between runs (see that module).
+
+Flower has no option for either, hence the subclass; it is swapped in for ``RayBackend`` only while
+``fedtl_backend()`` is entered (Flower looks the class up when a simulation starts).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+# The pool kept between runs (runtime.kept_warm): {"on": True} while kept, "pool" and "resources" once built.
+WARM: dict[str, Any] = {}
+
+
+class ClientProcessError(RuntimeError):
+    """A virtual client's process died or overran its time: it was replaced; the node's reply is this error."""
+
+
+def _backend_class(limit_s: float) -> type:
+    import ray
+    from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend
+
+    from fedtl.protocol import PARTITION_ID
+
+    class FedtlRayBackend(RayBackend):  # type: ignore[misc]
+        """Flower's Ray backend with dead and hung actors replaced, and the pool optionally kept warm."""
+
+        def build(self, app_fn: Any) -> None:
+            self._lock = threading.Lock()
+            pool = WARM.get("pool")
+            if WARM.get("on") and pool is not None and WARM.get("resources") == self.client_resources:
+                self.pool, self.app_fn = pool, app_fn
+                return
+            drop_pool()
+            super().build(app_fn)
+            if WARM.get("on"):
+                WARM.update(pool=self.pool, resources=dict(self.client_resources))
+
+        def process_message(self, message: Any, context: Any) -> tuple[Any, Any]:
+            if self.pool is None or self.app_fn is None:
+                return super().process_message(message, context)  # Flower's own errors
+            ran_on: list[Any] = []
+
+            def run_on(actor: Any, app_fn: Any, msg: Any, cid: str, state: Any) -> Any:
+                ran_on.append(actor)
+                return actor.run.remote(app_fn, msg, cid, state)
+
+            partition = str(context.node_config[PARTITION_ID])
+            future = self.pool.submit(run_on, (self.app_fn, message, partition, context))
+            ready, _ = ray.wait([future], timeout=limit_s)
+            if not ready:
+                self._replace(future, ran_on[0])
+                raise ClientProcessError(f"the client of partition {partition} ran past the round timeout "
+                                         f"({limit_s:g} s): its process was ended and replaced")
+            try:
+                return self.pool.fetch_result_and_return_actor_to_pool(future)
+            except ray.exceptions.RayActorError as err:
+                self._replace(future, ran_on[0])
+                raise ClientProcessError(f"the client process of partition {partition} died "
+                                         f"({type(err).__name__}); it was replaced") from None
+            except Exception:
+                self.pool.add_actor_back_to_pool(future)
+                raise
+
+        def _replace(self, future: Any, actor: Any) -> None:
+            with self._lock:
+                self.pool.add_actor_back_to_pool(future)  # the pool's own bookkeeping; then it is taken out
+                self.pool.pool.remove(actor)
+                ray.kill(actor, no_restart=True)
+                self.pool.pool.append(self.pool.create_actor_fn())
+
+        def terminate(self) -> None:
+            pool = self.pool
+            # Kept only if every actor is back, idle: a run that failed mid-round leaves its actors behind.
+            if WARM.get("on") and pool is not None and WARM.get("pool") is pool and len(pool.pool) == pool.num_actors:
+                return
+            if WARM.get("pool") is pool:
+                drop_pool()
+            elif pool is not None:
+                pool.terminate_all_actors()
+            if not WARM.get("on"):
+                ray.shutdown()
+
+    return FedtlRayBackend
+
+
+def drop_pool() -> None:
+    """End the kept pool's actors, if there is one."""
+    pool = WARM.pop("pool", None)
+    WARM.pop("resources", None)
+    if pool is not None:
+        pool.terminate_all_actors()
+
+
+@contextmanager
+def fedtl_backend(limit_s: float) -> Iterator[None]:
+    """Flower's simulations started inside run on ``FedtlRayBackend`` (see the module); a message has
+    ``limit_s`` seconds to come back."""
+    from flwr.server.superlink.fleet.vce.backend import raybackend
+
+    original = raybackend.RayBackend
+    raybackend.RayBackend = _backend_class(limit_s)
+    try:
+        yield
+    finally:
+        raybackend.RayBackend = original

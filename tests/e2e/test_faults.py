@@ -1,0 +1,66 @@
+"""One faulty or hostile client inside a real Flower + Ray simulation (``tests/faults.py``): its replies
+are dropped with their reason, its crash or hang costs one reply, and the run goes on for the others."""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from fedtl.reports.runs import read_metrics
+from fedtl.simulations.simulate import simulate
+from tests import faults
+from tests.helpers import make_config
+
+pytestmark = pytest.mark.e2e
+
+
+@contextmanager
+def deadline(seconds: int) -> Iterator[None]:
+    """Fail the test, rather than hang the suite, if the run does not end (it did not before the fix)."""
+    def expired(signum: int, frame: object) -> None:
+        raise TimeoutError(f"the run did not end within {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def run_with(fault: str, tmp_path: Path, *sets: str) -> list[dict]:
+    cfg = make_config("clients=3", "rounds=3", "strategy.round-timeout=20", f"out={str(tmp_path / fault)!r}", *sets)
+    with deadline(300):
+        simulate(cfg, mods=[getattr(faults, fault)])
+    return read_metrics(tmp_path / fault)
+
+
+@pytest.mark.parametrize(("fault", "reason"), [
+    ("scaled_update", "per value (root mean square), over the bound"),  # accuracy fell to 0.178 in 3 rounds before
+    ("half_float_max", "per value (root mean square), over the bound"),
+    ("inflated_examples", "num-examples is 1e+12, more than the"),
+])
+def test_a_hostile_clients_every_update_is_dropped_with_its_reason(fault: str, reason: str, tmp_path: Path) -> None:
+    rows = run_with(fault, tmp_path)
+    for row in rows[1:]:
+        assert row["clients_ok"] == 2 and row["clients_failed"] == 1, row
+        (error,) = row["client_errors"]
+        assert reason in error
+    assert rows[-1]["accuracy"] > rows[0]["accuracy"] + 0.15  # the honest two still train the model
+
+
+@pytest.mark.parametrize(("fault", "reason"), [
+    ("dies", "the client process of partition 0 died"),
+    ("hangs", "no reply within the round timeout"),  # before: the run never ended
+])
+def test_a_client_that_dies_or_hangs_costs_one_reply_and_nobody_else_is_blamed(
+        fault: str, reason: str, tmp_path: Path) -> None:
+    rows = run_with(fault, tmp_path)
+    assert [r["clients_ok"] for r in rows[1:]] == [3, 2, 3]  # before: [3, 2, 1], honest nodes sent to a dead actor
+    (error,) = rows[2]["client_errors"]
+    assert reason in error
