@@ -32,6 +32,7 @@ from flwr.serverapp.strategy.fedopt import FedOpt
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from fedtl.config import ExperimentConfig
+from fedtl.errors import ConfigError
 from fedtl.privacy import privacy_mode, refused_per_sample
 from fedtl.protocol import NUM_EXAMPLES, STEPS, TRAIN_LOSS, UNIT_WEIGHT
 from fedtl.registry import Registry
@@ -145,13 +146,37 @@ def fedtrimmedavg(cfg: ExperimentConfig) -> Strategy:
     return FedTrimmedAvg(**common(cfg), beta=cfg.strategy.trim_beta)
 
 
-@STRATEGIES.register("krum")
+def needs_sampled(least: Callable[[int], int], rule: str) -> Callable[[ExperimentConfig], None]:
+    """A robust rule's check: a round samples at least ``least(num-malicious-nodes)`` clients, or its
+    guarantee does not hold (Bulyan would skip every aggregation; Krum would pick among too few)."""
+    def check(cfg: ExperimentConfig) -> None:
+        f, n = cfg.strategy.num_malicious_nodes, cfg.sampled_clients
+        if n < least(f):
+            raise ConfigError(
+                f"strategy.name = \"{cfg.strategy.name}\" with strategy.num-malicious-nodes = {f} needs at least "
+                f"{least(f)} clients per round ({rule}); a round samples {n}. Add clients, raise "
+                "strategy.fraction-train or min-train-nodes, or assume fewer malicious nodes")
+    return check
+
+
+_KRUM = needs_sampled(lambda f: 2 * f + 3, "Krum's n >= 2f + 3, Blanchard et al. 2017")
+
+
+def _multikrum_check(cfg: ExperimentConfig) -> None:
+    _KRUM(cfg)
+    f, n, m = cfg.strategy.num_malicious_nodes, cfg.sampled_clients, cfg.strategy.num_nodes_to_select
+    if m > n - f:
+        raise ConfigError(f"strategy.num-nodes-to-select = {m} exceeds the {n - f} updates MultiKrum may select from "
+                          f"{n} per round with {f} malicious: lower it")
+
+
+@STRATEGIES.register("krum", check_config=_KRUM)
 def krum(cfg: ExperimentConfig) -> Strategy:
     """Krum: the update closest to its neighbours, robust to ``num-malicious-nodes`` (Blanchard et al. 2017)."""
     return Krum(**common(cfg), num_malicious_nodes=cfg.strategy.num_malicious_nodes)
 
 
-@STRATEGIES.register("multikrum")
+@STRATEGIES.register("multikrum", check_config=_multikrum_check)
 def multikrum(cfg: ExperimentConfig) -> Strategy:
     """MultiKrum: the mean of the ``num-nodes-to-select`` updates Krum scores best."""
     s = cfg.strategy
@@ -159,7 +184,8 @@ def multikrum(cfg: ExperimentConfig) -> Strategy:
                      num_nodes_to_select=s.num_nodes_to_select)
 
 
-@STRATEGIES.register("bulyan")
+@STRATEGIES.register("bulyan", check_config=needs_sampled(
+    lambda f: 4 * f + 3, "Bulyan's n >= 4f + 3, El Mhamdi et al. 2018"))
 def bulyan(cfg: ExperimentConfig) -> Strategy:
     """Bulyan: Krum selection, then a trimmed coordinate-wise mean (El Mhamdi et al. 2018)."""
     return Bulyan(**common(cfg), num_malicious_nodes=cfg.strategy.num_malicious_nodes)

@@ -11,7 +11,9 @@ Like Flower's DP wrappers, it holds a strategy and adds behaviour around it:
   (Flower would end the run on replies that differ), a weight (``num-examples``) no larger
   than the node declared or ``max_examples``, and tensors that moved a bounded distance from
   those sent (``max_update_ratio``); a dropped reply is recorded with its reason; a round in
-  which no reply is merged stops the run;
+  which no reply is merged stops the run; a round whose inner strategy merges none of the
+  accepted replies (client-level DP short of a sampled reply, Bulyan short of replies)
+  counts none as merged and says why;
 - a client may decline to train (its privacy budget is spent): it is counted, not
   merged, and never sampled again; the run ends when too few clients are left to sample;
 - the bytes sent and received are measured and reported to an observer;
@@ -251,6 +253,13 @@ class TransferStrategy(Strategy):
         # random order: merging in content order makes a run with a given seed reproducible.
         accepted.sort(key=content_key)
         arrays, metrics = self.inner.aggregate_train(server_round, accepted)
+        if arrays is None:  # the inner strategy declined to merge: no update counts as merged
+            problems.append(
+                f"round {server_round} merged nothing: {type(self.inner).__name__} declined all {len(accepted)} "
+                "accepted updates, the model is unchanged (a client-level DP wrapper releases a round only with "
+                "every sampled client's update; Bulyan needs 4 x num-malicious-nodes + 3; see flower.log)")
+            log(WARNING, "Round %s: %s", server_round, problems[-1])
+            accepted = []
         if arrays is not None and self.statistics_by_mean is not None:
             arrays = mean_statistics(arrays, accepted, self.statistics_by_mean)
         if arrays is not None:

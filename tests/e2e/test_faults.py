@@ -64,3 +64,11 @@ def test_a_client_that_dies_or_hangs_costs_one_reply_and_nobody_else_is_blamed(
     assert [r["clients_ok"] for r in rows[1:]] == [3, 2, 3]  # before: [3, 2, 1], honest nodes sent to a dead actor
     (error,) = rows[2]["client_errors"]
     assert reason in error
+
+
+def test_under_client_level_dp_a_round_short_of_one_update_merges_nothing_and_says_so(tmp_path: Path) -> None:
+    # Flower's wrapper releases a round only with every sampled update (its noise is calibrated to that many).
+    rows = run_with("dies", tmp_path, "privacy.mode=client-level", "noise-multiplier=0.3")
+    assert [r["clients_ok"] for r in rows[1:]] == [3, 0, 3]  # before: [3, 2, 1] although nothing merged after round 1
+    assert any("round 2 merged nothing" in e for e in rows[2]["client_errors"])
+    assert rows[2]["epsilon"] == rows[1]["epsilon"] < rows[3]["epsilon"]  # no release, no spend

@@ -94,3 +94,18 @@ def test_every_wrapper_is_registered_and_bad_settings_are_config_errors() -> Non
     cfg = _cfg("privacy.clipping=adaptive", "noise-multiplier=1.0")
     with pytest.raises(ConfigError, match="client-level DP \\(adaptive-server\\).*clipped_count_stddev"):
         wrap_client_level(build_strategy(cfg), cfg)
+
+
+def test_a_round_the_dp_wrapper_does_not_release_counts_nothing_as_merged(task_identity: None,
+                                                                         caplog: pytest.LogCaptureFixture) -> None:
+    # Its noise is calibrated to every sampled update: with one missing, Flower's wrapper releases nothing.
+    cfg = make_config("clients=3", "privacy.mode=client-level", "noise-multiplier=0.3")
+    inner, accountant = wrap_client_level(build_strategy(cfg), cfg)
+    observed: list = []
+    s = strategy(observed, inner=inner)
+    out = configure_round_one(s, [1, 2, 3])
+    arrays, _ = s.aggregate_train(1, [_reply(out[0], 0.1), _reply(out[1], 0.2)])  # the third timed out
+    assert arrays is None and accountant.num_releases == 0
+    (rnd, totals), = observed
+    assert totals["clients_ok"] == 0 and totals["clients_failed"] == 3  # before: clients_ok said 2
+    assert "round 1 merged nothing" in caplog.text

@@ -125,3 +125,18 @@ def test_server_optimisers_average_normalisation_statistics_instead_of_stepping_
     merged, _ = s.aggregate_train(1, _replies(out, updates))
     np.testing.assert_allclose(merged["blocks.a.bn.running_var"].numpy(), 0.003, rtol=1e-6)
     assert not np.allclose(merged["head.w"].numpy(), 0.3)  # the parameters still take FedAdam's step
+
+
+@pytest.mark.parametrize(("sets", "problem"), [
+    (("strategy.name=bulyan", "clients=6", "strategy.num-malicious-nodes=1"), "needs at least 7 clients per round"),
+    (("strategy.name=krum", "clients=4", "strategy.num-malicious-nodes=1"), "needs at least 5 clients per round"),
+    (("strategy.name=bulyan", "clients=10", "strategy.num-malicious-nodes=1", "strategy.fraction-train=0.5",
+      "strategy.min-train-nodes=2"), "a round samples 5"),
+    (("strategy.name=multikrum", "clients=5", "strategy.num-nodes-to-select=5", "strategy.num-malicious-nodes=1"),
+     "exceeds the 4 updates MultiKrum may select"),
+])
+def test_robust_rules_that_could_never_merge_are_refused_before_round_one(sets: tuple[str, ...], problem: str) -> None:
+    # Before: Bulyan short of 4f + 3 replies skipped every aggregation, and the run looked successful.
+    with pytest.raises(ConfigError, match=problem):
+        make_config(*sets)
+    make_config(*sets[:2])  # with no malicious nodes assumed, the same clients suffice
