@@ -108,9 +108,10 @@ def check_value(key: str, value: Any, tp: Any, meta: typing.Mapping[str, Any], *
     if "choices" in meta and (registries or isinstance(meta["choices"], tuple)):
         allowed = resolve_choices(meta["choices"])
         if value not in allowed:
-            close = difflib.get_close_matches(value, allowed, n=2)
+            close = difflib.get_close_matches(value, allowed, n=2) if isinstance(value, str) else []
             hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
-            raise ConfigError(f"config key {key!r} = {value!r} is not allowed.{hint} Allowed: {', '.join(allowed)}")
+            raise ConfigError(f"config key {key!r} = {value!r} is not allowed.{hint} "
+                              f"Allowed: {', '.join(map(str, allowed))}")
     return value
 
 

@@ -81,9 +81,12 @@ def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] 
         if not p.is_file():
             raise ConfigError(f"config file {str(p)!r} does not exist. Pass --config with a TOML file, e.g. experiments/digits.toml")
         try:
-            raw = tomllib.loads(p.read_text())
+            raw = tomllib.loads(p.read_text(encoding="utf-8"))
         except tomllib.TOMLDecodeError as err:
             raise ConfigError(f"config file {str(p)!r} is not valid TOML: {err}") from None
+        except UnicodeDecodeError as err:  # TOML is UTF-8 by definition
+            raise ConfigError(f"config file {str(p)!r} is not UTF-8 text (byte {err.object[err.start]:#x} at "
+                              f"position {err.start}): save it as UTF-8, as TOML requires") from None
     cfg = from_dict(apply_overrides(raw, overrides))
     if not resolve_paths:
         return cfg

@@ -178,7 +178,7 @@ def read_folder(path: str | Path, size: int, *, bad_images: str, classes: Sequen
             with Image.open(file) as img:
                 modes.append(img.mode)
             readable.append((file, label))
-        except (UnidentifiedImageError, OSError) as err:
+        except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as err:
             skipped.append(_bad(file, err, bad_images))
     if grey is None:
         grey = bool(modes) and all(m in ("L", "1", "I;16", "I") for m in modes)
@@ -188,7 +188,7 @@ def read_folder(path: str | Path, size: int, *, bad_images: str, classes: Sequen
         try:
             with Image.open(file) as img:
                 x[n] = to_tensor(img, size, grey)
-        except (UnidentifiedImageError, OSError) as err:  # a header that reads, a body that does not
+        except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as err:  # a header that reads, a body that does not
             skipped.append(_bad(file, err, bad_images))
             continue
         labels.append(label)

@@ -49,34 +49,57 @@ def model_dir(spec: str) -> Path:
     return path
 
 
-def read_rows(path: Path, text_column: str, label_column: str) -> tuple[list[str], list[str]]:
-    """Texts and labels (as written) of one CSV or JSONL file.
+def read_rows(path: Path, text_column: str, label_column: str,
+              most_classes: int | None = None) -> tuple[list[str], list[str]]:
+    """Texts and labels (as written) of one CSV or JSONL file; integer labels index at most
+    ``most_classes`` classes (default: the file's rows).
 
     Raises
     ------
     DataError
-        If the file is not CSV/JSONL, a line is not JSON, or a column is missing.
+        Naming the line: the file is not CSV/JSONL, a line is not JSON, a row is ragged or lacks a
+        column, a label is empty, or integer labels are negative or too large to index classes.
     """
+    numbered: list[tuple[int, dict]] = []
     if path.suffix == ".csv":
         with path.open(newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
+            reader = csv.DictReader(f)
+            for row in reader:
+                if None in row or None in row.values():  # csv's markers of more, or fewer, fields than the header
+                    raise DataError(f"{path} line {reader.line_num}: {len(row) - (None in row)} columns expected "
+                                    f"({', '.join(reader.fieldnames or [])}), the row has "
+                                    f"{'more' if None in row else 'fewer'}: fix the row or quote its commas")
+                numbered.append((reader.line_num, row))
     elif path.suffix == ".jsonl":
-        rows = []
         for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
             if line.strip():
                 try:
-                    rows.append(json.loads(line))
+                    row = json.loads(line)
                 except json.JSONDecodeError as err:
                     raise DataError(f"{path} line {n} is not JSON ({err})") from None
+                if not isinstance(row, dict):
+                    raise DataError(f"{path} line {n} is not a JSON object with {text_column!r} and {label_column!r}")
+                numbered.append((n, row))
     else:
         raise DataError(f"{path} is neither .csv nor .jsonl")
-    if not rows:
+    if not numbered:
         raise DataError(f"{path} holds no rows")
-    missing = [c for c in (text_column, label_column) if c not in rows[0]]
-    if missing:
-        raise DataError(f"{path} has no column(s) {missing}; it has {list(rows[0])}: set data.text-column / "
-                        "data.label-column")
-    return [str(r[text_column]) for r in rows], [str(r[label_column]) for r in rows]
+    for n, row in numbered:
+        missing = [c for c in (text_column, label_column) if c not in row]
+        if missing:
+            raise DataError(f"{path} line {n} has no column(s) {missing}; it has {list(row)}: set data.text-column / "
+                            "data.label-column, or fix the row")
+        if str(row[label_column]).strip() == "":
+            raise DataError(f"{path} line {n}: the label is empty; every row needs one")
+    labels = [str(r[label_column]) for _, r in numbered]
+    if all(v.lstrip("-").isdigit() for v in labels):
+        # Integer labels index the head's classes: a stray 50000000 would make a head of 50 million.
+        k = most_classes or len(numbered)
+        for (n, _), v in zip(numbered, labels, strict=True):
+            if not 0 <= int(v) < k:
+                raise DataError(f"{path} line {n}: label {v} is not a class index 0..k-1 with k at most {k} (the "
+                                "training file's rows): relabel the classes 0..k-1, or write them as names")
+    return [str(r[text_column]) for _, r in numbered], labels
 
 
 def _file(folder: Path, stem: str) -> Path | None:
@@ -100,10 +123,8 @@ def text(cfg: DataConfig) -> Scenario:
     if train is None:
         raise DataError(f"{path} holds no train.csv or train.jsonl")
     texts, labels = read_rows(train, cfg.text_column, cfg.label_column)
-    held = read_rows(test, cfg.text_column, cfg.label_column) if test is not None else None
-    numeric = all(v.lstrip("-").isdigit() for v in labels)
-    if numeric and min(int(v) for v in labels) < 0:
-        raise DataError(f"{train}: integer labels must be 0..k-1, found {min(int(v) for v in labels)}")
+    held = read_rows(test, cfg.text_column, cfg.label_column, len(labels)) if test is not None else None
+    numeric = all(v.isdigit() for v in labels)  # read_rows checked them as class indices
     names = sorted(set(labels), key=int if numeric else str)
     index = {n: (int(n) if numeric else i) for i, n in enumerate(names)}
     classes = max(index.values()) + 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -17,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.v2 as T
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from fedtl.config import ExperimentConfig
@@ -27,6 +29,7 @@ from fedtl.models.transfer import TransferModel, state_fingerprint
 
 # Bump when the pre-training recipe changes, so stale caches are not reused.
 RECIPE_VERSION = 1
+log = logging.getLogger(__name__)
 
 
 def pretrain_key(cfg: ExperimentConfig) -> dict[str, object]:
@@ -92,7 +95,11 @@ def ensure_pretrained(cfg: ExperimentConfig) -> Path:
     """Return the cached pre-trained weights for ``cfg``, pre-training first if there are none."""
     path = pretrained_path(cfg)
     if path.is_file():
-        return path
+        problem = cache_problem(path)
+        if problem is None:
+            return path
+        # The cache is fedtl's own, keyed by its recipe: a damaged file is computed again, not trusted.
+        log.warning("pre-trained weights %s are damaged (%s); pre-training again", path, problem)
     state = pretrain(cfg)
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"fedtl-pretrain": json.dumps(pretrain_key(cfg), sort_keys=True), "fingerprint": state_fingerprint(state)}
@@ -101,6 +108,20 @@ def ensure_pretrained(cfg: ExperimentConfig) -> Path:
     save_file(state, tmp, metadata=meta)
     os.replace(tmp, path)  # atomic: concurrent processes never read a half-written file
     return path
+
+
+def cache_problem(path: Path) -> str | None:
+    """Why the cached file at ``path`` cannot be used (unreadable, or its tensors not those it was written
+    with), or ``None``."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        return f"{type(err).__name__}: {str(err)[:120]}"
+    if meta.get("fingerprint") != state_fingerprint(state):
+        return "its tensors do not match the fingerprint it was written with"
+    return None
 
 
 def load_pretrained(model: TransferModel, path: Path) -> None:

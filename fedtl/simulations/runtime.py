@@ -23,10 +23,12 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 from fedtl.config import ExperimentConfig
+from fedtl.errors import ConfigError
 from fedtl.simulations.backend import WARM, drop_pool
 
 
@@ -65,6 +67,50 @@ def resolve_resources(cfg: ExperimentConfig, cores: int | None = None) -> Experi
             num_cpus = float(max(1, n // min(clients_per_round(cfg), n)))
     threads = sim.threads or max(1, round(num_cpus))
     return dataclasses.replace(cfg, simulation=dataclasses.replace(sim, num_cpus=num_cpus, threads=threads))
+
+
+def check_runtime(cfg: ExperimentConfig, cores: int | None = None, gpus: int | None = None) -> None:
+    """Refuse, in seconds, resources the simulation could never get: Flower would wait for ever.
+
+    On this machine a virtual client may not ask for more CPUs than it has (Ray places no actor and
+    Flower waits for an empty pool) nor more GPUs than torch sees; a Ray cluster's head
+    (``simulation.ray-address`` as ``host:port``) must accept a connection (``ray.init`` retries an
+    unreachable one for minutes, deaf to SIGTERM).
+
+    Raises
+    ------
+    ConfigError
+        Naming the setting, what this machine has, and the fix.
+    """
+    sim = cfg.simulation
+    if sim.ray_address:
+        if sim.ray_address != "auto":
+            _reachable(sim.ray_address)
+        return
+    n = cores or machine_cores()
+    if sim.num_cpus > n:
+        raise ConfigError(f"simulation.num-cpus = {sim.num_cpus:g} per client, but this machine has {n} cores: Ray "
+                          f"could start no client. Set it to at most {n}, or 0 to share the cores among a round's clients")
+    if sim.num_gpus > 0:
+        if gpus is None:
+            import torch
+
+            gpus = torch.cuda.device_count()
+        if sim.num_gpus > gpus:
+            raise ConfigError(f"simulation.num-gpus = {sim.num_gpus:g} per client, but this machine has {gpus} GPU(s) "
+                              "visible: Ray could start no client. Lower it (fractions share a GPU), or set it to 0")
+
+
+def _reachable(address: str, timeout_s: float = 5.0) -> None:
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"simulation.ray-address = {address!r} is not 'auto' or host:port (e.g. 10.0.0.5:6379)")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as err:
+        raise ConfigError(f"simulation.ray-address = {address!r}: no Ray cluster answers there ({err.strerror or err}). "
+                          "Start one with `ray start --head` on that machine, or fix the address (empty: a "
+                          "private Ray instance for this run)") from None
 
 
 # -- keeping the runtime warm ---------------------------------------------------------------------

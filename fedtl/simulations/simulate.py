@@ -28,7 +28,7 @@ from fedtl.server.app import make_server_app, private_strategy, run_dir
 from fedtl.server.record import Terminal, write_summary
 from fedtl.simulations.backend import fedtl_backend
 from fedtl.simulations.logs import flower_log_copy, quiet_output
-from fedtl.simulations.runtime import kept_warm, resolve_resources
+from fedtl.simulations.runtime import check_runtime, kept_warm, resolve_resources
 
 if TYPE_CHECKING:
     from flwr.clientapp.typing import Mod
@@ -41,6 +41,8 @@ def prepare_run_dir(cfg: ExperimentConfig, *, overwrite: bool = False, clear: bo
     leaves that to ``clear_run_dir``, once the run is sure to start.
     """
     out = run_dir(cfg).resolve()
+    if out.exists() and not out.is_dir():
+        raise RunFolderError(f"--out {out} is a file, not a folder: name a folder for the run (it is created if missing)")
     if holds_run(out):
         if not overwrite:
             raise RunFolderError(f"{out} already holds a run; pass --overwrite to replace it, or another --out")
@@ -100,6 +102,7 @@ def simulate(cfg: ExperimentConfig, *, overwrite: bool = False, verbose: bool = 
 
 def preflight(cfg: ExperimentConfig) -> None:
     """Everything that can refuse ``cfg`` before a simulation starts, and the pre-training it needs (once, here)."""
+    check_runtime(cfg)  # resources Ray could never give would make Flower wait for ever
     verify_store(cfg.data)  # the data decoded into this machine's store (or checked there) once, before the clients map it
     check_partitions(cfg.data, cfg.clients, cfg.seed)  # here, rather than as an error in every client
     # A privacy set-up the mode refuses fails here, with its own message, before any pre-training

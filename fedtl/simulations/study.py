@@ -51,7 +51,7 @@ from fedtl.config.fields import flatten
 from fedtl.data.federated import check_partitions
 from fedtl.errors import ConfigError, StudyError
 from fedtl.reports.runs import PLAN_FILE, holds_run
-from fedtl.simulations.runtime import kept_warm, resolve_resources
+from fedtl.simulations.runtime import check_runtime, kept_warm, resolve_resources
 
 _STUDY_KEYS = {"name", "base", "seeds", "scratch", "target-accuracy", "set", "grid", "case", "out", "skip-invalid"}
 
@@ -210,6 +210,7 @@ def plan_study(spec: StudySpec, out: Path) -> StudyPlan:
             try:
                 cfg = load_config(spec.base, sets)
                 preflight(cfg)
+                check_runtime(cfg)
             except ConfigError as err:
                 if not spec.skip_invalid:
                     raise StudyError(f"study {spec.name!r}, run {label} (seed {seed}): {err}") from None
@@ -280,6 +281,8 @@ def run_study(
         from fedtl.simulations.simulate import simulate
     console = console or Console()
     out = Path(out).resolve()
+    if out.exists() and not out.is_dir():
+        raise StudyError(f"--out {out} is a file, not a folder: name a folder for the study (it is created if missing)")
     runs = plan_study(spec, out)
     jobs: list[ExperimentConfig] = []
     for run in runs:

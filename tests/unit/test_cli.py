@@ -23,3 +23,28 @@ def test_a_user_error_is_one_line_without_traceback() -> None:
     result = CliRunner().invoke(app, ["config", "--set", "finetune.mode=ful"])
     assert result.exit_code == 2
     assert "Did you mean 'full'?" in " ".join(result.output.split()) and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(("args", "problem"), [
+    (["--config", "{latin1}"], "is not UTF-8 text (byte 0xe9 at position 11)"),
+    (["--set", "data.channels=2"], "'data.channels' = 2 is not allowed. Allowed: 1, 3"),
+    (["--out", "{file}"], "is a file, not a folder"),
+    # These two hung: Flower waited for an actor pool Ray could never fill, ray.init retried for minutes.
+    (["--set", "simulation.num-cpus=4096"], "simulation.num-cpus = 4096 per client, but this machine has"),
+    (["--set", "simulation.ray-address='127.0.0.1:1'"], "no Ray cluster answers there"),
+])
+def test_bad_input_to_simulate_is_one_line_that_names_the_fix(tmp_path, args: list[str], problem: str) -> None:
+    from typer.testing import CliRunner
+
+    from fedtl.cli import app
+    from tests.helpers import CACHE
+
+    latin1, file = tmp_path / "latin1.toml", tmp_path / "a-file"
+    latin1.write_bytes('name = "caf\xe9"\n'.encode("latin-1"))
+    file.write_text("")
+    args = [a.format(latin1=latin1, file=file) for a in args]
+    out = [] if "--out" in args else ["--out", str(tmp_path / "run")]
+    result = CliRunner().invoke(app, ["simulate", *args, *out, "--set", f"pretrain.cache-dir={str(CACHE)!r}"])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 2 and problem in text, text
+    assert "Traceback" not in result.output and not (tmp_path / "run").exists()

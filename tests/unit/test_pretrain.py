@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from fedtl.errors import WeightsError
 from fedtl.models.factory import build_model
@@ -56,3 +56,17 @@ def test_new_head_starts_at_chance_not_where_pretraining_head_started() -> None:
     cfg = make_config()
     accuracy = central_evaluate(build_model(cfg), server_test_data(cfg.data))["accuracy"]
     assert accuracy < 0.3
+
+
+@pytest.mark.parametrize("damage", ["truncated", "bit flipped"])
+def test_a_damaged_cache_file_is_pre_trained_again(tmp_path: Path, damage: str,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    # Before: a truncated file's SafetensorError reached the user as a traceback.
+    cfg = make_config("pretrain.epochs=1", f"pretrain.cache-dir={str(tmp_path)!r}")
+    path = ensure_pretrained(cfg)
+    good = path.read_bytes()
+    weights = state_fingerprint(load_file(str(path)))
+    path.write_bytes(good[: len(good) // 2] if damage == "truncated" else good[:-1] + bytes([good[-1] ^ 1]))
+    assert ensure_pretrained(cfg) == path
+    assert "are damaged" in caplog.text
+    assert state_fingerprint(load_file(str(path))) == weights  # deterministic: the same weights again

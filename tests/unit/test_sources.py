@@ -155,3 +155,30 @@ def test_one_folder_per_client_is_that_clients_data(tmp_path: Path) -> None:
         client_data(DataConfig(scenario="client-folders", path=str(root), image_size=10), 0, 3, 0)
     with pytest.raises(PartitionError, match="natural.*client-folders.* go together"):
         client_data(DataConfig(partitioner="natural"), 0, 3, 0)
+
+
+def decompression_bomb(path: Path, side: int = 20_000) -> None:
+    """A real PNG whose header declares ``side`` x ``side`` pixels (400 M: over twice PIL's limit) in a few bytes."""
+    import io
+    import zlib
+
+    buf = io.BytesIO()
+    Image.new("L", (1, 1)).save(buf, format="PNG")
+    data = bytearray(buf.getvalue())
+    ihdr = data[12:29]  # b"IHDR" + width, height, depth, colour type, ...
+    ihdr[4:12] = struct.pack(">II", side, side)
+    data[12:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(ihdr)))
+    path.write_bytes(bytes(data))
+
+
+def test_a_decompression_bomb_is_skipped_or_refused_as_bad_images_says(tmp_path: Path) -> None:
+    # Before: PIL's DecompressionBombError escaped as a traceback even with bad-images = "skip".
+    root = write_image_folder(tmp_path / "imgs")
+    decompression_bomb(root / "dog" / "bomb.png")
+    with pytest.raises(Image.DecompressionBombError):
+        Image.open(root / "dog" / "bomb.png")  # a real bomb, as PIL judges it
+    sc = load_scenario(DataConfig(scenario="image-folder", path=str(root), image_size=12, test_fraction=0.3))
+    assert len(sc.pool_y) + len(sc.test_y) == 18  # skipped
+    with pytest.raises(DataError, match="bomb.png is not a readable image.*decompression bomb.*bad-images"):
+        load_scenario(DataConfig(scenario="image-folder", path=str(root), bad_images="error"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -126,3 +127,24 @@ def test_minilm_from_its_package_has_its_real_weights(tmp_path: Path) -> None:
                                   max_length=12))
     model.eval()
     assert model(sc.pool_x[:4]).shape == (4, 2)  # its own tokenizer's ids run through the real encoder
+
+
+@pytest.mark.parametrize(("bad_row", "problem"), [
+    ("the film was good,", "line 4: the label is empty"),
+    ("the film was good,50000000", "line 4: label 50000000 is not a class index 0..k-1 with k at most 4"),
+    ("the film was good,1,extra", "line 4: 2 columns expected (text, label), the row has more"),
+    ("the film was good", "line 4: 2 columns expected (text, label), the row has fewer"),
+    ("the film was good,-1", "line 4: label -1 is not a class index"),
+])
+def test_a_csv_row_that_would_corrupt_the_labels_is_refused_with_its_line(tmp_path: Path, bad_row: str,
+                                                                          problem: str) -> None:
+    # Before: an empty label became a class, 50000000 a head of 50 million outputs, a ragged row's label None.
+    from fedtl.data.text import read_rows
+
+    path = tmp_path / "train.csv"
+    path.write_text("\n".join(["text,label", "the film was bad,0", "the film was fine,1", bad_row,
+                               "the film was poor,0"]) + "\n")
+    with pytest.raises(DataError, match=re.escape(problem)):
+        read_rows(path, "text", "label")
+    path.write_text("text,label\nthe film was bad,0\n\"good, truly\",1\n")
+    assert read_rows(path, "text", "label") == (["the film was bad", "good, truly"], ["0", "1"])
