@@ -28,6 +28,7 @@ from fedtl.server.app import make_server_app, private_strategy, run_dir
 from fedtl.server.record import Terminal, write_summary
 from fedtl.simulations.backend import fedtl_backend
 from fedtl.simulations.logs import flower_log_copy, quiet_output
+from fedtl.simulations.reaper import watch_descendants
 from fedtl.simulations.runtime import check_runtime, kept_warm, resolve_resources
 
 if TYPE_CHECKING:
@@ -122,6 +123,7 @@ def _simulate(cfg: ExperimentConfig, terminal: Terminal, mods: Sequence[Mod] = (
     backend: dict[str, Any] = {"client_resources": resources}
     if cfg.simulation.ray_address:  # Flower's Ray backend passes init_args to ray.init
         backend["init_args"] = {"address": cfg.simulation.ray_address}
+    watch_descendants()  # Ray's processes end with this one, even if it is killed
     with fedtl_backend(limit_s=cfg.strategy.round_timeout):  # a dead or hung client process is replaced
         run_simulation(
             server_app=make_server_app(rc, terminal), client_app=make_client_app(rc, mods),

@@ -72,3 +72,36 @@ def test_under_client_level_dp_a_round_short_of_one_update_merges_nothing_and_sa
     assert [r["clients_ok"] for r in rows[1:]] == [3, 0, 3]  # before: [3, 2, 1] although nothing merged after round 1
     assert any("round 2 merged nothing" in e for e in rows[2]["client_errors"])
     assert rows[2]["epsilon"] == rows[1]["epsilon"] < rows[3]["epsilon"]  # no release, no spend
+
+
+def test_a_killed_simulation_leaves_nothing_running(tmp_path: Path) -> None:
+    # Before: after SIGKILL, Ray's dashboard and runtime-env agents stayed up, orphaned.
+    import os
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    from tests.helpers import CACHE, ROOT
+
+    proc = subprocess.Popen([sys.executable, "-m", "fedtl.cli", "simulate", "--set", "rounds=200", "--set", "clients=3",
+                             "--set", f"pretrain.cache-dir={str(CACHE)!r}", "--out", str(tmp_path / "run")],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
+    try:
+        me = psutil.Process(proc.pid)
+        deadline = time.monotonic() + 180
+        while not any("ClientAppActor" in " ".join(p.cmdline()) for p in me.children(recursive=True)
+                      if p.is_running()):
+            assert proc.poll() is None and time.monotonic() < deadline, "the run never started its clients"
+            time.sleep(1)
+        time.sleep(2)  # let the watcher note them all
+        started = [p for p in me.children(recursive=True) if p.is_running()]
+        assert len(started) >= 5  # Ray's GCS, raylet, agents, the actors, the watcher
+        proc.kill()
+        proc.wait()
+        _, alive = psutil.wait_procs(started, timeout=30)
+        assert alive == [], [" ".join(p.cmdline())[:80] for p in alive]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
