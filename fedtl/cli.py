@@ -60,15 +60,27 @@ def simulate(
     ray_address: Annotated[str | None, typer.Option(
         "--ray-address", help="Run on an existing Ray cluster: 'auto' (started here with `ray start --head`) or "
         "host:port of its head (simulation.ray-address).")] = None,
+    resume: Annotated[Path | None, typer.Option(
+        "--resume", help="Continue the run in this folder from its last checkpoint (its own config.toml; no "
+        "--config, --set or --out).")] = None,
 ) -> None:
     """Run a federated fine-tuning simulation on Ray."""
     try:  # the config first: a mistake is reported before torch, Flower and Ray are imported
-        cfg = _load(config, [*(set_ or []), *([f"simulation.ray-address={ray_address!r}"] if ray_address else [])], out)
+        if resume is not None:
+            if config or set_ or out or compare_scratch or overwrite or ray_address:
+                raise ConfigError("--resume continues a run with its own config.toml: pass no --config, --set, --out, "
+                                  "--ray-address, --compare-scratch or --overwrite with it")
+            if not (resume / "config.toml").is_file():
+                raise ConfigError(f"--resume {resume}: no config.toml there; name the folder of a run")
+            cfg = _load(resume / "config.toml", [], None)
+        else:
+            cfg = _load(config, [*(set_ or []), *([f"simulation.ray-address={ray_address!r}"] if ray_address else [])],
+                        out)
         from fedtl.simulations.simulate import simulate as run
         from fedtl.simulations.simulate import simulate_with_scratch
 
         summary = (simulate_with_scratch(cfg, overwrite=overwrite, verbose=verbose) if compare_scratch
-                   else run(cfg, overwrite=overwrite, verbose=verbose))
+                   else run(cfg, overwrite=overwrite, verbose=verbose, resume=resume is not None))
     except _USER_ERRORS as err:
         _fail(err)
     pairs = [(key, summary[key]) for key in (

@@ -279,6 +279,8 @@ class ExperimentConfig(Validated):
     init: str = field(default="pretrained", metadata=one_of(("pretrained", "scratch")))
     # Run folder (`--out` sets it).
     out: str = ""
+    # Write the resume checkpoint every this many rounds, and after the last (`fedtl simulate --resume`); 0: never.
+    checkpoint_every: int = field(default=1, metadata=in_range(0))
     # Where clients train and evaluate: "auto" (CUDA when this process sees a GPU), "cpu" or "cuda".
     # A node's own node config "device" overrides it.
     device: str = field(default="auto", metadata=one_of("fedtl.devices:DEVICES"))

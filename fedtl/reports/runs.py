@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,19 @@ def finite(value: Any) -> Any:
 def to_json(value: Any, **kwargs: Any) -> str:
     """``value`` as strict JSON: Python's ``json`` writes NaN and Infinity, which JSON has not; they become null."""
     return json.dumps(finite(value), allow_nan=False, **kwargs)
+
+
+def write_atomic(path: Path, data: str | bytes) -> Path:
+    """Write ``data`` to ``path`` so that a reader (or a run killed meanwhile) sees the old file or the
+    new one, never a part: a temporary file beside it, flushed to disk, then renamed over it."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with tmp.open("wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
 
 
 def holds_run(run_dir: Path) -> bool:

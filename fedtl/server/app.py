@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Mapping
 from logging import WARNING
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid, RdpAccountant, ServerApp
@@ -16,7 +19,7 @@ from flwr.serverapp.strategy import Strategy
 
 from fedtl.config import ExperimentConfig
 from fedtl.data.federated import server_test_data
-from fedtl.errors import RunStoppedError
+from fedtl.errors import RunFolderError, RunStoppedError
 from fedtl.models.features import Feed, frozen_prefix
 from fedtl.models.metrics import central_evaluate
 from fedtl.models.ncm import HEAD_INITS
@@ -25,12 +28,15 @@ from fedtl.personalisation import check_personal_plans, personal_plan, run_model
 from fedtl.privacy import privacy_mode
 from fedtl.protocol import ACCURACY, RoundPlan
 from fedtl.reports.plots import plot_accuracy
+from fedtl.seeds import derived_seed
+from fedtl.server.checkpoint import Resume, write_resume
 from fedtl.server.head_start import head_start
 from fedtl.server.ledger import PrivacyLedger
 from fedtl.server.record import RunRecorder, Terminal
 from fedtl.strategies.nodes import TrainingNodes
 from fedtl.strategies.privacy import wrap_private
 from fedtl.strategies.registry import build_strategy, steps_server_optimiser, weight_key
+from fedtl.strategies.state import load_strategy_state, strategy_state
 from fedtl.strategies.transfer import RoundReport, TransferStrategy
 
 
@@ -64,6 +70,24 @@ def preflight(cfg: ExperimentConfig) -> None:
     check_plans(cfg, run_model(cfg.replace(init="scratch")))
 
 
+def check_resumable(cfg: ExperimentConfig, model: TransferModel | None = None) -> None:
+    """Refuse to resume a run whose clients keep state between rounds: a simulated node's state (its DP-SGD
+    accountant, its personal layers) lives in the process that ended, and a resumed run would start it afresh
+    (a DP-SGD client's spend from zero: a false guarantee).
+
+    Raises
+    ------
+    RunFolderError
+        Naming what the clients keep.
+    """
+    model = model or run_model(cfg.replace(init="scratch"))
+    kept = [what for what, keeps in (("a DP-SGD accountant", privacy_mode(cfg).per_sample),
+                                     ("personal layers", bool(model.local_keys))) if keeps]
+    if kept:
+        raise RunFolderError(f"{cfg.out} cannot be resumed: its clients keep {' and '.join(kept)} in their node "
+                             "state, which ended with the run's processes. Start the run again (--overwrite)")
+
+
 def private_strategy(cfg: ExperimentConfig, model: TransferModel) -> tuple[Strategy, RdpAccountant | None]:
     """The run's Flower strategy inside its privacy mode's wrapper, after every round's plan is checked.
 
@@ -76,12 +100,24 @@ def private_strategy(cfg: ExperimentConfig, model: TransferModel) -> tuple[Strat
     return wrap_private(build_strategy(cfg), cfg)
 
 
-def run_server(grid: Grid, cfg: ExperimentConfig, terminal: Terminal | None = None) -> dict[str, Any]:
+def run_server(grid: Grid, cfg: ExperimentConfig, terminal: Terminal | None = None,
+               resume: Resume | None = None) -> dict[str, Any]:
     """Run the whole federated fine-tuning of ``cfg`` on ``grid``; return the run's summary.
 
     ``terminal`` (a simulation's): where the round table goes and how; default stdout, Flower's log around it.
+    ``resume``: continue the run in ``cfg.out`` after its checkpoint's round (``fedtl.server.checkpoint``).
+
+    Raises
+    ------
+    RunFolderError
+        If ``resume`` is of another config or another backbone.
     """
     model = run_model(cfg)
+    if resume is not None:
+        check_resumable(cfg, model)
+        if resume.config != cfg.to_toml() or resume.fingerprint != model.backbone_fingerprint:
+            raise RunFolderError(f"{cfg.out}: its resume checkpoint is of another config or backbone than the run's "
+                                 "config.toml; start the run again")
     test = server_test_data(cfg.data)
 
     def plan(rnd: int) -> RoundPlan:
@@ -90,8 +126,9 @@ def run_server(grid: Grid, cfg: ExperimentConfig, terminal: Terminal | None = No
     # Everything that can refuse the config does so before the run folder is written.
     privacy = privacy_mode(cfg)
     inner, accountant = private_strategy(cfg, model)
-    recorder = RunRecorder(run_dir(cfg), cfg, terminal)
-    ledger = PrivacyLedger(recorder.out, cfg, privacy, accountant) if privacy.accounted else None
+    done = resume.round if resume is not None else None
+    recorder = RunRecorder(run_dir(cfg), cfg, terminal, resume_round=done)
+    ledger = PrivacyLedger(recorder.out, cfg, privacy, accountant, resume_round=done) if privacy.accounted else None
 
     def observe(report: RoundReport) -> None:
         # Why nodes failed goes into the round's line too: a deployment's only record of a broken node.
@@ -102,7 +139,10 @@ def run_server(grid: Grid, cfg: ExperimentConfig, terminal: Terminal | None = No
 
     timeout = cfg.strategy.round_timeout
     min_nodes = max(cfg.strategy.min_train_nodes, cfg.strategy.min_available_nodes)
-    if HEAD_INITS.get(cfg.finetune.head_init).class_means:
+    if resume is not None:
+        model.load_state_dict(resume.initial)  # the reference every round grows from, the head start's head included
+        load_strategy_state(inner, resume.strategy_arrays, resume.strategy_values)
+    elif HEAD_INITS.get(cfg.finetune.head_init).class_means:
         # Before the strategy copies the initial state: the head every round starts from is the head start's.
         try:
             observe(head_start(grid, model, timeout=timeout, min_nodes=min_nodes,
@@ -120,11 +160,14 @@ def run_server(grid: Grid, cfg: ExperimentConfig, terminal: Terminal | None = No
         # Not under client-level DP: its wrapper noises the statistics with the rest, and the exact mean would leak them.
         statistics_by_mean=weight_key(cfg) if steps_server_optimiser(inner) and not privacy.noised_update else None,
     )
-    best = {"accuracy": -1.0}
+    best = {"accuracy": max((r[ACCURACY] for r in recorder.rows if r["round"] > 0), default=-1.0)}
     how = Feed.of(cfg)
     # The server's test set through the feature cache, from the lowest cut any round so far trained above:
     # the blocks below it still hold the pre-trained weights.
     lowest = {"cut": len(model.block_names)}
+    for rnd in range(1, (done or 0) + 1):  # the rounds a resumed run has behind it
+        plan(rnd).apply_to(model)
+        lowest["cut"] = min(lowest["cut"], frozen_prefix(model))
 
     def evaluate(rnd: int, arrays: ArrayRecord) -> MetricRecord:
         state = arrays.to_torch_state_dict()
@@ -144,12 +187,28 @@ def run_server(grid: Grid, cfg: ExperimentConfig, terminal: Terminal | None = No
             recorder.checkpoint("best", model.state_dict(), **meta)
         return MetricRecord(metrics)
 
-    plan(1).apply_to(model)
+    def after_round(rnd: int, arrays: ArrayRecord) -> None:
+        if cfg.checkpoint_every and (rnd % cfg.checkpoint_every == 0 or rnd == cfg.rounds):
+            write_resume(recorder.out, rnd=rnd, fingerprint=model.backbone_fingerprint, config=cfg.to_toml(),
+                         arrays={k: torch.from_numpy(a.numpy()) for k, a in arrays.items()}, initial=strategy_initial,
+                         strategy=strategy_state(inner))
+
+    strategy_initial = {k: torch.from_numpy(v) for k, v in strategy.initial.items()}
+    if resume is None:
+        plan(1).apply_to(model)
+        first, arrays = 1, ArrayRecord(model.travelling_state())
+        # Flower samples nodes with Python's random, client-level DP noises with numpy's: seeded, a run repeats.
+        random.seed(derived_seed("server", cfg.seed))
+        np.random.seed(derived_seed("server", cfg.seed))
+    else:
+        plan(done + 1 if done < cfg.rounds else done).apply_to(model)
+        first, arrays = done + 1, ArrayRecord(resume.arrays)
+        resume.restore_random()
     stopped = None
     try:
         strategy.start(
-            grid=grid, initial_arrays=ArrayRecord(model.travelling_state()), num_rounds=cfg.rounds,
-            timeout=timeout, train_config=ConfigRecord(), evaluate_fn=evaluate,
+            grid=grid, initial_arrays=arrays, num_rounds=cfg.rounds, timeout=timeout, train_config=ConfigRecord(),
+            evaluate_fn=evaluate, first_round=first, after_round=after_round,
         )
     except (RunStoppedError, PrivacyBudgetExhausted) as err:
         # The budget ends the run, not an error: everything up to the last round is kept.
@@ -174,15 +233,16 @@ def run_server(grid: Grid, cfg: ExperimentConfig, terminal: Terminal | None = No
     return summary
 
 
-def make_server_app(run_config: Mapping[str, Any] | None = None, terminal: Terminal | None = None) -> ServerApp:
+def make_server_app(run_config: Mapping[str, Any] | None = None, terminal: Terminal | None = None,
+                    resume: Resume | None = None) -> ServerApp:
     """A ServerApp for ``run_config`` (a flattened ExperimentConfig); ``None`` reads the Context's.
-    ``terminal``: see ``run_server``."""
+    ``terminal``, ``resume``: see ``run_server``."""
     server = ServerApp()
 
     @server.main()
     def main(grid: Grid, context: Context) -> None:
         cfg = ExperimentConfig.from_run_config(run_config if run_config is not None else context.run_config)
-        run_server(grid, cfg, terminal)
+        run_server(grid, cfg, terminal, resume)
 
     return server
 

@@ -7,6 +7,7 @@ guarantee, so the run's statement is about the largest one. Each line of
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from fedtl.protocol import (
     PRIVACY_STEPS,
 )
 from fedtl.reports.plots import plot_privacy
-from fedtl.reports.runs import LEDGER_FILE, to_json
+from fedtl.reports.runs import LEDGER_FILE, to_json, write_atomic
 from fedtl.strategies.transfer import RoundReport
 
 # Reply metric -> ledger column.
@@ -52,17 +53,22 @@ class PrivacyLedger:
         The run's privacy mode: its level and guarantee (clients report their own spend, or ``accountant`` holds it).
     accountant : RdpAccountant, optional
         The server's accountant under client-level DP.
+    resume_round : int, optional
+        A resumed run's checkpoint round: the lines up to it are kept, later ones dropped.
     """
 
     def __init__(self, out_dir: Path, cfg: ExperimentConfig, mode: PrivacyMode,
-                 accountant: RdpAccountant | None = None) -> None:
+                 accountant: RdpAccountant | None = None, resume_round: int | None = None) -> None:
         self.out = Path(out_dir)
         self.path = self.out / LEDGER_FILE
-        self.path.write_text("")
         self.cfg, self.mode, self.accountant = cfg, mode, accountant
         self.latest: dict[str, float] = {}
         self.curves: dict[str, list[tuple[int, float]]] = {}
         self.declined: set[str] = set()
+        kept = [] if resume_round is None or not self.path.is_file() else [
+            row for row in map(json.loads, self.path.read_text().splitlines()) if row["round"] <= resume_round]
+        write_atomic(self.path, "")  # a resumed run's lines after its checkpoint are gone: the rounds run again
+        self._append(kept)
 
     def on_round(self, report: RoundReport) -> None:
         """Record the spend reported in round ``report.round``."""
@@ -76,11 +82,14 @@ class PrivacyLedger:
                 row = {"round": report.round, "client": client_label(metrics), "node_id": metrics[NODE_ID],
                        "declined": metrics[DECLINED]}
                 rows.append({**row, **{col: metrics[key] for key, col in _COLUMNS.items() if key in metrics}})
+        self._append(rows)
+
+    def _append(self, rows: list[dict[str, Any]]) -> None:
         with self.path.open("a") as f:
             for row in rows:
                 f.write(to_json(row) + "\n")
                 self.latest[row["client"]] = row["epsilon"]
-                self.curves.setdefault(row["client"], []).append((report.round, row["epsilon"]))
+                self.curves.setdefault(row["client"], []).append((row["round"], row["epsilon"]))
                 if row.get("declined"):
                     self.declined.add(row["client"])
 

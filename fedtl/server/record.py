@@ -18,13 +18,13 @@ from typing import Any
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from fedtl.config import ExperimentConfig
 from fedtl.errors import RunFolderError
 from fedtl.privacy import privacy_mode
 from fedtl.protocol import ACCURACY, ACCURACY_BEFORE, ACCURACY_PERSONAL, HELD_OUT, NODE_ID, PARTITION_ID
-from fedtl.reports.runs import METRICS_FILE, SUMMARY_FILE, holds_run, to_json
+from fedtl.reports.runs import METRICS_FILE, SUMMARY_FILE, holds_run, read_metrics, to_json, write_atomic
 
 SUMMARY_SCHEMA = 1
 # (metrics key, column label, format): the live table, at most 79 characters wide; the
@@ -54,29 +54,37 @@ class RunRecorder:
         The run folder (created). One that already holds a run is refused.
     cfg : ExperimentConfig
         Written as ``config.toml``.
+    resume_round : int, optional
+        Resume the run already in ``out_dir`` after this round: its lines up to the round are kept.
     terminal : Terminal, optional
         Where the per-round table and progress bar go (default: stdout, Flower's log around them). A
         ``quiet`` one is the terminal of a quiet run (``fedtl.simulations.logs``): the bar does not take
         over the process's stdout and stderr, which belong to the run's log.
     """
 
-    def __init__(self, out_dir: Path, cfg: ExperimentConfig, terminal: Terminal | None = None) -> None:
+    def __init__(self, out_dir: Path, cfg: ExperimentConfig, terminal: Terminal | None = None,
+                 resume_round: int | None = None) -> None:
         t = terminal or Terminal()
         quiet = t.quiet
         self.out = Path(out_dir)
-        if holds_run(self.out):
-            raise RunFolderError(f"{self.out} already holds a run; choose another folder (--out / out) or remove it")
-        (self.out / "checkpoints").mkdir(parents=True, exist_ok=True)
-        (self.out / "config.toml").write_text(cfg.to_toml())
         self.metrics_path = self.out / METRICS_FILE
-        self.metrics_path.write_text("")
+        self.rows: list[dict[str, Any]] = []
+        if resume_round is None:
+            if holds_run(self.out):
+                raise RunFolderError(f"{self.out} already holds a run; choose another folder (--out / out) or "
+                                     "remove it")
+            (self.out / "checkpoints").mkdir(parents=True, exist_ok=True)
+            write_atomic(self.out / "config.toml", cfg.to_toml())
+        else:  # the rounds after the checkpoint run again: their lines go
+            self.rows = [r for r in read_metrics(self.out) if r["round"] <= resume_round]
+        write_atomic(self.metrics_path, "".join(to_json(r) + "\n" for r in self.rows))
         self.cfg = cfg
         self.console = t.console or Console()
         self.table_every = t.table_every
-        self.rows: list[dict[str, Any]] = []
         self._pending: dict[int, dict[str, Any]] = {}  # figures, and client_errors: a list of reasons
         self.client_evaluation: list[dict[str, Any]] = []
-        self._t0 = time.perf_counter()
+        # A resumed run's clock goes on from its last line: wall_seconds stays the run's time.
+        self._t0 = time.perf_counter() - (self.rows[-1]["wall_seconds"] if self.rows else 0.0)
         title = f"{cfg.name}: {cfg.finetune.mode}, {cfg.init}"
         self.console.print(f"[bold]{title}[/] -> {self.out}")
         self.columns = [c for c in _COLUMNS if c[0] != "epsilon" or privacy_mode(cfg).accounted]
@@ -84,7 +92,7 @@ class RunRecorder:
         self._progress = Progress(TextColumn("rounds"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                                   console=self.console, transient=True, redirect_stdout=not quiet,
                                   redirect_stderr=not quiet)
-        self._task = self._progress.add_task("rounds", total=cfg.rounds)
+        self._task = self._progress.add_task("rounds", total=cfg.rounds, completed=resume_round or 0)
         self._progress.start()
         self._rerouted = [] if quiet else self._route_flower_log_above_the_bar()
 
@@ -101,9 +109,8 @@ class RunRecorder:
     def on_client_evaluation(self, rnd: int, clients: list[dict[str, Any]]) -> None:
         """Keep (and write to ``clients.jsonl``) every node's evaluation of the final model."""
         self.client_evaluation = sorted(clients, key=lambda c: (c.get(PARTITION_ID, -1), c[NODE_ID]))
-        with (self.out / "clients.jsonl").open("w") as f:
-            for c in self.client_evaluation:
-                f.write(to_json({"round": rnd, **c}) + "\n")
+        write_atomic(self.out / "clients.jsonl", "".join(to_json({"round": rnd, **c}) + "\n"
+                                                         for c in self.client_evaluation))
 
     def on_train(self, rnd: int, info: dict[str, Any]) -> None:
         """Keep a round's traffic and training figures until its evaluation ends the round."""
@@ -125,10 +132,9 @@ class RunRecorder:
 
     def checkpoint(self, name: str, state: dict[str, torch.Tensor], **meta: Any) -> Path:
         """Save a full model state as ``checkpoints/<name>.safetensors`` with metadata."""
-        path = self.out / "checkpoints" / f"{name}.safetensors"
         tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
-        save_file(tensors, str(path), metadata={k: to_json(v) for k, v in meta.items()})
-        return path
+        data = save(tensors, metadata={k: to_json(v) for k, v in meta.items()})
+        return write_atomic(self.out / "checkpoints" / f"{name}.safetensors", data)
 
     def close(self) -> None:
         """Stop the progress display and give Flower's log its stream back (idempotent)."""
@@ -193,4 +199,4 @@ def client_summary(clients: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
     """Write ``summary.json`` (sorted keys, so diffs between runs read well)."""
-    (Path(run_dir) / SUMMARY_FILE).write_text(to_json(summary, indent=2, sort_keys=True) + "\n")
+    write_atomic(Path(run_dir) / SUMMARY_FILE, to_json(summary, indent=2, sort_keys=True) + "\n")

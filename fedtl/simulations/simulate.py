@@ -24,7 +24,8 @@ from fedtl.models.pretrain import ensure_pretrained, pretrains_itself
 from fedtl.personalisation import run_model
 from fedtl.reports.plots import plot_accuracy
 from fedtl.reports.runs import LOG_FILE, RUN_FILES, holds_run, read_metrics
-from fedtl.server.app import make_server_app, private_strategy, run_dir
+from fedtl.server.app import check_resumable, make_server_app, private_strategy, run_dir
+from fedtl.server.checkpoint import read_resume
 from fedtl.server.record import Terminal, write_summary
 from fedtl.simulations.backend import fedtl_backend
 from fedtl.simulations.logs import flower_log_copy, quiet_output
@@ -35,15 +36,22 @@ if TYPE_CHECKING:
     from flwr.clientapp.typing import Mod
 
 
-def prepare_run_dir(cfg: ExperimentConfig, *, overwrite: bool = False, clear: bool = True) -> ExperimentConfig:
+def prepare_run_dir(cfg: ExperimentConfig, *, overwrite: bool = False, clear: bool = True,
+                    resume: bool = False) -> ExperimentConfig:
     """Fix the run folder as an absolute path; refuse a folder holding a run unless ``overwrite``.
 
     With ``overwrite``, only the files a run writes are removed (other files stay); ``clear = False``
-    leaves that to ``clear_run_dir``, once the run is sure to start.
+    leaves that to ``clear_run_dir``, once the run is sure to start. With ``resume`` the folder must
+    hold the run, and it stays.
     """
     out = run_dir(cfg).resolve()
     if out.exists() and not out.is_dir():
         raise RunFolderError(f"--out {out} is a file, not a folder: name a folder for the run (it is created if missing)")
+    if resume:
+        cfg = cfg.replace(out=str(out))
+        read_resume(out)  # refuses a folder with no readable checkpoint, saying so
+        check_resumable(cfg)
+        return cfg
     if holds_run(out):
         if not overwrite:
             raise RunFolderError(f"{out} already holds a run; pass --overwrite to replace it, or another --out")
@@ -63,7 +71,7 @@ def clear_run_dir(out: Path) -> None:
 
 
 def simulate(cfg: ExperimentConfig, *, overwrite: bool = False, verbose: bool = False,
-             table_every: int = 1, mods: Sequence[Mod] = ()) -> dict[str, Any]:
+             table_every: int = 1, mods: Sequence[Mod] = (), resume: bool = False) -> dict[str, Any]:
     """Run ``cfg`` with ``cfg.clients`` virtual clients on Ray; return its summary.
 
     Parameters
@@ -80,25 +88,31 @@ def simulate(cfg: ExperimentConfig, *, overwrite: bool = False, verbose: bool = 
     mods : sequence of Flower mods, default ()
         Around every virtual client (``make_client_app``): a study of faulty or hostile clients
         wraps them this way (``tests/faults.py``). Ray pickles them: module-level functions.
+    resume : bool, default False
+        Continue the run already in ``cfg.out`` from its resume checkpoint (``fedtl.server.checkpoint``):
+        ``cfg`` must be the run's own ``config.toml``.
     """
-    cfg = resolve_resources(prepare_run_dir(cfg, overwrite=overwrite, clear=False))
+    cfg = resolve_resources(prepare_run_dir(cfg, overwrite=overwrite, clear=False, resume=resume))
     out = Path(cfg.out)
     if verbose:
         preflight(cfg)
-        clear_run_dir(out)  # only now: a refused config leaves the run it would replace as it was
+        if not resume:
+            clear_run_dir(out)  # only now: a refused config leaves the run it would replace as it was
         with flower_log_copy(out):
-            return _simulate(cfg, Terminal(table_every=table_every), mods)
+            return _simulate(cfg, Terminal(table_every=table_every), mods, resume)
     # Before the run folder is made or cleared, so that a refused config leaves it as it was; what
     # Flower logs meanwhile (its strategies' warnings) joins the run's log once the run starts.
     with tempfile.TemporaryDirectory() as tmp:
         early = Path(tmp) / LOG_FILE
         with quiet_output(early):
             preflight(cfg)
-        clear_run_dir(out)
+        if not resume:
+            clear_run_dir(out)
         out.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(early, out / LOG_FILE)
+        with (out / LOG_FILE).open("a") as log, early.open() as first:
+            shutil.copyfileobj(first, log)
     with quiet_output(out / LOG_FILE) as console:
-        return _simulate(cfg, Terminal(console, quiet=True, table_every=table_every), mods)
+        return _simulate(cfg, Terminal(console, quiet=True, table_every=table_every), mods, resume)
 
 
 def preflight(cfg: ExperimentConfig) -> None:
@@ -115,7 +129,7 @@ def preflight(cfg: ExperimentConfig) -> None:
         build_model(cfg)  # outside weights: a missing or mismatched file fails here, not in every client
 
 
-def _simulate(cfg: ExperimentConfig, terminal: Terminal, mods: Sequence[Mod] = ()) -> dict[str, Any]:
+def _simulate(cfg: ExperimentConfig, terminal: Terminal, mods: Sequence[Mod] = (), resume: bool = False) -> dict[str, Any]:
     from flwr.simulation import run_simulation  # heavy import: only when a run starts
 
     rc = cfg.to_run_config()
@@ -126,7 +140,8 @@ def _simulate(cfg: ExperimentConfig, terminal: Terminal, mods: Sequence[Mod] = (
     watch_descendants()  # Ray's processes end with this one, even if it is killed
     with fedtl_backend(limit_s=cfg.strategy.round_timeout):  # a dead or hung client process is replaced
         run_simulation(
-            server_app=make_server_app(rc, terminal), client_app=make_client_app(rc, mods),
+            server_app=make_server_app(rc, terminal, read_resume(Path(cfg.out)) if resume else None),
+            client_app=make_client_app(rc, mods),
             num_supernodes=cfg.clients, backend_config=backend,
         )
     summary_path = Path(cfg.out) / "summary.json"

@@ -49,7 +49,7 @@ from rich.console import Console
 from fedtl.config import ExperimentConfig, load_config, resolve_key
 from fedtl.config.fields import flatten
 from fedtl.data.federated import check_partitions
-from fedtl.errors import ConfigError, StudyError
+from fedtl.errors import ConfigError, RunFolderError, StudyError
 from fedtl.reports.runs import PLAN_FILE, holds_run
 from fedtl.simulations.runtime import check_runtime, kept_warm, resolve_resources
 
@@ -251,6 +251,19 @@ def run_state(cfg: ExperimentConfig) -> str:
     return "done" if (out / "summary.json").is_file() else "interrupted"
 
 
+def resumable(cfg: ExperimentConfig) -> int | None:
+    """The round after which an interrupted run can continue from its checkpoint, or ``None`` (start again)."""
+    from fedtl.server.app import check_resumable  # the server's, which import torch and Flower
+    from fedtl.server.checkpoint import read_resume
+
+    try:
+        done = read_resume(Path(cfg.out)).round
+        check_resumable(cfg)
+    except RunFolderError:
+        return None
+    return done
+
+
 def _eta(seconds: float) -> str:
     m, s = divmod(int(seconds), 60)
     return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m}m{s:02d}s"
@@ -303,7 +316,11 @@ def run_study(
         for i, cfg in enumerate(todo):
             eta = f" · study ETA {_eta((time.perf_counter() - t0) / i * (len(todo) - i))}" if i else ""
             console.rule(f"[{i + 1}/{len(todo)}] {cfg.name} seed {cfg.seed}{eta}")
-            simulate(cfg, overwrite=overwrite or states[id(cfg)] == "interrupted")
+            done = resumable(cfg) if states[id(cfg)] == "interrupted" else None
+            if done is not None:
+                console.print(f"resuming after round {done}, from its checkpoint")
+            interrupted = states[id(cfg)] == "interrupted"
+            simulate(cfg, overwrite=overwrite or (interrupted and done is None), resume=done is not None)
     return runs
 
 

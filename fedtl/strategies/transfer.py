@@ -36,7 +36,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
+from flwr.serverapp.strategy import Result, Strategy
 
 from fedtl.errors import RoundFailedError, RunStoppedError
 from fedtl.protocol import (
@@ -54,6 +54,7 @@ from fedtl.protocol import (
     RoundPlan,
 )
 from fedtl.strategies.grids import FilteredGrid
+from fedtl.strategies.merge import as_sent, mean_statistics
 from fedtl.strategies.nodes import TrainingNodes
 from fedtl.strategies.replies import (
     Spec,
@@ -91,29 +92,6 @@ class RoundReport:
 
 
 RoundObserver = Callable[[RoundReport], None]
-
-
-def as_sent(arrays: ArrayRecord, spec: Spec) -> ArrayRecord:
-    """``arrays`` in the dtypes they were sent in: server optimisers (FedAdam's float64
-    arithmetic) must not change what clients load into their float32 models."""
-    return ArrayRecord({k: a if a.dtype == spec[k][1] else Array(a.numpy().astype(np.dtype(spec[k][1])))
-                        for k, a in arrays.items()})
-
-
-STATISTICS = ("running_mean", "running_var")
-
-
-def mean_statistics(arrays: ArrayRecord, replies: list[Message], weight_key: str) -> ArrayRecord:
-    """``arrays`` with every normalisation statistic replaced by the replies' ``weight_key``-weighted mean."""
-    keys = [k for k in arrays.keys() if k.endswith(STATISTICS)]
-    if not keys:
-        return arrays
-    w = np.array([float(m.content[METRICS][weight_key]) for m in replies])
-    out = ArrayRecord({k: a for k, a in arrays.items()})
-    for k in keys:
-        stack = np.stack([m.content[ARRAYS][k].numpy() for m in replies])
-        out[k] = Array(np.tensordot(w / w.sum(), stack, axes=1).astype(stack.dtype))
-    return out
 
 
 class TransferStrategy(Strategy):
@@ -297,6 +275,49 @@ class TransferStrategy(Strategy):
                     **dict(m.content.metric_records[METRICS])}
                    for m in replies if not m.has_error() and METRICS in m.content.metric_records]
         return RoundReport(server_round, totals, clients, problems)
+
+    def start(  # type: ignore[override]
+        self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, timeout: float = 3600,
+        train_config: ConfigRecord | None = None, evaluate_config: ConfigRecord | None = None,
+        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None, *, first_round: int = 1,
+        after_round: Callable[[int, ArrayRecord], None] | None = None,
+    ) -> Result:
+        """Flower's ``Strategy.start``, from round ``first_round`` (a resumed run: ``initial_arrays`` are the
+        global arrays after round ``first_round - 1``, evaluated then already), and ``after_round`` called
+        with each round and its global arrays once the round has ended (the resume checkpoint).
+
+        Flower 1.42's loop always starts at round 1; this is its loop with a first round, hence the override.
+        """
+        train_config = ConfigRecord() if train_config is None else train_config
+        evaluate_config = ConfigRecord() if evaluate_config is None else evaluate_config
+        log(INFO, "Starting %s strategy from round %s of %s:", type(self).__name__, first_round, num_rounds)
+        self.summary()
+        result = Result()
+        if evaluate_fn and first_round == 1:
+            res = evaluate_fn(0, initial_arrays)
+            if res is not None:
+                result.evaluate_metrics_serverapp[0] = res
+        arrays = initial_arrays
+        for rnd in range(first_round, num_rounds + 1):
+            log(INFO, "[ROUND %s/%s]", rnd, num_rounds)
+            replies = grid.send_and_receive(self.configure_train(rnd, arrays, train_config, grid), timeout=timeout)
+            merged, metrics = self.aggregate_train(rnd, replies)
+            if merged is not None:
+                result.arrays = arrays = merged
+            if metrics is not None:
+                result.train_metrics_clientapp[rnd] = metrics
+            evaluated = grid.send_and_receive(self.configure_evaluate(rnd, arrays, evaluate_config, grid),
+                                              timeout=timeout)
+            client_metrics = self.aggregate_evaluate(rnd, evaluated)
+            if client_metrics is not None:
+                result.evaluate_metrics_clientapp[rnd] = client_metrics
+            if evaluate_fn:
+                res = evaluate_fn(rnd, arrays)
+                if res is not None:
+                    result.evaluate_metrics_serverapp[rnd] = res
+            if after_round is not None:
+                after_round(rnd, arrays)
+        return result
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

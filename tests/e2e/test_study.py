@@ -68,23 +68,32 @@ def test_study_runs_every_point_and_seed_and_writes_the_table(study_dir: Path) -
         assert (out / "report" / f"{figure}.png").stat().st_size > 5_000, figure
 
 
-def test_a_rerun_skips_finished_runs_and_redoes_an_interrupted_one(study_dir: Path) -> None:
+@pytest.mark.parametrize("checkpoint", [True, False])
+def test_a_rerun_skips_finished_runs_and_resumes_or_redoes_an_interrupted_one(study_dir: Path,
+                                                                            checkpoint: bool) -> None:
     out = study_dir / "out"
     victim = out / "runs" / "mode-full-s0"
     (victim / "summary.json").unlink()  # as if the run had been killed before its end
+    resume = victim / "checkpoints" / "resume.safetensors"
+    saved = resume.read_bytes()
+    if not checkpoint:
+        resume.unlink()  # killed before its first checkpoint: it starts again
     before = {p: p.stat().st_mtime_ns for p in out.glob("**/summary.json")}
-    ran: list[str] = []
+    ran: list[tuple[str, bool, bool]] = []
 
-    def simulate(cfg, overwrite: bool = False) -> dict:
-        ran.append(cfg.out)
-        assert overwrite  # the interrupted run's folder is replaced
+    def simulate(cfg, overwrite: bool = False, resume: bool = False) -> dict:
+        ran.append((cfg.out, overwrite, resume))
         shutil.copy(out / "runs" / "mode-feature-extraction-s0" / "summary.json", Path(cfg.out) / "summary.json")
         return {}
 
-    spec = load_study(study_dir / "tiny.toml")
-    run_study(spec, out, command="test", console=Console(quiet=True), simulate=simulate)
-    assert ran == [str(victim)]
-    assert all(p.stat().st_mtime_ns == t for p, t in before.items())
+    try:
+        spec = load_study(study_dir / "tiny.toml")
+        run_study(spec, out, command="test", console=Console(quiet=True), simulate=simulate)
+        # With its checkpoint it continues; without, its folder is replaced.
+        assert ran == [(str(victim), not checkpoint, checkpoint)]
+        assert all(p.stat().st_mtime_ns == t for p, t in before.items())
+    finally:
+        resume.write_bytes(saved)
 
 
 def test_a_changed_study_is_refused_rather_than_mixed(study_dir: Path) -> None:
@@ -92,7 +101,7 @@ def test_a_changed_study_is_refused_rather_than_mixed(study_dir: Path) -> None:
     changed.write_text(STUDY.replace("rounds = 2", "rounds = 3"))
     with pytest.raises(StudyError, match="holds a run of another config"):
         run_study(load_study(changed), study_dir / "out", command="test", console=Console(quiet=True),
-                  simulate=lambda cfg, overwrite=False: pytest.fail("nothing may run"))
+                  simulate=lambda cfg, **_: pytest.fail("nothing may run"))
 
 
 def test_report_renders_in_headless_chromium(study_dir: Path, tmp_path: Path) -> None:

@@ -48,3 +48,38 @@ def test_bad_input_to_simulate_is_one_line_that_names_the_fix(tmp_path, args: li
     text = " ".join(result.output.split())
     assert result.exit_code == 2 and problem in text, text
     assert "Traceback" not in result.output and not (tmp_path / "run").exists()
+
+
+def test_resume_refuses_what_it_cannot_continue(tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from fedtl.cli import app
+    from tests.helpers import make_config
+
+    def says(*args: str) -> str:
+        result = CliRunner().invoke(app, ["simulate", *args])
+        assert result.exit_code == 2 and "Traceback" not in result.output
+        return " ".join(result.output.split())
+
+    run = tmp_path / "run"
+    assert "no config.toml there" in says("--resume", str(run))
+    assert "pass no --config, --set" in says("--resume", str(run), "--set", "rounds=3")
+    run.mkdir()
+    (run / "config.toml").write_text(make_config(f"out={str(run)!r}").to_toml())
+    assert "holds no resume checkpoint" in says("--resume", str(run))
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "resume.safetensors").write_bytes(b"\0" * 64)
+    assert "cannot be read" in says("--resume", str(run))
+
+
+def test_runs_whose_clients_keep_state_are_not_resumed() -> None:
+    # A simulated client's DP-SGD accountant would start again from zero: a guarantee it does not have.
+    from fedtl.errors import RunFolderError
+    from fedtl.server.app import check_resumable
+    from tests.helpers import make_config
+
+    with pytest.raises(RunFolderError, match="keep a DP-SGD accountant in their node state"):
+        check_resumable(make_config("privacy.mode=dp-sgd"))
+    with pytest.raises(RunFolderError, match="keep personal layers"):
+        check_resumable(make_config("strategy.personalisation=fedper", "finetune.mode=full"))
+    check_resumable(make_config("privacy.mode=client-level", "strategy.personalisation=fedbabu", "finetune.mode=full"))

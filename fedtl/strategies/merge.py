@@ -1,0 +1,33 @@
+"""What TransferStrategy does to a merged ArrayRecord before it becomes the global model: normalisation
+statistics by the weighted mean, and every array in the dtype it was sent in."""
+
+from __future__ import annotations
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, Message
+
+from fedtl.protocol import ARRAYS, METRICS
+from fedtl.strategies.replies import Spec
+
+
+def as_sent(arrays: ArrayRecord, spec: Spec) -> ArrayRecord:
+    """``arrays`` in the dtypes they were sent in: server optimisers (FedAdam's float64
+    arithmetic) must not change what clients load into their float32 models."""
+    return ArrayRecord({k: a if a.dtype == spec[k][1] else Array(a.numpy().astype(np.dtype(spec[k][1])))
+                        for k, a in arrays.items()})
+
+
+STATISTICS = ("running_mean", "running_var")
+
+
+def mean_statistics(arrays: ArrayRecord, replies: list[Message], weight_key: str) -> ArrayRecord:
+    """``arrays`` with every normalisation statistic replaced by the replies' ``weight_key``-weighted mean."""
+    keys = [k for k in arrays.keys() if k.endswith(STATISTICS)]
+    if not keys:
+        return arrays
+    w = np.array([float(m.content[METRICS][weight_key]) for m in replies])
+    out = ArrayRecord({k: a for k, a in arrays.items()})
+    for k in keys:
+        stack = np.stack([m.content[ARRAYS][k].numpy() for m in replies])
+        out[k] = Array(np.tensordot(w / w.sum(), stack, axes=1).astype(stack.dtype))
+    return out
