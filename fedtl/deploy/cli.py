@@ -120,7 +120,8 @@ def connection(
 @app.command()
 def superlink(
     certs_: CertsOpt = Path("certs"),
-    host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "0.0.0.0",
+    host: Annotated[str, typer.Option("--host", help="Address to listen on (default: this machine only; the "
+                                                    "federation network's address for other machines).")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", help="Port of the Fleet, Control and Runtime APIs.")] = 8000,
     database: Annotated[str | None, typer.Option("--database", help="Keep state in this file (default: memory).")] = None,
     insecure: InsecureOpt = False,

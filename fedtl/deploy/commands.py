@@ -36,7 +36,7 @@ def _node_config(values: dict[str, str | bool | int | float]) -> str:
     return " ".join(f"{k}={_toml_value(v)}" for k, v in values.items())
 
 
-def superlink_command(keys: Keys, *, host: str = "0.0.0.0", port: int = 8000, insecure: bool = False,
+def superlink_command(keys: Keys, *, host: str = "127.0.0.1", port: int = 8000, insecure: bool = False,
                       database: str | None = None) -> list[str]:
     """``flower-superlink`` serving the Fleet, Control and Runtime APIs on ``host:port``.
 
@@ -45,7 +45,8 @@ def superlink_command(keys: Keys, *, host: str = "0.0.0.0", port: int = 8000, in
     keys : Keys
         The federation's files (the SuperLink needs ``ca.crt``, ``server.pem`` and ``server.key``).
     host : str, optional
-        Address to listen on (default ``"0.0.0.0"``: every interface).
+        Address to listen on (default ``"127.0.0.1"``: this machine only; give the address of the
+        federation's network for other machines, not ``0.0.0.0`` on a public host: docs/deploy.md).
     port : int, optional
         Its one port (default 8000).
     insecure : bool, optional

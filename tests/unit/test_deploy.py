@@ -42,7 +42,7 @@ def test_commands_have_tls_and_node_auth_unless_insecure(tmp_path: Path) -> None
     make_federation_keys(tmp_path, nodes=["n0"])
     keys = Keys(tmp_path)
     link = superlink_command(keys, port=8123)
-    assert link[:5] == ["flower-superlink", "--host", "0.0.0.0", "--port", "8123"]
+    assert link[:5] == ["flower-superlink", "--host", "127.0.0.1", "--port", "8123"]  # loopback unless told
     assert "--enable-supernode-auth" in link and "--insecure" not in link
     assert link[link.index("--ssl-certfile") + 1] == str(tmp_path / "server.pem")
     node = supernode_command(keys, "n0", superlink="10.1.2.3:8123", data_path="/data/my silo",
