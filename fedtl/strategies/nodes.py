@@ -3,6 +3,9 @@
 The server cannot see a node's config or data, so it asks each node once (a Flower ``query``
 message) whether it is held out and how many training examples it holds: a training reply may
 weigh no more than that. Held-out nodes still get the final evaluation (the adaptability figures).
+A node that answers with an error (its data unreadable) trains, so that its training error, which
+names the fix, is recorded; its replies are refused until it declares a count (it is asked again
+each round). A node that does not answer is not trained that round.
 """
 
 from __future__ import annotations
@@ -34,8 +37,14 @@ class TrainingNodes(FilteredGrid):
         self.held_out: dict[int, bool] = {}
         self.examples: dict[int, int] = {}  # node -> the training examples it declared
 
+    @property
+    def undeclared(self) -> set[int]:
+        """Training nodes that answered without a count of their examples (their data could not be read)."""
+        return {n for n, out in self.held_out.items() if out is False and n not in self.examples}
+
     def _training(self, ids: list[int]) -> list[int]:
-        new = [n for n in ids if n not in self.held_out]
+        # New nodes, and training nodes that declared no count (their data could not be read then).
+        new = [n for n in ids if n not in self.held_out or (self.held_out[n] is False and n not in self.examples)]
         if new:
             self._ask(new)
         return [n for n in ids if self.held_out.get(n) is False]  # unanswered nodes do not train
@@ -44,12 +53,24 @@ class TrainingNodes(FilteredGrid):
         queries = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in nodes]
         answered = set()
         for reply in self.grid.send_and_receive(queries, timeout=self.timeout):
+            node = reply.metadata.src_node_id
             if reply.has_error() or METRICS not in reply.content.metric_records:
+                # It is up but cannot answer (its data unreadable, an app without a query handler): it
+                # is sampled, so that its training error is recorded rather than the round waiting for it.
+                if node not in self.held_out:
+                    why = reply.error.reason if reply.has_error() else "a reply without metrics"
+                    log(WARNING, "node %s could not say whether it is held out of training (%s); sampling it",
+                        node, why)
+                self.held_out[node] = False
+                self.examples.pop(node, None)
+                answered.add(node)
                 continue
-            node, metrics = reply.metadata.src_node_id, reply.content[METRICS]
+            metrics = reply.content[METRICS]
             self.held_out[node] = bool(metrics.get(HELD_OUT, 0))
             if isinstance(metrics.get(NUM_EXAMPLES), int):
                 self.examples[node] = metrics[NUM_EXAMPLES]
+            else:
+                self.examples.pop(node, None)
             answered.add(node)
         for n in set(nodes) - answered:
             # Asked again next round; meanwhile it does not train: an unknown role is not a training role.

@@ -249,8 +249,14 @@ class TransferStrategy(Strategy):
 
     def _problem(self, msg: Message, sent: ArrayRecord, spec: Spec) -> str | None:
         """Why the training reply ``msg`` to ``sent`` cannot be merged, or ``None``."""
-        declared = self._declared.get(msg.metadata.src_node_id, float("inf"))
-        return reply_problem(msg, spec) or examples_problem(msg, min(declared, self.max_examples)) or (
+        node = msg.metadata.src_node_id
+        if (problem := reply_problem(msg, spec)) is not None:
+            return problem
+        if any(node in view.undeclared for view in self._views.values()):
+            return "its node declared no training examples when asked (it could not read its data then; it is " \
+                   "asked again next round)"
+        declared = self._declared.get(node, float("inf"))
+        return examples_problem(msg, min(declared, self.max_examples)) or (
             update_problem(msg, sent, self.max_update_ratio) if self.max_update_ratio else None)
 
     @property

@@ -292,3 +292,52 @@ def test_an_update_that_moves_too_far_is_dropped(task_identity: None, caplog: py
     np.testing.assert_allclose(arrays["head.w"].numpy(), honest["head.w"], rtol=1e-6)
     assert observed[0]["clients_ok"] == 2 and observed[0]["clients_failed"] == 1
     assert problem in caplog.text and "strategy.max-update-ratio 100" in caplog.text
+
+
+class LateDataGrid(StaticGrid):
+    """Node 3 cannot read its data while ``late``: it answers Flower's query with ``how`` (an error,
+    or no count); then it declares 5 training examples, as the others do."""
+
+    def __init__(self, ids: list[int], how: str) -> None:
+        super().__init__(ids)
+        self.asked: list[int] = []
+        self.late, self.how = True, how
+
+    def send_and_receive(self, messages, *, timeout=None):  # noqa: ANN001, ANN201
+        out = []
+        for m in messages:
+            self.asked.append(m.metadata.dst_node_id)
+            if m.metadata.dst_node_id == 3 and self.late and self.how == "error":
+                out.append(Message(Error(code=0, reason="data-path '/nope' does not exist on this node"), reply_to=m))
+                continue
+            count = {} if m.metadata.dst_node_id == 3 and self.late else {"num-examples": 5}
+            out.append(Message(RecordDict({"metrics": MetricRecord({"held-out": 0, **count})}), reply_to=m))
+        return out
+
+
+@pytest.mark.parametrize("how", ["error", "no count"])
+def test_a_node_that_could_not_count_its_data_trains_is_refused_and_is_asked_again(
+        task_identity: None, caplog: pytest.LogCaptureFixture, how: str) -> None:
+    # A SuperNode whose data-path is missing (or an app without a query handler) must still be
+    # sampled, so its training error (which names the fix) is recorded; it was never trained, and a
+    # round waiting for it hung (a deployment's kill test, and a simulation whose clients all fail).
+    from fedtl.strategies.nodes import TrainingNodes
+
+    observed: list = []
+    s = TransferStrategy(build_strategy(make_config("clients=3")), plan=plan, keys_of=keys_of, initial_state=INITIAL,
+                         fingerprint="f00d", training_nodes=lambda g: TrainingNodes(g, timeout=5),
+                         observer=lambda report: observed.append(report.totals))
+    grid = LateDataGrid([1, 2, 3], how)
+    head = ArrayRecord({k: INITIAL[k] for k in keys_of(["head"])})
+    good = {"head.w": np.full((2, 2), 3.0, np.float32), "head.b": np.ones(2, np.float32)}
+    for late in (True, False):  # round 1's plan twice: only node 3's answer changes
+        grid.late = late
+        out = list(s.configure_train(1, head, ConfigRecord(), grid))
+        assert {m.metadata.dst_node_id for m in out} == {1, 2, 3}
+        s.aggregate_train(1, [reply(m, good, 5) for m in out])
+    assert grid.asked.count(1) == 1 and grid.asked.count(3) > 2  # asked again only while it said no count
+    assert (observed[0]["clients_ok"], observed[0]["clients_failed"]) == (2, 1)
+    assert "declared no training examples when asked" in caplog.text
+    assert (observed[1]["clients_ok"], observed[1]["clients_failed"]) == (3, 0)
+    if how == "error":
+        assert "does not exist on this node" in caplog.text  # the node's own reason, logged
