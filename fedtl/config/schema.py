@@ -95,7 +95,8 @@ class ModelConfig(Validated):
     # Outside pre-trained weights (init = "pretrained"); both empty: fedtl pre-trains the backbone
     # on the scenario's source data. A torchvision weights name ("IMAGENET1K_V1", "DEFAULT") ...
     weights: str = ""
-    # ... or a local state dict (.safetensors, or .pth/.pt read with weights_only=True).
+    # ... or a local state dict (.safetensors, or .pth/.pt read with weights_only=True), or a fedtl
+    # run's checkpoints/last.safetensors (its blocks seed this run; the head is new).
     weights_path: str = ""
 
     def __post_init__(self) -> None:

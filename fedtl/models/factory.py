@@ -10,9 +10,9 @@ from fedtl.errors import ConfigError, WeightsError
 from fedtl.models.adapters import adapt
 from fedtl.models.backbones import BACKBONES, Backbone, build_backbone
 from fedtl.models.modes import MODES, adapter_blocks
-from fedtl.models.pretrain import ensure_pretrained, load_pretrained, pretrains_itself
+from fedtl.models.pretrain import ensure_pretrained, load_blocks, load_pretrained, pretrains_itself
 from fedtl.models.transfer import TransferModel, state_fingerprint
-from fedtl.models.weights import download_state, load_into, published, read_state, with_preprocess
+from fedtl.models.weights import download_state, load_into, published, read_state, run_checkpoint, with_preprocess
 from fedtl.seeds import derived_seed
 
 
@@ -28,10 +28,14 @@ def build_model(cfg: ExperimentConfig, *, load_weights: bool = True) -> Transfer
     """
     t = task(cfg.data)
     m = cfg.model
-    outside = cfg.init == "pretrained" and not pretrains_itself(cfg)
+    # A fedtl run's checkpoint seeds this run: its blocks, on the same architecture, and a new head.
+    seeded = run_checkpoint(m.weights_path) if cfg.init == "pretrained" and m.weights_path else None
+    outside = cfg.init == "pretrained" and not pretrains_itself(cfg) and seeded is None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        if outside:
+        if seeded is not None and BACKBONES.get(m.backbone).normalisation is not None:
+            backbone = outside_backbone(cfg, t.in_channels, load=False)  # its preprocessing, from the checkpoint
+        elif outside:
             backbone = outside_backbone(cfg, t.in_channels, load=load_weights)
         else:
             backbone = build_backbone(m.backbone, t.in_channels, m.norm, image_size=cfg.data.image_size,
@@ -50,6 +54,10 @@ def build_model(cfg: ExperimentConfig, *, load_weights: bool = True) -> Transfer
         model.head.reset_parameters()
     if pretrains_itself(cfg) and load_weights:
         load_pretrained(model, ensure_pretrained(cfg))
+    if seeded is not None:
+        load_blocks(model, seeded, f"model.weights-path {m.weights_path!r} is a fedtl checkpoint of another model",
+                    "Seed a run with a checkpoint of the same model.backbone, data.image-size and model.norm; a "
+                    "LoRA run's checkpoint holds its adapter and cannot seed one")
     adapter = MODES.get(cfg.finetune.mode).adapter
     if adapter is not None:
         adapt(model, adapter, adapter_blocks(model.block_names, cfg.finetune), cfg.finetune,

@@ -132,13 +132,21 @@ def load_pretrained(model: TransferModel, path: Path) -> None:
     WeightsError
         If the file's tensors do not match the model's blocks (names or shapes).
     """
-    state = load_file(str(path))
+    load_blocks(model, load_file(str(path)), f"pre-trained weights {path} do not fit this backbone",
+                "Delete the file to pre-train again.")
+
+
+def load_blocks(model: TransferModel, state: dict[str, torch.Tensor], what: str, fix: str) -> None:
+    """Load the ``blocks.*`` tensors ``state`` into ``model`` (its head untouched).
+
+    Raises
+    ------
+    WeightsError
+        ``what``, the missing, unexpected and wrongly shaped tensors, then ``fix``, if they do not fit.
+    """
     own = {k: v for k, v in model.state_dict().items() if k.startswith("blocks.")}
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
     if missing or unexpected or wrong:
-        raise WeightsError(
-            f"pre-trained weights {path} do not fit this backbone: missing {missing[:5]}, "
-            f"unexpected {unexpected[:5]}, wrong shape {wrong[:5]}. Delete the file to pre-train again."
-        )
+        raise WeightsError(f"{what}: missing {missing[:5]}, unexpected {unexpected[:5]}, wrong shape {wrong[:5]}. {fix}")
     model.load_state_dict(state, strict=False)

@@ -5,7 +5,9 @@
   hub cache (``$TORCH_HOME/hub/checkpoints``) and downloads only when the file is not there
   and the machine is online.
 - ``model.weights-path = "file.safetensors"`` (or a ``.pth``/``.pt`` saved with
-  ``torch.save(model.state_dict())``) loads a local state dict, ``weights_only=True``.
+  ``torch.save(model.state_dict())``) loads a local state dict, ``weights_only=True``; or a
+  fedtl run's own checkpoint (``run_checkpoint``), whose blocks seed a new run of the same
+  backbone (``fedtl.models.factory``).
 
 Tensors are named as the family's own model names them (``Backbone.source``); its
 classifier is dropped for fedtl's head. Published weights bring their preprocessing:
@@ -21,7 +23,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import Tensor, nn
 from torchvision import models as tvm
@@ -85,6 +87,21 @@ def download_state(weights: tvm.WeightsEnum) -> dict[str, Tensor]:
             f"cannot load {weights}: {cache} is not in the torch hub cache and downloading {weights.url} failed "
             f"({type(err).__name__}: {err}). Copy the file there from a machine that is online, or set "
             "model.weights-path to a local copy") from None
+
+
+def run_checkpoint(path: str | Path) -> dict[str, Tensor] | None:
+    """The blocks of a fedtl run's checkpoint (``checkpoints/last.safetensors`` or ``best.safetensors`` of a run
+    folder, which name the backbone they grew from), or ``None`` if ``path`` is not one."""
+    path = Path(path)
+    if path.suffix != ".safetensors" or not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            if "backbone_fingerprint" not in (f.metadata() or {}):
+                return None
+    except (SafetensorError, OSError):
+        return None  # read_state says what is wrong with it
+    return {k: v for k, v in load_file(str(path)).items() if k.startswith("blocks.")}
 
 
 def read_state(path: str | Path) -> dict[str, Tensor]:

@@ -66,6 +66,11 @@ def test_every_mode_three_clients_two_rounds(mode: str, tmp_path: Path) -> None:
         assert rows[2]["bytes_down"] > rows[1]["bytes_down"]
     if mode == "feature-extraction":
         assert summary["travelling_params"] == reference.num_parameters(["head"])
+    if mode == "full":  # the run's checkpoint seeds a new run: what federated fine-tuning made of the blocks
+        seeded = build_model(make_config(f"model.weights-path={str(out / 'checkpoints' / 'last.safetensors')!r}"))
+        for key, value in seeded.state_dict().items():
+            if key.startswith("blocks."):
+                assert torch.equal(value, final[key]), key
 
 
 def test_default_study_beats_scratch(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ from torchvision import models as tvm
 from fedtl.config import ConfigError
 from fedtl.errors import WeightsError
 from fedtl.models.backbones import BACKBONES
-from fedtl.models.factory import outside_backbone
+from fedtl.models.factory import build_model, outside_backbone
 from fedtl.models.transfer import TransferModel
 from fedtl.models.weights import published
 from tests.helpers import make_config
@@ -121,10 +121,28 @@ def test_weights_config_errors() -> None:
 
 
 def test_the_architecture_without_its_weights_matches_for_checkpoints(tmp_path: Path) -> None:
-    from fedtl.models.factory import build_model
-
     _saved("resnet18", tmp_path / "w.pth")
     cfg = make_config("model.backbone=resnet18", f"model.weights-path={str(tmp_path / 'w.pth')!r}")
     with_weights, bare = build_model(cfg), build_model(cfg, load_weights=False)
     assert {k: v.shape for k, v in bare.state_dict().items()} == {k: v.shape for k, v in with_weights.state_dict().items()}
     bare.load_state_dict(with_weights.state_dict())  # what the report does with a run's last checkpoint
+
+
+def test_a_runs_checkpoint_seeds_a_new_run_with_its_blocks_and_a_new_head(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from fedtl.reports.runs import to_json
+
+    source = build_model(make_config())
+    trained = {k: v + 0.25 if k.startswith("blocks.") else v for k, v in source.state_dict().items()}
+    path = tmp_path / "last.safetensors"  # as RunRecorder.checkpoint writes it
+    save_file({k: v.contiguous() for k, v in trained.items()}, str(path),
+              metadata={"round": to_json(5), "accuracy": to_json(0.9), "backbone_fingerprint": to_json("f00d")})
+    seeded = build_model(make_config(f"model.weights-path={str(path)!r}", "seed=3"))
+    for key, value in seeded.state_dict().items():
+        if key.startswith("blocks."):
+            assert torch.equal(value, trained[key]), key
+    assert not torch.equal(seeded.head.weight, trained["head.weight"])  # a new task's head, seeded
+    assert seeded.backbone_fingerprint != source.backbone_fingerprint
+    with pytest.raises(WeightsError, match="is a fedtl checkpoint of another model"):
+        build_model(make_config(f"model.weights-path={str(path)!r}", "model.backbone=mobilenet_v3_small"))
