@@ -19,6 +19,7 @@ import typer
 from rich.console import Console
 
 from fedtl.deploy.commands import (
+    CONTROL_PORT,
     INSECURE_WARNING,
     Keys,
     register_command,
@@ -27,6 +28,7 @@ from fedtl.deploy.commands import (
     superlink_command,
     supernode_command,
 )
+from fedtl.deploy.gateway import FLEET, MAX_BODY, run_behind_gateway
 from fedtl.protocol import NUM_PARTITIONS, PARTITION_ID
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -120,19 +122,40 @@ def connection(
 @app.command()
 def superlink(
     certs_: CertsOpt = Path("certs"),
-    host: Annotated[str, typer.Option("--host", help="Address to listen on (default: this machine only; the "
+    host: Annotated[str, typer.Option("--host", help="Address the nodes reach (default: this machine only; the "
                                                     "federation network's address for other machines).")] = "127.0.0.1",
-    port: Annotated[int, typer.Option("--port", help="Port of the Fleet, Control and Runtime APIs.")] = 8000,
+    port: Annotated[int, typer.Option("--port", help="Port the nodes reach: the Fleet API, nothing else.")] = 8000,
+    control_port: Annotated[int, typer.Option("--control-port", help="The SuperLink's own port, on loopback only: "
+                                              "flwr run and fedtl deploy register use it.")] = CONTROL_PORT,
+    max_request_mb: Annotated[float, typer.Option("--max-request-mb", help="Refuse a node's request body over "
+                                                  "this (Flower sends arrays in 5 MiB pieces).")] = MAX_BODY / 2**20,
     database: Annotated[str | None, typer.Option("--database", help="Keep state in this file (default: memory).")] = None,
     insecure: InsecureOpt = False,
     dry_run: DryRunOpt = False,
 ) -> None:
-    """Start the SuperLink: TLS, and only registered SuperNodes may join."""
+    """Start the SuperLink on loopback and, in front of it on --host:--port, the gateway that lets
+    SuperNodes reach its Fleet API alone: TLS, and only registered SuperNodes may join."""
+    if port == control_port:
+        _fail(f"--port and --control-port are both {port}: the nodes' port and the SuperLink's own must differ")
     try:
-        cmd = superlink_command(Keys(certs_), host=host, port=port, insecure=insecure, database=database)
+        cmd = superlink_command(Keys(certs_), port=control_port, insecure=insecure, database=database)
     except FileNotFoundError as err:
         _fail(err)
-    _exec(cmd, dry_run, insecure)
+    if insecure:
+        console.print(f"[bold yellow]warning:[/] {INSECURE_WARNING}")
+    typer.echo(shown(cmd))  # unwrapped: a line to copy
+    scheme = "http" if insecure else "https"
+    typer.echo(f"fedtl's Fleet gateway: {scheme}://{host}:{port}{FLEET} -> 127.0.0.1:{control_port} "
+               f"(nothing else; request bodies up to {max_request_mb:g} MiB)")
+    if dry_run:
+        return
+    sys.stdout.flush()
+    keys = Keys(certs_)
+    tls = {} if insecure else {"ca": str(keys.ca), "certfile": str(keys.server_cert), "keyfile": str(keys.server_key)}
+    code = run_behind_gateway([_tool(cmd[0]), *cmd[1:]], control_port=control_port, host=host, port=port,
+                              **{"ca": None, "certfile": None, "keyfile": None, **tls},
+                              max_body=int(max_request_mb * 2**20))
+    raise typer.Exit(code)
 
 
 @app.command()

@@ -36,19 +36,23 @@ def _node_config(values: dict[str, str | bool | int | float]) -> str:
     return " ".join(f"{k}={_toml_value(v)}" for k, v in values.items())
 
 
-def superlink_command(keys: Keys, *, host: str = "127.0.0.1", port: int = 8000, insecure: bool = False,
+CONTROL_PORT = 9093  # Flower's former Control API port; here the SuperLink's own, on loopback
+
+
+def superlink_command(keys: Keys, *, port: int = CONTROL_PORT, insecure: bool = False,
                       database: str | None = None) -> list[str]:
-    """``flower-superlink`` serving the Fleet, Control and Runtime APIs on ``host:port``.
+    """``flower-superlink`` serving the Fleet, Control and Runtime APIs on ``127.0.0.1:port``.
+
+    Flower 1.42 serves all three on one port, and the Control API authenticates no account: the
+    SuperLink stays on loopback (``flwr run`` and ``flwr supernode register`` on its machine reach
+    it there) and ``fedtl.deploy.gateway`` lets the nodes in, to the Fleet API alone.
 
     Parameters
     ----------
     keys : Keys
         The federation's files (the SuperLink needs ``ca.crt``, ``server.pem`` and ``server.key``).
-    host : str, optional
-        Address to listen on (default ``"127.0.0.1"``: this machine only; give the address of the
-        federation's network for other machines, not ``0.0.0.0`` on a public host: docs/deploy.md).
     port : int, optional
-        Its one port (default 8000).
+        Its one port, on loopback (default 9093).
     insecure : bool, optional
         No TLS and no node authentication (``INSECURE_WARNING``).
     database : str, optional
@@ -59,7 +63,7 @@ def superlink_command(keys: Keys, *, host: str = "127.0.0.1", port: int = 8000, 
     FileNotFoundError
         If a TLS file is missing (with the command that makes it).
     """
-    cmd = ["flower-superlink", "--host", host, "--port", str(port), "--disable-runtime-dependency-installation"]
+    cmd = ["flower-superlink", "--host", "127.0.0.1", "--port", str(port), "--disable-runtime-dependency-installation"]
     if database:
         cmd += ["--database", database]
     if insecure:

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -21,6 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
 import pytest
 
 from fedtl.reports.runs import read_metrics
@@ -81,6 +84,7 @@ class Federation:
     node_ports: list[int]
     namespaces: list[str]
     why_not_namespaces: str | None
+    control_port: int  # the SuperLink's own port, on loopback (the nodes' port is its Fleet gateway)
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
 
     def fedtl(self, *args: str, timeout: float = 300, prefix: list[str] | None = None) -> subprocess.CompletedProcess:
@@ -173,10 +177,11 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]
     env = {**os.environ, "FLWR_HOME": str(root / "flwr-home"), "PYTHONUNBUFFERED": "1",
            "PATH": f"{BIN}:{os.environ['PATH']}"}
     links, prefixes, namespaces, why_not = _make_hosts(NODES + 1)
-    port = _free_port()
+    port, control_port = _free_port(), _free_port()
     # In its own namespace every node has its own loopback, so all can use Flower's default port.
     fed = Federation(root, env, port, [f"{a}:{port}" for a in links], prefixes,
-                     [9094 if namespaces else _free_port() for _ in range(NODES + 1)], namespaces, why_not)
+                     [9094 if namespaces else _free_port() for _ in range(NODES + 1)], namespaces, why_not,
+                     control_port)
     try:
         hosts = [a for link in dict.fromkeys(links) if link != "127.0.0.1" for a in ("--host", link)]
         names = [a for i in range(NODES + 1) for a in ("--node", f"node{i}")]
@@ -185,9 +190,11 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]
         done = fed.fedtl("deploy", "export-data", "--out", str(root / "nodes"), "--set", f"clients={NODES}")
         assert done.returncode == 0, done.stdout + done.stderr
         link = fed.start("superlink", "deploy", "superlink", "--certs", str(root / "certs"),
-                         "--host", "0.0.0.0" if namespaces else "127.0.0.1", "--port", str(port))
+                         "--host", "0.0.0.0" if namespaces else "127.0.0.1", "--port", str(port),
+                         "--control-port", str(control_port))
         _wait_port("127.0.0.1", port, link, root / "superlink.log")
-        done = fed.fedtl("deploy", "connection", "deploy", "--address", f"127.0.0.1:{port}", "--certs",
+        # flwr run and register reach the SuperLink itself, on this machine's loopback; nodes, the gateway.
+        done = fed.fedtl("deploy", "connection", "deploy", "--address", f"127.0.0.1:{control_port}", "--certs",
                          str(root / "certs"))
         assert done.returncode == 0, done.stdout + done.stderr
         done = fed.fedtl("deploy", "register", *(f"node{i}" for i in range(NODES + 1)), "--certs", str(root / "certs"))
@@ -244,6 +251,53 @@ def test_unregistered_key_and_wrong_certificate_are_rejected(federation: Federat
     cmd[cmd.index("--root-certificates") + 1] = str(root / "other" / "ca.crt")
     code, output = federation.attempt("wrong-ca", [str(BIN / cmd[0]), *cmd[1:]])
     assert code != 0 and "CERTIFICATE_VERIFY_FAILED" in output, output[-2000:]
+
+
+def _node_ids(listing: str) -> set[str]:
+    return set(re.findall(r"\b\d{6,}\b", listing))
+
+
+def test_an_outsider_holding_the_ca_is_refused_the_control_api(federation: Federation, tmp_path: Path) -> None:
+    """The audit's outsider, replayed: from a node's network, holding only the public ``ca.crt``, it
+    tried to register a key of its own, list the nodes and unregister node0 through the port the
+    nodes use (Flower 1.42 serves its Control API there, with no account authentication; each
+    call succeeded). Through fedtl's gateway each is refused, and the federation is unchanged."""
+    inside = subprocess.run([str(BIN / "flwr"), "supernode", "list", "deploy"], capture_output=True, text=True,
+                            env=federation.env, timeout=60, check=False)
+    before = _node_ids(inside.stdout)
+    assert inside.returncode == 0 and len(before) == NODES + 1, inside.stdout + inside.stderr
+    mine = tmp_path / "outsider"
+    assert federation.fedtl("deploy", "certs", "--out", str(mine / "keys"), "--node", "outsider").returncode == 0
+    (mine / "public").mkdir()
+    shutil.copy(federation.root / "certs" / "ca.crt", mine / "public" / "ca.crt")  # all it holds of the federation
+    env = {**federation.env, "FLWR_HOME": str(mine / "flwr-home")}
+    saved = subprocess.run([str(BIN / "fedtl"), "deploy", "connection", "there", "--address", federation.links[0],
+                            "--certs", str(mine / "public")], capture_output=True, text=True, env=env, timeout=60,
+                           check=False)
+    assert saved.returncode == 0, saved.stdout + saved.stderr
+    for call in (["register", str(mine / "keys" / "nodes" / "outsider.pub"), "there"], ["list", "there"],
+                 ["unregister", sorted(before)[0], "there"]):
+        done = subprocess.run([*federation.prefixes[0], str(BIN / "flwr"), "supernode", *call], capture_output=True,
+                              text=True, env=env, timeout=60, check=False)
+        assert done.returncode != 0 and "404 Not Found" in done.stdout + done.stderr, (call, done.stdout[-2000:])
+    after = subprocess.run([str(BIN / "flwr"), "supernode", "list", "deploy"], capture_output=True, text=True,
+                           env=federation.env, timeout=60, check=False)
+    assert _node_ids(after.stdout) == before  # nothing registered, nothing unregistered
+    # What else the SuperLink serves on its port is not there either, and a body is bounded.
+    base = f"https://{federation.links[0]}"
+    with httpx.Client(verify=ssl.create_default_context(cafile=mine / "public" / "ca.crt"), timeout=30) as web:
+        assert web.post(f"{base}/v1/control/list-nodes", content=b"").status_code == 404
+        assert web.post(f"{base}/v1/runtime/pull-messages", content=b"").status_code == 404
+        assert web.get(f"{base}/docs").status_code == 404
+        unsigned = web.post(f"{base}/v1/fleet/get-run", content=b"", headers={"content-type": "application/protobuf"})
+        assert unsigned.status_code == 401  # the Fleet API itself: the SuperLink's node authentication
+        assert web.post(f"{base}/v1/fleet/push-object", content=b"\0" * (17 * 2**20)).status_code == 413
+    if federation.namespaces:  # the SuperLink's own port is on the server's loopback: no node's host reaches it
+        host = federation.links[0].rsplit(":", 1)[0]
+        probe = f"import socket; print(socket.socket().connect_ex(({host!r}, {federation.control_port})))"
+        there = subprocess.run([*federation.prefixes[0], sys.executable, "-c", probe], capture_output=True, text=True,
+                               check=True).stdout
+        assert there.strip() != "0"
 
 
 def test_nodes_are_separate_hosts(federation: Federation) -> None:

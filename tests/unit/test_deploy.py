@@ -42,7 +42,7 @@ def test_commands_have_tls_and_node_auth_unless_insecure(tmp_path: Path) -> None
     make_federation_keys(tmp_path, nodes=["n0"])
     keys = Keys(tmp_path)
     link = superlink_command(keys, port=8123)
-    assert link[:5] == ["flower-superlink", "--host", "127.0.0.1", "--port", "8123"]  # loopback unless told
+    assert link[:5] == ["flower-superlink", "--host", "127.0.0.1", "--port", "8123"]  # loopback: the gateway is the door
     assert "--enable-supernode-auth" in link and "--insecure" not in link
     assert link[link.index("--ssl-certfile") + 1] == str(tmp_path / "server.pem")
     node = supernode_command(keys, "n0", superlink="10.1.2.3:8123", data_path="/data/my silo",
@@ -115,6 +115,23 @@ def test_cli_supernode_takes_flowers_node_config_syntax(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["deploy", "certs", "--out", str(tmp_path / "x"), "--days", "0"])
     assert result.exit_code == 2 and "at least a day" in result.output and result.exception is not None
     assert isinstance(result.exception, SystemExit)  # one clear error, no traceback
+
+
+def test_cli_superlink_puts_the_superlink_on_loopback_and_the_gateway_where_nodes_reach(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from fedtl.cli import app
+
+    make_federation_keys(tmp_path, nodes=[])
+    result = CliRunner().invoke(app, ["deploy", "superlink", "--certs", str(tmp_path), "--host", "10.0.0.5",
+                                      "--port", "8443", "--max-request-mb", "8", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    link, gateway = result.output.strip().splitlines()[-2:]
+    assert link.startswith("flower-superlink --host 127.0.0.1 --port 9093 ")  # never the nodes' address
+    assert gateway == ("fedtl's Fleet gateway: https://10.0.0.5:8443/v1/fleet/ -> 127.0.0.1:9093 (nothing else; "
+                       "request bodies up to 8 MiB)")
+    result = CliRunner().invoke(app, ["deploy", "superlink", "--certs", str(tmp_path), "--port", "9093", "--dry-run"])
+    assert result.exit_code == 2 and "must differ" in result.output
 
 
 def test_deploy_run_leaves_paths_to_each_machine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
