@@ -301,7 +301,7 @@ def test_an_outsider_holding_the_ca_is_refused_the_control_api(federation: Feder
 
 
 def test_nodes_are_separate_hosts(federation: Federation) -> None:
-    """Each SuperNode has a host of its own: its own address and loopback, and the SuperLink saw it
+    """Each SuperNode has a host of its own: its own address and loopback, and the gateway saw it
     connect from that address."""
     if not federation.namespaces:
         pytest.skip(f"SuperNodes share loopback here: {federation.why_not_namespaces}")
@@ -316,7 +316,8 @@ def test_nodes_are_separate_hosts(federation: Federation) -> None:
                            check=True).stdout
     assert here.strip() == "0" and there.strip() != "0"  # the SuperLink is on this host's loopback, not node 0's
     seen = federation.log("superlink")
-    for s in subnets:  # the SuperLink's access log: each node's requests came from its own address
+    # The gateway's access log, in fedtl deploy superlink's output: each node's requests from its own address.
+    for s in subnets:
         assert f"{s}.2:" in seen, s
 
 
