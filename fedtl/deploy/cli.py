@@ -65,10 +65,14 @@ def shown(cmd: list[str]) -> str:
     return " ".join(word(a) for a in cmd)
 
 
-def _exec(cmd: list[str], dry_run: bool, insecure: bool) -> None:
+def _show(cmd: list[str], insecure: bool) -> None:
     if insecure:
         console.print(f"[bold yellow]warning:[/] {INSECURE_WARNING}")
     typer.echo(shown(cmd))  # unwrapped: a line to copy
+
+
+def _exec(cmd: list[str], dry_run: bool, insecure: bool) -> None:
+    _show(cmd, insecure)
     if dry_run:
         return
     sys.stdout.flush()
@@ -137,24 +141,20 @@ def superlink(
     SuperNodes reach its Fleet API alone: TLS, and only registered SuperNodes may join."""
     if port == control_port:
         _fail(f"--port and --control-port are both {port}: the nodes' port and the SuperLink's own must differ")
+    keys = Keys(certs_)
     try:
-        cmd = superlink_command(Keys(certs_), port=control_port, insecure=insecure, database=database)
+        cmd = superlink_command(keys, port=control_port, insecure=insecure, database=database)
     except FileNotFoundError as err:
         _fail(err)
-    if insecure:
-        console.print(f"[bold yellow]warning:[/] {INSECURE_WARNING}")
-    typer.echo(shown(cmd))  # unwrapped: a line to copy
+    _show(cmd, insecure)
     scheme = "http" if insecure else "https"
     typer.echo(f"fedtl's Fleet gateway: {scheme}://{host}:{port}{FLEET} -> 127.0.0.1:{control_port} "
                f"(nothing else; request bodies up to {max_request_mb:g} MiB)")
     if dry_run:
         return
     sys.stdout.flush()
-    keys = Keys(certs_)
-    tls = {} if insecure else {"ca": str(keys.ca), "certfile": str(keys.server_cert), "keyfile": str(keys.server_key)}
     code = run_behind_gateway([_tool(cmd[0]), *cmd[1:]], control_port=control_port, host=host, port=port,
-                              **{"ca": None, "certfile": None, "keyfile": None, **tls},
-                              max_body=int(max_request_mb * 2**20))
+                              keys=None if insecure else keys, max_body=int(max_request_mb * 2**20))
     raise typer.Exit(code)
 
 

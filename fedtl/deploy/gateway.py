@@ -33,13 +33,17 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
+from fedtl.deploy.certs import Keys
+
 FLEET = "/v1/fleet/"
 # Flower sends arrays in chunks of 5 MiB (FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE), one chunk a request,
 # whatever the model's size: no request of a SuperNode needs more than this.
 MAX_BODY = 16 * 2**20
-# Per connection, not end to end (RFC 9110 7.6.1); the lengths and encodings are the forwarder's own.
+# Per connection, not end to end (RFC 9110 7.6.1); the length is the forwarder's own. A reply's body
+# arrives decoded (httpx), so its content-encoding goes too; a request's is forwarded as it came.
 HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "transfer-encoding",
-       "upgrade", "host", "content-length", "content-encoding"}
+       "upgrade", "host", "content-length"}
+DECODED = HOP | {"content-encoding"}
 NOT_HERE = ("not served here: this address serves only Flower's Fleet API (SuperNodes). The Control API "
             "(flwr run, flwr supernode register/list/unregister) is on the SuperLink's machine, at its control port\n")
 
@@ -77,7 +81,7 @@ def gateway_app(upstream: str, *, verify: ssl.SSLContext | bool, max_body: int =
         except httpx.HTTPError as err:
             return PlainTextResponse(f"the SuperLink did not answer: {err}\n", status_code=502)
         return Response(reply.content, status_code=reply.status_code,
-                        headers={k: v for k, v in reply.headers.items() if k.lower() not in HOP})
+                        headers={k: v for k, v in reply.headers.items() if k.lower() not in DECODED})
 
     @asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
@@ -88,17 +92,16 @@ def gateway_app(upstream: str, *, verify: ssl.SSLContext | bool, max_body: int =
     return Starlette(routes=[Route("/{path:path}", forward, methods=methods)], lifespan=lifespan)
 
 
-def serve_gateway(host: str, port: int, upstream: str, *, ca: str | None, certfile: str | None,
-                  keyfile: str | None, max_body: int = MAX_BODY) -> None:
-    """Serve the gateway on ``host:port`` until a signal ends it (TLS with ``certfile``/``keyfile``).
-
-    ``ca`` is the CA that signed the SuperLink's certificate (``None``: plain HTTP to ``upstream``).
-    """
+def serve_gateway(host: str, port: int, control_port: int, keys: Keys | None, max_body: int = MAX_BODY) -> None:
+    """Serve the gateway on ``host:port`` for the SuperLink on ``127.0.0.1:control_port`` until a signal
+    ends it: TLS with the SuperLink's own certificate, checked against the federation's CA, from
+    ``keys`` (``None``: plain HTTP both ways, ``--insecure``)."""
     import uvicorn
 
-    verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=ca) if ca else False
-    uvicorn.run(gateway_app(upstream, verify=verify, max_body=max_body), host=host, port=port,
-                ssl_certfile=certfile, ssl_keyfile=keyfile, access_log=True, log_level="info", workers=1)
+    scheme, verify = ("https", ssl.create_default_context(cafile=keys.ca)) if keys else ("http", False)
+    app = gateway_app(f"{scheme}://127.0.0.1:{control_port}", verify=verify, max_body=max_body)
+    uvicorn.run(app, host=host, port=port, ssl_certfile=str(keys.server_cert) if keys else None,
+                ssl_keyfile=str(keys.server_key) if keys else None, access_log=True, log_level="info", workers=1)
 
 
 def _end_with_parent() -> None:
@@ -118,8 +121,8 @@ def _wait_listening(port: int, proc: subprocess.Popen, timeout: float = 120.0) -
     return False
 
 
-def run_behind_gateway(superlink: list[str], *, control_port: int, host: str, port: int, ca: str | None,
-                       certfile: str | None, keyfile: str | None, max_body: int = MAX_BODY) -> int:
+def run_behind_gateway(superlink: list[str], *, control_port: int, host: str, port: int, keys: Keys | None,
+                       max_body: int = MAX_BODY) -> int:
     """Run ``superlink`` (listening on ``127.0.0.1:control_port``) and the gateway on ``host:port`` in
     front of it, until a signal ends this process or the SuperLink exits; the SuperLink's exit code
     if it ended first, else 0. The SuperLink ends with this process, however this one ends."""
@@ -139,9 +142,7 @@ def run_behind_gateway(superlink: list[str], *, control_port: int, host: str, po
             link.poll()
             return link.returncode if link.returncode is not None else 1
         threading.Thread(target=watch, daemon=True).start()
-        scheme = "https" if ca else "http"
-        serve_gateway(host, port, f"{scheme}://127.0.0.1:{control_port}", ca=ca, certfile=certfile, keyfile=keyfile,
-                      max_body=max_body)
+        serve_gateway(host, port, control_port, keys, max_body)
     except SystemExit as err:  # a signal (0), or uvicorn could not start (its port taken: 3)
         code = err.code if isinstance(err.code, int) else 1
     finally:

@@ -54,7 +54,7 @@ def build_model(cfg: ExperimentConfig, *, load_weights: bool = True) -> Transfer
         model.head.reset_parameters()
     if pretrains_itself(cfg) and load_weights:
         load_pretrained(model, ensure_pretrained(cfg))
-    if seeded is not None:
+    if seeded is not None and load_weights:
         load_blocks(model, seeded, f"model.weights-path {m.weights_path!r} is a fedtl checkpoint of another model",
                     "Seed a run with a checkpoint of the same model.backbone, data.image-size and model.norm; a "
                     "LoRA run's checkpoint holds its adapter and cannot seed one")

@@ -99,9 +99,9 @@ def run_checkpoint(path: str | Path) -> dict[str, Tensor] | None:
         with safe_open(str(path), framework="pt") as f:
             if "backbone_fingerprint" not in (f.metadata() or {}):
                 return None
+            return {k: f.get_tensor(k) for k in f.keys() if k.startswith("blocks.")}  # noqa: SIM118 - not a dict
     except (SafetensorError, OSError):
         return None  # read_state says what is wrong with it
-    return {k: v for k, v in load_file(str(path)).items() if k.startswith("blocks.")}
 
 
 def read_state(path: str | Path) -> dict[str, Tensor]:

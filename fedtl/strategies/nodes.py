@@ -37,14 +37,13 @@ class TrainingNodes(FilteredGrid):
         self.held_out: dict[int, bool] = {}
         self.examples: dict[int, int] = {}  # node -> the training examples it declared
 
-    @property
-    def undeclared(self) -> set[int]:
-        """Training nodes that answered without a count of their examples (their data could not be read)."""
-        return {n for n, out in self.held_out.items() if out is False and n not in self.examples}
+    def uncounted(self, node: int) -> bool:
+        """Whether ``node`` trains but answered without a count of its examples (its data could not be read)."""
+        return self.held_out.get(node) is False and node not in self.examples
 
     def _training(self, ids: list[int]) -> list[int]:
-        # New nodes, and training nodes that declared no count (their data could not be read then).
-        new = [n for n in ids if n not in self.held_out or (self.held_out[n] is False and n not in self.examples)]
+        # New nodes, and training nodes that declared no count (asked again: their data may be readable now).
+        new = [n for n in ids if n not in self.held_out or self.uncounted(n)]
         if new:
             self._ask(new)
         return [n for n in ids if self.held_out.get(n) is False]  # unanswered nodes do not train

@@ -252,7 +252,7 @@ class TransferStrategy(Strategy):
         node = msg.metadata.src_node_id
         if (problem := reply_problem(msg, spec)) is not None:
             return problem
-        if any(node in view.undeclared for view in self._views.values()):
+        if any(view.uncounted(node) for view in self._views.values()):
             return "its node declared no training examples when asked (it could not read its data then; it is " \
                    "asked again next round)"
         declared = self._declared.get(node, float("inf"))

@@ -57,7 +57,7 @@ def _call(upstream: str, method: str, path: str, max_body: int = 1000, **kwargs:
 
 def test_a_fleet_call_is_forwarded_as_sent(superlink: str) -> None:
     headers = {"flwr-public-key": "a2V5", "flwr-signature": "c2ln", "flwr-timestamp": "2026-12-03T00:00:00",
-               "content-type": "application/protobuf", "connection": "keep-alive"}
+               "content-type": "application/protobuf", "proxy-authorization": "Basic c2VjcmV0"}
     reply = _call(superlink, "POST", "/v1/fleet/pull-messages?x=1", content=b"\x08\x01", headers=headers)
     assert reply.status_code == 201 and reply.headers["content-type"] == "application/x-echo"
     seen = reply.json()
@@ -65,6 +65,7 @@ def test_a_fleet_call_is_forwarded_as_sent(superlink: str) -> None:
     for key in ("flwr-public-key", "flwr-signature", "flwr-timestamp", "content-type"):
         assert seen["headers"][key] == headers[key], key  # node authentication signs these
     assert seen["headers"]["host"] != "gateway"  # its own connection's, not the caller's
+    assert "proxy-authorization" not in seen["headers"]  # meant for the gateway's hop alone
 
 
 @pytest.mark.parametrize(("method", "path"), [
