@@ -73,6 +73,9 @@ NODE_CONFIG_KEYS = (PARTITION_ID, NUM_PARTITIONS, DATA_PATH, HELD_OUT, DEVICE, T
 # -- a node's context.state ---------------------------------------------------------------
 LOCAL_STATE = "fedtl.local"  # ArrayRecord: the tensors a personalisation keeps on the node
 PRIVACY_STATE = "fedtl.privacy"  # ConfigRecord: a DP-SGD client's accountant history
+# Node state that a resumed simulation takes from the latest round a node ran, even one lost to the
+# kill: spend that happened is never rolled back (``fedtl.simulations.node_state``).
+SPENT_STATE = (PRIVACY_STATE,)
 
 
 class Trainable(Protocol):

@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any
 
 # What a run writes into its folder (and ``--overwrite`` removes).
+NODE_STATE_DIR = "node-state"  # a simulated run's node states, for a resume (fedtl.simulations.node_state)
 RUN_FILES = ("config.toml", "metrics.jsonl", "summary.json", "accuracy.png", "checkpoints", "privacy.jsonl",
-             "privacy.png", "clients.jsonl", "flower.log")
+             "privacy.png", "clients.jsonl", "flower.log", NODE_STATE_DIR)
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 LEDGER_FILE = "privacy.jsonl"

@@ -70,24 +70,6 @@ def preflight(cfg: ExperimentConfig) -> None:
     check_plans(cfg, run_model(cfg.replace(init="scratch")))
 
 
-def check_resumable(cfg: ExperimentConfig, model: TransferModel | None = None) -> None:
-    """Refuse to resume a run whose clients keep state between rounds: a simulated node's state (its DP-SGD
-    accountant, its personal layers) lives in the process that ended, and a resumed run would start it afresh
-    (a DP-SGD client's spend from zero: a false guarantee).
-
-    Raises
-    ------
-    RunFolderError
-        Naming what the clients keep.
-    """
-    model = model or run_model(cfg.replace(init="scratch"))
-    kept = [what for what, keeps in (("a DP-SGD accountant", privacy_mode(cfg).per_sample),
-                                     ("personal layers", bool(model.local_keys))) if keeps]
-    if kept:
-        raise RunFolderError(f"{cfg.out} cannot be resumed: its clients keep {' and '.join(kept)} in their node "
-                             "state, which ended with the run's processes. Start the run again (--overwrite)")
-
-
 def private_strategy(cfg: ExperimentConfig, model: TransferModel) -> tuple[Strategy, RdpAccountant | None]:
     """The run's Flower strategy inside its privacy mode's wrapper, after every round's plan is checked.
 
@@ -114,7 +96,6 @@ def run_server(grid: Grid, cfg: ExperimentConfig, terminal: Terminal | None = No
     """
     model = run_model(cfg)
     if resume is not None:
-        check_resumable(cfg, model)
         if resume.config != cfg.to_toml() or resume.fingerprint != model.backbone_fingerprint:
             raise RunFolderError(f"{cfg.out}: its resume checkpoint is of another config or backbone than the run's "
                                  "config.toml; start the run again")

@@ -8,7 +8,8 @@ strategy's carried state (``strategy/``: FedAdam's moments, FedAvgM's momentum) 
 state; and, as metadata: the round, the backbone fingerprint, the resolved config, the strategy's
 other values (an adaptive clipping norm, a client-level DP accountant) and Python's random state
 (Flower samples nodes with it). ``fedtl simulate --resume`` reads it back (``read_resume``); the
-records (``metrics.jsonl``, ``privacy.jsonl``) are cut back to that round.
+records (``metrics.jsonl``, ``privacy.jsonl``) are cut back to that round. The simulated nodes'
+own state (personal layers, DP-SGD accountants) is the simulation's: ``fedtl.simulations.node_state``.
 """
 
 from __future__ import annotations

@@ -10,9 +10,13 @@ thread in ``ray.get`` for ever: the round times out on the server, but the simul
 a fresh one, and the node's reply is an error that names what happened. The node is sampled again in
 later rounds (a retry); the round's record says which node failed and why.
 
+**Node state.** Each node's ``context.state`` lives here, in the driver: after every message the
+backend hands the node's new state to ``node_state.NodeStates``, which writes it to the run folder,
+and a resumed run's nodes get theirs back before their first message (see that module).
+
 **Kept warm.** Inside ``runtime.kept_warm()`` the pool survives between runs (see that module).
 
-Flower has no option for either, hence the subclass; it is swapped in for ``RayBackend`` only while
+Flower has no option for any of these, hence the subclass; it is swapped in for ``RayBackend`` only while
 ``fedtl_backend()`` is entered (Flower looks the class up when a simulation starts).
 """
 
@@ -21,7 +25,10 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from fedtl.simulations.node_state import NodeStates
 
 # The pool kept between runs (runtime.kept_warm): {"on": True} while kept, "pool" and "resources" once built.
 WARM: dict[str, Any] = {}
@@ -31,7 +38,7 @@ class ClientProcessError(RuntimeError):
     """A virtual client's process died or overran its time: it was replaced; the node's reply is this error."""
 
 
-def _backend_class(limit_s: float) -> type:
+def _backend_class(limit_s: float, states: NodeStates | None) -> type:
     import ray
     from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend
 
@@ -61,6 +68,8 @@ def _backend_class(limit_s: float) -> type:
                 return actor.run.remote(app_fn, msg, cid, state)
 
             partition = str(context.node_config[PARTITION_ID])
+            if states is not None:
+                states.restore(context)
             future = self.pool.submit(run_on, (self.app_fn, message, partition, context))
             ready, _ = ray.wait([future], timeout=limit_s)
             if not ready:
@@ -68,7 +77,7 @@ def _backend_class(limit_s: float) -> type:
                 raise ClientProcessError(f"the client of partition {partition} ran past the round timeout "
                                          f"({limit_s:g} s): its process was ended and replaced")
             try:
-                return self.pool.fetch_result_and_return_actor_to_pool(future)
+                reply, updated = self.pool.fetch_result_and_return_actor_to_pool(future)
             except ray.exceptions.RayActorError as err:
                 self._replace(future, ran_on[0])
                 raise ClientProcessError(f"the client process of partition {partition} died "
@@ -76,6 +85,9 @@ def _backend_class(limit_s: float) -> type:
             except Exception:
                 self.pool.add_actor_back_to_pool(future)
                 raise
+            if states is not None:
+                states.keep(message, updated)
+            return reply, updated
 
         def _replace(self, future: Any, actor: Any) -> None:
             with self._lock:
@@ -108,13 +120,13 @@ def drop_pool() -> None:
 
 
 @contextmanager
-def fedtl_backend(limit_s: float) -> Iterator[None]:
+def fedtl_backend(limit_s: float, states: NodeStates | None = None) -> Iterator[None]:
     """Flower's simulations started inside run on ``FedtlRayBackend`` (see the module); a message has
-    ``limit_s`` seconds to come back."""
+    ``limit_s`` seconds to come back; ``states``, if given, keeps each node's state."""
     from flwr.server.superlink.fleet.vce.backend import raybackend
 
     original = raybackend.RayBackend
-    raybackend.RayBackend = _backend_class(limit_s)
+    raybackend.RayBackend = _backend_class(limit_s, states)
     try:
         yield
     finally:

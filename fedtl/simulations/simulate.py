@@ -24,11 +24,12 @@ from fedtl.models.pretrain import ensure_pretrained, pretrains_itself
 from fedtl.personalisation import run_model
 from fedtl.reports.plots import plot_accuracy
 from fedtl.reports.runs import LOG_FILE, RUN_FILES, holds_run, read_metrics
-from fedtl.server.app import check_resumable, make_server_app, private_strategy, run_dir
+from fedtl.server.app import make_server_app, private_strategy, run_dir
 from fedtl.server.checkpoint import read_resume
 from fedtl.server.record import Terminal, write_summary
 from fedtl.simulations.backend import fedtl_backend
 from fedtl.simulations.logs import flower_log_copy, quiet_output
+from fedtl.simulations.node_state import NodeStates, check_resumable
 from fedtl.simulations.reaper import watch_descendants
 from fedtl.simulations.runtime import check_runtime, kept_warm, resolve_resources
 
@@ -138,9 +139,13 @@ def _simulate(cfg: ExperimentConfig, terminal: Terminal, mods: Sequence[Mod] = (
     if cfg.simulation.ray_address:  # Flower's Ray backend passes init_args to ray.init
         backend["init_args"] = {"address": cfg.simulation.ray_address}
     watch_descendants()  # Ray's processes end with this one, even if it is killed
-    with fedtl_backend(limit_s=cfg.strategy.round_timeout):  # a dead or hung client process is replaced
+    checkpoint = read_resume(Path(cfg.out)) if resume else None
+    states = NodeStates(Path(cfg.out), checkpoint_every=cfg.checkpoint_every,
+                        resume_round=checkpoint.round if checkpoint else None)
+    # A dead or hung client process is replaced; each node's state is kept on disk for a resume.
+    with fedtl_backend(limit_s=cfg.strategy.round_timeout, states=states):
         run_simulation(
-            server_app=make_server_app(rc, terminal, read_resume(Path(cfg.out)) if resume else None),
+            server_app=make_server_app(rc, terminal, checkpoint),
             client_app=make_client_app(rc, mods),
             num_supernodes=cfg.clients, backend_config=backend,
         )

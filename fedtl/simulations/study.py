@@ -253,8 +253,8 @@ def run_state(cfg: ExperimentConfig) -> str:
 
 def resumable(cfg: ExperimentConfig) -> int | None:
     """The round after which an interrupted run can continue from its checkpoint, or ``None`` (start again)."""
-    from fedtl.server.app import check_resumable  # the server's, which import torch and Flower
-    from fedtl.server.checkpoint import read_resume
+    from fedtl.server.checkpoint import read_resume  # imports torch, as the next does Flower
+    from fedtl.simulations.node_state import check_resumable
 
     try:
         done = read_resume(Path(cfg.out)).round

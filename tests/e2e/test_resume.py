@@ -7,12 +7,14 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from fedtl.accounting import sample_epsilon
 from fedtl.config import load_config
 from fedtl.reports.runs import read_metrics
 from fedtl.server.checkpoint import read_resume, resume_path
@@ -28,16 +30,34 @@ SETS = ("clients=3", "rounds=4", "strategy.name=fedadam", "privacy.mode=client-l
         "finetune.local-epochs=4", f"pretrain.cache-dir={str(CACHE)!r}", "pretrain.epochs=2")
 
 
-def killed_after_round_2(out: Path) -> int:
-    """Start the run in a process, SIGKILL it as soon as its checkpoint holds round 2; the round it holds."""
-    proc = subprocess.Popen([sys.executable, "-m", "fedtl.cli", "simulate", *(a for s in SETS for a in ("--set", s)),
+# Node state, which comes back from node-state/: FedPer's local heads ...
+FEDPER = ("clients=3", "rounds=4", "strategy.personalisation=fedper", "finetune.mode=full",
+          f"pretrain.cache-dir={str(CACHE)!r}", "pretrain.epochs=2")
+# ... and DP-SGD's per-client accountants: 20 images in batches of 4, 5 steps an epoch, 2 epochs a round.
+DP_SGD = ("clients=3", "rounds=4", "privacy.mode=dp-sgd", "labelled-per-client=20", "finetune.batch-size=4",
+          "local-epochs=2", f"pretrain.cache-dir={str(CACHE)!r}", "pretrain.epochs=2")
+ROUND_STEPS = 10
+
+
+def checkpointed_round_2(out: Path) -> bool:
+    return resume_path(out).is_file() and read_resume(out).round >= 2
+
+
+def a_node_ran_round_3(out: Path) -> bool:
+    return any((out / "node-state").glob("*/round-3.recorddict"))
+
+
+def killed_after_round_2(out: Path, sets: tuple[str, ...] = SETS, when: Callable[[Path], bool] = checkpointed_round_2) -> int:
+    """Start the run in a process, SIGKILL it as soon as ``when`` (by default: its checkpoint holds round 2);
+    the round its checkpoint holds."""
+    proc = subprocess.Popen([sys.executable, "-m", "fedtl.cli", "simulate", *(a for s in sets for a in ("--set", s)),
                              "--out", str(out)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env=os.environ.copy())
     try:
         deadline = time.monotonic() + 240
         while True:
             assert proc.poll() is None and time.monotonic() < deadline, "the run ended before round 2 was checkpointed"
-            if resume_path(out).is_file() and read_resume(out).round >= 2:
+            if when(out):
                 break
             time.sleep(0.05)
         proc.kill()
@@ -70,3 +90,41 @@ def test_a_run_killed_after_round_2_and_resumed_equals_the_uninterrupted_run(tmp
     assert [{k: v for k, v in r.items() if k not in timing} for r in read_metrics(killed)] == \
         [{k: v for k, v in r.items() if k not in timing} for r in read_metrics(whole)]
     assert lines(killed / "privacy.jsonl") == lines(whole / "privacy.jsonl")
+
+
+def test_a_resumed_run_gets_back_its_nodes_local_heads(tmp_path: Path) -> None:
+    killed = tmp_path / "killed"
+    assert killed_after_round_2(killed, FEDPER) < 4 and not (killed / "summary.json").exists()
+    simulate(load_config(killed / "config.toml"), resume=True)
+
+    whole = tmp_path / "whole"
+    simulate(make_config(*FEDPER, f"out={str(whole)!r}"))
+    a, b = (load_file(str(run / "checkpoints" / "last.safetensors")) for run in (killed, whole))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
+    # Every round's training loss (each node's own head under the shared body), and each node's
+    # personalised accuracy at the end, are the uninterrupted run's: the heads came back as they were.
+    timing = ("wall_seconds",)
+    assert [{k: v for k, v in r.items() if k not in timing} for r in read_metrics(killed)] == \
+        [{k: v for k, v in r.items() if k not in timing} for r in read_metrics(whole)]
+    per_client = [json.loads((run / "summary.json").read_text())["per_client"] for run in (killed, whole)]
+    assert per_client[0] == per_client[1] and per_client[0]["personal_mean"] > per_client[0]["accuracy_mean"]
+
+
+def test_a_resumed_dp_sgd_run_counts_every_step_its_nodes_took_lost_rounds_included(tmp_path: Path) -> None:
+    # DP-SGD's noise is fresh randomness (os.urandom), so a round that runs again is a second release:
+    # its lost first run stays spent. (No uninterrupted run to compare with: the noise differs by design.)
+    killed = tmp_path / "killed"
+    done = killed_after_round_2(killed, DP_SGD, when=a_node_ran_round_3)  # killed mid-round 3
+    assert done < 4 and not (killed / "summary.json").exists()
+    lost = {p.name.removeprefix("partition-"): sum(int(f.stem.removeprefix("round-")) > done for f in p.iterdir())
+            for p in (killed / "node-state").iterdir()}  # the rounds past the checkpoint each node had run
+    assert set(lost) == {"0", "1", "2"} and any(lost.values())
+    simulate(load_config(killed / "config.toml"), resume=True)
+
+    rows = lines(killed / "privacy.jsonl")
+    assert sorted((r["round"], r["client"]) for r in rows) == [(n, c) for n in range(1, 5) for c in "012"]
+    for row in rows:
+        steps = ROUND_STEPS * (row["round"] + (lost[row["client"]] if row["round"] > done else 0))
+        assert row["steps"] == steps, row
+        assert row["epsilon"] == pytest.approx(sample_epsilon([(1.0, 0.2, steps)], accountant="rdp", delta=1e-5))

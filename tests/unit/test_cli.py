@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 
@@ -72,14 +74,17 @@ def test_resume_refuses_what_it_cannot_continue(tmp_path) -> None:
     assert "cannot be read" in says("--resume", str(run))
 
 
-def test_runs_whose_clients_keep_state_are_not_resumed() -> None:
+def test_runs_whose_clients_keep_state_are_not_resumed_without_their_node_states(tmp_path: Path) -> None:
     # A simulated client's DP-SGD accountant would start again from zero: a guarantee it does not have.
     from fedtl.errors import RunFolderError
-    from fedtl.server.app import check_resumable
+    from fedtl.simulations.node_state import check_resumable
     from tests.helpers import make_config
 
-    with pytest.raises(RunFolderError, match="keep a DP-SGD accountant in their node state"):
-        check_resumable(make_config("privacy.mode=dp-sgd"))
+    out = f"out={str(tmp_path)!r}"
+    with pytest.raises(RunFolderError, match="keep a DP-SGD accountant in their node state, and its node-state/"):
+        check_resumable(make_config("privacy.mode=dp-sgd", out))
     with pytest.raises(RunFolderError, match="keep personal layers"):
-        check_resumable(make_config("strategy.personalisation=fedper", "finetune.mode=full"))
-    check_resumable(make_config("privacy.mode=client-level", "strategy.personalisation=fedbabu", "finetune.mode=full"))
+        check_resumable(make_config("strategy.personalisation=fedper", "finetune.mode=full", out))
+    check_resumable(make_config("privacy.mode=client-level", "strategy.personalisation=fedbabu", "finetune.mode=full", out))
+    (tmp_path / "node-state").mkdir()
+    check_resumable(make_config("privacy.mode=dp-sgd", out))
