@@ -172,15 +172,17 @@ def run_server(grid: Grid, cfg: ExperimentConfig, terminal: Terminal | None = No
         if cfg.checkpoint_every and (rnd % cfg.checkpoint_every == 0 or rnd == cfg.rounds):
             write_resume(recorder.out, rnd=rnd, fingerprint=model.backbone_fingerprint, config=cfg.to_toml(),
                          arrays={k: torch.from_numpy(a.numpy()) for k, a in arrays.items()}, initial=strategy_initial,
-                         strategy=strategy_state(inner))
+                         strategy=strategy_state(inner), numpy_random=not privacy.noised_update)
 
     strategy_initial = {k: torch.from_numpy(v) for k, v in strategy.initial.items()}
     if resume is None:
         plan(1).apply_to(model)
         first, arrays = 1, ArrayRecord(model.travelling_state())
-        # Flower samples nodes with Python's random, client-level DP noises with numpy's: seeded, a run repeats.
+        # Flower samples nodes with Python's random: seeded, a run repeats. Its client-level DP wrappers draw
+        # their noise from numpy's: from fresh entropy then, never the seed, which config.toml shows to anyone
+        # holding the released models (who could regenerate the noise and subtract it).
         random.seed(derived_seed("server", cfg.seed))
-        np.random.seed(derived_seed("server", cfg.seed))
+        np.random.seed(None if privacy.noised_update else derived_seed("server", cfg.seed))
     else:
         plan(done + 1 if done < cfg.rounds else done).apply_to(model)
         first, arrays = done + 1, ArrayRecord(resume.arrays)

@@ -5,7 +5,7 @@
 next round starts from, in the dtypes they travel in), the state every round grows
 from (``initial/``: the pre-trained reference and the starting head, FedNCM's included), the inner
 strategy's carried state (``strategy/``: FedAdam's moments, FedAvgM's momentum) and numpy's random
-state; and, as metadata: the round, the backbone fingerprint, the resolved config, the strategy's
+state (not under client-level DP, whose noise it draws); and, as metadata: the round, the backbone fingerprint, the resolved config, the strategy's
 other values (an adaptive clipping norm, a client-level DP accountant) and Python's random state
 (Flower samples nodes with it). ``fedtl simulate --resume`` reads it back (``read_resume``); the
 records (``metrics.jsonl``, ``privacy.jsonl``) are cut back to that round. The simulated nodes'
@@ -43,13 +43,17 @@ class Resume:
     strategy_arrays: dict[str, np.ndarray]
     strategy_values: dict[str, Any]
     python_random: Any
-    numpy_random: tuple[Any, ...]
+    numpy_random: tuple[Any, ...] | None
 
     def restore_random(self) -> None:
-        """Put Python's and numpy's global random states back as they were after the round."""
+        """Put Python's and numpy's global random states back as they were after the round (numpy's from fresh
+        entropy where the checkpoint kept none)."""
         version, internal, gauss = self.python_random
         random.setstate((version, tuple(internal), gauss))
-        np.random.set_state(self.numpy_random)
+        if self.numpy_random is None:
+            np.random.seed(None)
+        else:
+            np.random.set_state(self.numpy_random)
 
 
 def resume_path(run_dir: Path) -> Path:
@@ -58,19 +62,27 @@ def resume_path(run_dir: Path) -> Path:
 
 
 def write_resume(run_dir: Path, *, rnd: int, fingerprint: str, config: str, arrays: dict[str, torch.Tensor],
-                 initial: dict[str, torch.Tensor], strategy: tuple[dict[str, np.ndarray], dict[str, Any]]) -> Path:
-    """Write the resume checkpoint of round ``rnd`` (atomically: a run killed meanwhile keeps the previous one)."""
+                 initial: dict[str, torch.Tensor], strategy: tuple[dict[str, np.ndarray], dict[str, Any]],
+                 numpy_random: bool = True) -> Path:
+    """Write the resume checkpoint of round ``rnd`` (atomically: a run killed meanwhile keeps the previous one).
+
+    ``numpy_random = False`` (numpy's state draws client-level DP noise): its state is not kept, since
+    whoever read the file could regenerate the noise; a resumed run draws from fresh entropy.
+    """
     carried, values = strategy
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
     tensors = {
         **{f"arrays/{k}": v.detach().cpu().contiguous().clone() for k, v in arrays.items()},
         **{f"initial/{k}": v.detach().cpu().contiguous().clone() for k, v in initial.items()},
         **{f"strategy/{k}": torch.from_numpy(np.ascontiguousarray(a)) for k, a in carried.items()},
-        "random/numpy": torch.from_numpy(keys.astype(np.int64)),
     }
+    numpy_meta = None
+    if numpy_random:
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        tensors["random/numpy"] = torch.from_numpy(keys.astype(np.int64))
+        numpy_meta = [kind, pos, has_gauss, cached]
     version, internal, gauss = random.getstate()
     meta = {"round": rnd, "fingerprint": fingerprint, "config": config, "strategy": values,
-            "python_random": [version, list(internal), gauss], "numpy_random": [kind, pos, has_gauss, cached]}
+            "python_random": [version, list(internal), gauss], "numpy_random": numpy_meta}
     return write_atomic(resume_path(run_dir), save(tensors, metadata={k: to_json(v) for k, v in meta.items()}))
 
 
@@ -94,10 +106,12 @@ def read_resume(run_dir: Path) -> Resume:
         raise RunFolderError(f"{path} cannot be read ({err}): start the run again") from None
     part = {p: {k[len(p) + 1:]: v for k, v in tensors.items() if k.startswith(p + "/")}
             for p in ("arrays", "initial", "strategy")}
-    kind, pos, has_gauss, cached = meta["numpy_random"]
+    numpy_random = None
+    if meta["numpy_random"] is not None:
+        kind, pos, has_gauss, cached = meta["numpy_random"]
+        numpy_random = (kind, tensors["random/numpy"].numpy().astype(np.uint32), pos, has_gauss, cached)
     return Resume(
         round=int(meta["round"]), fingerprint=meta["fingerprint"], config=meta["config"], arrays=part["arrays"],
         initial=part["initial"], strategy_arrays={k: v.numpy() for k, v in part["strategy"].items()},
-        strategy_values=meta["strategy"], python_random=meta["python_random"],
-        numpy_random=(kind, tensors["random/numpy"].numpy().astype(np.uint32), pos, has_gauss, cached),
+        strategy_values=meta["strategy"], python_random=meta["python_random"], numpy_random=numpy_random,
     )

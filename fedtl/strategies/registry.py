@@ -46,18 +46,33 @@ def _accepts_any(cfg: ExperimentConfig) -> None:
 
 @dataclass(frozen=True)
 class StrategyEntry:
-    """A strategy: its factory, and the config check it adds (raises ``ConfigError``)."""
+    """A strategy: its factory, the config check it adds (raises ``ConfigError``), and whether its aggregate
+    is the weighted mean of the updates, FedAvg's (``averages``): the only rule client-level DP's noise is
+    scaled to."""
 
     build: StrategyFactory
-    check_config: Callable[[ExperimentConfig], None] = _accepts_any
+    check: Callable[[ExperimentConfig], None] = _accepts_any
+    averages: bool = False
+
+    def check_config(self, cfg: ExperimentConfig) -> None:
+        """Refuse what this strategy cannot honour in ``cfg``."""
+        if not self.averages and privacy_mode(cfg).noised_update:
+            raise ConfigError(
+                f"strategy.name = \"{cfg.strategy.name}\" with privacy.mode = \"{cfg.privacy.mode}\": the noise is "
+                "scaled to the plain mean of clipped updates (one client moves it by at most C/m), and this "
+                "strategy's aggregate moves the released model further for one client's change (a server optimiser "
+                "or a robust rule, applied before the noise), so the accounted epsilon would not hold. Use "
+                "strategy.name = \"fedavg\" or \"fedprox\" with client-level DP, or privacy.mode = \"dp-sgd\" "
+                "with this strategy")
+        self.check(cfg)
 
 
 class StrategyRegistry(Registry[StrategyEntry]):
     """Strategies by name; registering a plain factory makes it an entry without checks."""
 
-    def register(self, name: str, check_config: Callable[[ExperimentConfig], None] = _accepts_any  # type: ignore[override]
-                 ) -> Callable[[StrategyFactory], StrategyFactory]:
-        return self.register_wrapped(name, lambda build: StrategyEntry(build, check_config))
+    def register(self, name: str, check_config: Callable[[ExperimentConfig], None] = _accepts_any,  # type: ignore[override]
+                 *, averages: bool = False) -> Callable[[StrategyFactory], StrategyFactory]:
+        return self.register_wrapped(name, lambda build: StrategyEntry(build, check_config, averages))
 
 
 STRATEGIES = StrategyRegistry("strategy")
@@ -99,7 +114,7 @@ def _server_lr(cfg: ExperimentConfig, default: float) -> float:
     return cfg.strategy.server_lr or default  # 0: the strategy's own default
 
 
-@STRATEGIES.register("fedavg")
+@STRATEGIES.register("fedavg", averages=True)
 def fedavg(cfg: ExperimentConfig) -> Strategy:
     """FedAvg: the mean of client updates weighted by examples (McMahan et al. 2017)."""
     return FedAvg(**common(cfg))
@@ -107,7 +122,7 @@ def fedavg(cfg: ExperimentConfig) -> Strategy:
 
 @STRATEGIES.register("fedprox", check_config=refused_per_sample(
     "strategy.name", "Opacus builds each update from per-sample gradients of the data loss, so FedProx's proximal term "
-    "would be silently dropped. Use another strategy with DP-SGD, or FedProx without it"))
+    "would be silently dropped. Use another strategy with DP-SGD, or FedProx without it"), averages=True)
 def fedprox(cfg: ExperimentConfig) -> Strategy:
     """FedProx: FedAvg, with clients adding (mu/2)||w - w_global||^2 to their loss (Li et al. 2020)."""
     return FedProx(**common(cfg), proximal_mu=cfg.strategy.proximal_mu)
@@ -191,7 +206,10 @@ def bulyan(cfg: ExperimentConfig) -> Strategy:
     return Bulyan(**common(cfg), num_malicious_nodes=cfg.strategy.num_malicious_nodes)
 
 
-@STRATEGIES.register("qfedavg")
+@STRATEGIES.register("qfedavg", check_config=refused_per_sample(
+    "strategy.name", "q-FedAvg weights each update by the client's training loss, which DP-SGD does not release "
+    "(it is computed from the client's data without noise, so it would tell neighbouring data sets apart). Use "
+    "another strategy with DP-SGD, or q-FedAvg without it"))
 def qfedavg(cfg: ExperimentConfig) -> Strategy:
     """q-FedAvg: fairness-weighted averaging by clients' training loss to the power ``q`` (Li et al. 2020)."""
     return QFedAvg(**common(cfg), client_learning_rate=cfg.finetune.lr, q=cfg.strategy.q,

@@ -15,7 +15,7 @@ import math
 import numpy as np
 from flwr.app import ArrayRecord, Message
 
-from fedtl.protocol import ARRAYS, DECLINED, METRICS, NUM_EXAMPLES, REASON
+from fedtl.protocol import ARRAYS, DECLINED, METRICS, NUM_EXAMPLES, REASON, UNIT_WEIGHT
 
 # key -> (shape, dtype) of every tensor that was sent
 Spec = dict[str, tuple[tuple[int, ...], str]]
@@ -59,6 +59,8 @@ def reply_problem(msg: Message, expected: Spec, record: str = ARRAYS) -> str | N
     examples = metrics.get(NUM_EXAMPLES, 1)
     if not (isinstance(examples, (int, float)) and examples >= 1 and examples == int(examples)):
         return f"{NUM_EXAMPLES} is {examples}: a weight must count at least one example"  # -24 would cancel others
+    if metrics.get(UNIT_WEIGHT, 1) != 1:  # equal weights are what client-level DP's noise is scaled to
+        return f"{UNIT_WEIGHT} is {metrics[UNIT_WEIGHT]}: a unit weight is 1"
     arrays = msg.content[record]
     got = set(arrays.keys())
     if got != set(expected):

@@ -1,4 +1,5 @@
-"""Exact resume: a run killed mid-way and resumed from its checkpoint ends where an uninterrupted run ends."""
+"""Exact resume: a run killed mid-way and resumed from its checkpoint ends where an uninterrupted run ends
+(under client-level DP, whose noise is fresh entropy, its accountant carries on)."""
 
 from __future__ import annotations
 
@@ -23,15 +24,14 @@ from tests.helpers import CACHE, ROOT, make_config
 
 pytestmark = pytest.mark.e2e
 
-# FedAdam's moments, client-level DP's accountant, adaptive clipping norm and noise (numpy's random state):
-# what a resume must carry over, on 3 clients.
-SETS = ("clients=3", "rounds=4", "strategy.name=fedadam", "privacy.mode=client-level", "privacy.clipping=adaptive",
+# Client-level DP's accountant and adaptive clipping norm: what a resume must carry over, on 3 clients.
+SETS = ("clients=3", "rounds=4", "privacy.mode=client-level", "privacy.clipping=adaptive",
         "noise-multiplier=0.1",
         "finetune.local-epochs=4", f"pretrain.cache-dir={str(CACHE)!r}", "pretrain.epochs=2")
 
 
-# Node state, which comes back from node-state/: FedPer's local heads ...
-FEDPER = ("clients=3", "rounds=4", "strategy.personalisation=fedper", "finetune.mode=full",
+# Node state, which comes back from node-state/: FedPer's local heads (and FedAdam's moments, on the server) ...
+FEDPER = ("clients=3", "rounds=4", "strategy.personalisation=fedper", "finetune.mode=full", "strategy.name=fedadam",
           f"pretrain.cache-dir={str(CACHE)!r}", "pretrain.epochs=2")
 # ... and DP-SGD's per-client accountants: 20 images in batches of 4, 5 steps an epoch, 2 epochs a round.
 DP_SGD = ("clients=3", "rounds=4", "privacy.mode=dp-sgd", "labelled-per-client=20", "finetune.batch-size=4",
@@ -72,24 +72,22 @@ def lines(path: Path, drop: tuple[str, ...] = ()) -> list[dict]:
     return [{k: v for k, v in json.loads(x).items() if k not in drop} for x in path.read_text().splitlines()]
 
 
-def test_a_run_killed_after_round_2_and_resumed_equals_the_uninterrupted_run(tmp_path: Path) -> None:
+def test_a_client_level_dp_run_killed_after_round_2_continues_its_accountant_with_fresh_noise(tmp_path: Path) -> None:
     killed = tmp_path / "killed"
     done = killed_after_round_2(killed)
     assert done < 4 and not (killed / "summary.json").exists()  # it was stopped mid-run
+    assert read_resume(killed).numpy_random is None  # the state the noise is drawn from is never written
     summary = simulate(load_config(killed / "config.toml"), resume=True)
     assert summary["rounds"] == 4
 
     whole = tmp_path / "whole"
     simulate(make_config(*SETS, f"out={str(whole)!r}"))
-    a, b = load_file(str(killed / "checkpoints" / "last.safetensors")), load_file(str(whole / "checkpoints" /
-                                                                                     "last.safetensors"))
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
-    timing = ("wall_seconds",)
-    assert [{k: v for k, v in r.items() if k not in timing} for r in read_metrics(killed)] == \
-        [{k: v for k, v in r.items() if k not in timing} for r in read_metrics(whole)]
-    assert lines(killed / "privacy.jsonl") == lines(whole / "privacy.jsonl")
+    assert lines(killed / "privacy.jsonl") == lines(whole / "privacy.jsonl")  # the accountant carried on
+    assert [r["round"] for r in read_metrics(killed)] == [0, 1, 2, 3, 4]
+    # The noise comes from fresh entropy, not the seed (config.toml shows it to anyone): the same config
+    # and seed release other models. Before, they were equal, noise and all.
+    a, b = (load_file(str(run / "checkpoints" / "last.safetensors")) for run in (killed, whole))
+    assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a)
 
 
 def test_a_resumed_run_gets_back_its_nodes_local_heads(tmp_path: Path) -> None:

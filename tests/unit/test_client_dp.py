@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.exception import PrivacyBudgetExhausted
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
@@ -90,10 +90,66 @@ def test_every_wrapper_is_registered_and_bad_settings_are_config_errors() -> Non
     assert set(CLIENT_DP.names()) == {"fixed-server", "fixed-client", "adaptive-server", "adaptive-client"}
     with pytest.raises(ConfigError, match="client-level DP calibrates its noise to equal client weights"):
         _cfg("strategy.weighting=examples")
-    # Flower: with 2 clients the clipped-count noise (2 / 20) cannot carry multiplier 1.
-    cfg = _cfg("privacy.clipping=adaptive", "noise-multiplier=1.0")
-    with pytest.raises(ConfigError, match="client-level DP \\(adaptive-server\\).*clipped_count_stddev"):
+    # With 2 clients the clipped count's noise (2 / 20) must exceed the multiplier.
+    for sigma in (1.0, 0.1):
+        cfg = _cfg("privacy.clipping=adaptive", f"noise-multiplier={sigma}")
+        with pytest.raises(ConfigError, match="adaptive-server.*must be below the clipped count's noise \\(0.1"):
+            wrap_client_level(build_strategy(cfg), cfg)
+
+
+@pytest.mark.parametrize("name", ["fedadam", "fedyogi", "fedadagrad", "fedavgm", "qfedavg", "fedmedian",
+                                  "fedtrimmedavg", "krum", "multikrum", "bulyan"])
+def test_client_level_dp_refuses_strategies_whose_aggregate_is_not_the_mean(name: str) -> None:
+    # An audit found (noise off, one client's update changed): the released model moved 10.7x the C/m the
+    # noise is scaled to under FedAdam, 14.3x FedYogi, 40x FedAdagrad, 7.1x Krum.
+    for clipping in ("fixed", "adaptive"):
+        with pytest.raises(ConfigError, match=f"strategy.name = \"{name}\" with privacy.mode = \"client-level\": "
+                                              "the noise is scaled to the plain mean"):
+            make_config("clients=12", "privacy.mode=client-level", f"privacy.clipping={clipping}",
+                        f"strategy.name={name}")
+    make_config("clients=12", f"strategy.name={name}")  # fine without client-level DP
+
+
+def test_fedavg_and_fedprox_run_under_client_level_dp() -> None:
+    for name in ("fedavg", "fedprox"):
+        cfg = make_config("clients=2", "privacy.mode=client-level", f"strategy.name={name}")
         wrap_client_level(build_strategy(cfg), cfg)
+
+
+def _clip_round(inner, sent: np.ndarray, update: float, rnd: int) -> np.ndarray:
+    """One round of Flower's wrapper ``inner`` on 2 nodes whose updates are ``update`` in every entry."""
+    out = list(inner.configure_train(rnd, ArrayRecord({"w": Array(sent)}), ConfigRecord(), StaticGrid([1, 2])))
+    replies = [Message(RecordDict({"arrays": ArrayRecord({"w": Array(sent + np.float32(update))}),
+                                   "metrics": MetricRecord({"num-examples": 5, "unit-weight": 1})}), reply_to=m)
+               for m in out]
+    arrays, _ = inner.aggregate_train(rnd, replies)
+    return arrays["w"].numpy()
+
+
+def test_adaptive_clipping_noises_with_the_norm_it_clipped_with_and_moves_it_toward_the_quantile(
+        task_identity: None) -> None:
+    # sigma 0.05 with sigma_b = 2 / 20 = 0.1: the update's share is (0.05^-2 - 0.1^-2)^-1/2 = 1/sqrt(300).
+    cfg = _cfg("privacy.clipping=adaptive", "privacy.clip-on=server", "noise-multiplier=0.05", "privacy.clip-lr=2.0",
+               "privacy.max-grad-norm=1.0")
+    inner, accountant = wrap_client_level(build_strategy(cfg), cfg)
+    assert inner.noise_multiplier == pytest.approx(300**-0.5)
+    sent = np.zeros((200, 200), np.float32)
+    # Round 1: both updates (norm 200) are clipped to 1, i.e. 1/200 an entry; nearly none stays unclipped,
+    # so C grows by about exp(2 * 0.5). Flower 1.42 shrank it (exp(-2 * 0.5)) and noised with that.
+    merged = _clip_round(inner, sent, 1.0, 1)
+    noise = merged - 1.0 / 200
+    assert noise.mean() == pytest.approx(0.0, abs=1e-3)
+    assert noise.std() == pytest.approx(300**-0.5 * 1.0 / 2, rel=0.02)  # the norm the updates were clipped with
+    grown = inner.clipping_norm
+    assert 2.0 < grown < 3.7  # exp(2 * (0.5 - noisy unclipped fraction)), that fraction ~ N(0, 0.05)
+    # Round 2: tiny updates (norm 0.2), all unclipped: C shrinks, and the noise is at the grown norm.
+    merged = _clip_round(inner, sent, 0.001, 2)
+    assert (merged - 0.001).std() == pytest.approx(300**-0.5 * grown / 2, rel=0.02)
+    assert inner.clipping_norm < grown
+    # Update and count together: one release at the configured multiplier, as accounted.
+    assert (inner.noise_multiplier**-2 + 0.1**-2) ** -0.5 == pytest.approx(0.05)
+    assert accountant.get_epsilon(1e-5) == pytest.approx(
+        client_level_epsilon(0.05, releases=2, sampled=2, population=2, delta=1e-5))
 
 
 def test_a_round_the_dp_wrapper_does_not_release_counts_nothing_as_merged(task_identity: None,

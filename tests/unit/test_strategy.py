@@ -238,6 +238,19 @@ def test_a_reply_off_the_protocol_is_dropped_with_its_reason_and_the_round_goes_
     assert problem in caplog.text and f"node {odd.metadata.src_node_id}" in caplog.text
 
 
+def test_a_reply_whose_unit_weight_is_not_1_is_dropped(task_identity: None, caplog: pytest.LogCaptureFixture) -> None:
+    # Client-level DP's noise is scaled to equal weights: a client weighting itself 1000 would outweigh the rest.
+    observed: list = []
+    s = strategy(observed)
+    out = configure_round_one(s, [1, 2])
+    good = {"head.w": np.full((2, 2), 3.0, np.float32), "head.b": np.ones(2, np.float32)}
+    replies = [reply(m, good, 5) for m in out]
+    for r, weight in zip(replies, (1, 1000), strict=True):
+        r.content["metrics"]["unit-weight"] = weight
+    s.aggregate_train(1, replies)
+    assert observed[0][1]["clients_ok"] == 1 and "unit-weight is 1000: a unit weight is 1" in caplog.text
+
+
 class DeclaringGrid(StaticGrid):
     """Nodes that answer Flower's query, each declaring 5 training examples."""
 
