@@ -23,6 +23,8 @@ from flwr.supercore.privacy_accounting import (
     SamplingMethod,
 )
 
+from fedtl.config import PrivacyConfig as PrivacySettings
+
 History = list[tuple[float, float, int]]
 """An Opacus accountant's history: ``(noise multiplier, sample rate, steps)`` per stretch."""
 
@@ -82,6 +84,22 @@ def calibrate_sample_noise(target_epsilon: float, *, delta: float, sample_rate: 
                                       steps=steps, accountant=accountant))
 
 
+def client_noise(p: PrivacySettings, *, sample_rate: float, planned_steps: int) -> float:
+    """A DP-SGD client's noise multiplier: ``p.noise-multiplier``, or with ``target-epsilon`` calibrated so its
+    ``planned_steps`` steps at ``sample_rate`` spend it. Both sides compute it: the client to train, the
+    server's ledger to charge a client whose reply never came.
+
+    Raises
+    ------
+    ValueError
+        If no noise level reaches the target.
+    """
+    if not p.target_epsilon:
+        return p.noise_multiplier
+    return calibrate_sample_noise(p.target_epsilon, delta=p.delta, sample_rate=sample_rate, steps=planned_steps,
+                                  accountant=p.accountant)
+
+
 # -- client level ----------------------------------------------------------------------
 def client_level_accountant(population: int, delta: float, max_epsilon: float | None) -> RdpAccountant:
     """Flower's RDP accountant for releases of ``population`` clients' clipped, noised mean update."""
@@ -97,6 +115,20 @@ def client_level_epsilon(sigma: float, *, releases: int, sampled: int, populatio
     acc.compose(GaussianPrivacyEvent(noise_multiplier=sigma, sample_size=sampled, population_size=population),
                 count=releases)
     return acc.get_epsilon(delta)
+
+
+def replace_one_epsilon(accountant: RdpAccountant) -> float:
+    """The epsilon of ``accountant``'s releases when neighbouring runs differ in one client's updates *replaced*
+    by another's rather than removed: the mean moves by up to 2C/m, not C/m, so each release counts at half its
+    noise multiplier."""
+    config = accountant.config
+    twice = client_level_accountant(config.population_size, config.target_delta, None)
+    for comp in accountant.state_dict()["compositions"]:  # type: ignore[union-attr]
+        event = comp["event"]  # type: ignore[index]
+        twice.compose(GaussianPrivacyEvent(noise_multiplier=event["noise_multiplier"] / 2,
+                                           sample_size=event["sample_size"], population_size=event["population_size"]),
+                      count=comp["count"])  # type: ignore[index]
+    return twice.get_epsilon(config.target_delta) if twice.num_releases else 0.0
 
 
 def calibrate_client_noise(target_epsilon: float, *, releases: int, sampled: int, population: int, delta: float,

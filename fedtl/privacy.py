@@ -63,6 +63,10 @@ class PrivacyMode:
     noised_update : bool
         Whether the server noises the merged update: BatchNorm statistics must then be merged by
         the wrapper's own rule, never by their exact mean (which would leak them).
+    reply_loss : bool
+        Whether a client's reply carries its training loss. Computed from its data without noise, the loss
+        tells neighbouring data sets apart; DP-SGD's guarantee covers what a client sends, so its replies
+        leave it out (client-level DP's server is trusted with it, but it stays outside the guarantee).
     check_config : Callable[[ExperimentConfig], None]
         Raises ``ConfigError`` for settings the mode cannot honour.
     check_plans : Callable[[TransferModel, Sequence[RoundPlan]], None]
@@ -75,24 +79,31 @@ class PrivacyMode:
     per_sample: bool = False
     uniform_weights: bool = False
     noised_update: bool = False
+    reply_loss: bool = True
     check_config: Callable[[ExperimentConfig], None] = _no_config_check
     check_plans: Callable[[TransferModel, Sequence[RoundPlan]], None] = _no_plan_check
 
 
 def check_dp_trainable(model: TransferModel, units: Sequence[str]) -> None:
-    """Refuse trainable BatchNorm in ``units``, with the reason and the fixes (checked by the server before
-    round one and by every DP-SGD client each round).
+    """Refuse BatchNorm in ``units`` that trains or, in training, normalises with its batch's statistics
+    (``BatchNorm2d(affine=False)`` has nothing to train and still mixes the batch), with the reason and the
+    fixes (checked by the server before round one and by every DP-SGD client each round).
 
     Raises
     ------
     DPConfigError
-        If a BatchNorm layer would train under DP-SGD.
+        If a BatchNorm layer would train, or run on batch statistics, under DP-SGD.
     """
     from torch.nn.modules.batchnorm import _BatchNorm  # lazily: this module stays light for the config
 
-    bad = [f"{u}.{name}" if name else u for u in units
-           for name, m in model.unit(u).named_modules()
-           if isinstance(m, _BatchNorm) and any(p.requires_grad for p in m.parameters(recurse=False))]
+    was = model.training
+    model.train()  # the modes the layers train in: frozen norms (LoRA, bias-only) stay in eval mode
+    try:
+        bad = [f"{u}.{name}" if name else u for u in units
+               for name, m in model.unit(u).named_modules()
+               if isinstance(m, _BatchNorm) and (m.training or any(p.requires_grad for p in m.parameters(recurse=False)))]
+    finally:
+        model.train(was)
     if bad:
         raise DPConfigError(
             f"DP-SGD cannot train BatchNorm layers ({', '.join(bad[:4])}{', ...' if len(bad) > 4 else ''}): "
@@ -172,21 +183,39 @@ def _none(p: PrivacyConfig, epsilon: float, noise: float | None) -> str:
     return "no differential privacy: client updates are sent as trained (privacy.mode = \"off\")"
 
 
+# What no mode's guarantee covers, said in every sentence (docs/privacy.md says why).
+_OUTSIDE = ("each client's evaluation metrics on its own test split, held-out clients' adaptation, and repeated runs "
+            "over the same data (--compare-scratch, study sweeps), each of which spends its own ε; σ, δ and the "
+            "budget are the server's config")
+# Opacus's accountants that bound epsilon; GDP (its CLT approximation) can underestimate it.
+BOUNDING_ACCOUNTANTS = ("rdp", "prv")
+
+
 def _sample_level(p: PrivacyConfig, epsilon: float, noise: float | None) -> str:
-    return (f"each client's data is (ε, δ)-DP at sample level for ε ≤ {epsilon:.4g}, δ = {p.delta:g} "
-            f"(DP-SGD with Opacus, {p.accountant.upper()} accountant over every step each client took)")
+    bound = f"ε ≤ {epsilon:.4g}" if p.accountant in BOUNDING_ACCOUNTANTS else (
+        f"ε ≈ {epsilon:.4g} (Opacus's GDP accountant: an approximation that can underestimate ε, not a bound; "
+        "privacy.accountant = \"rdp\" or \"prv\" gives one)")
+    return (f"each client's data is (ε, δ)-DP at sample level for {bound}, δ = {p.delta:g}, against anyone who sees "
+            "its updates, the server included: neighbouring data sets differ in one labelled example, added or "
+            "removed (Poisson sampling; the client's example count is treated as public) "
+            f"(DP-SGD with Opacus, {p.accountant.upper()} accountant over every step each client took). "
+            f"Not covered: {_OUTSIDE}")
 
 
 def _client_level(p: PrivacyConfig, epsilon: float, noise: float | None) -> str:
-    return (f"each client's participation is (ε, δ)-DP at client level for ε ≤ {epsilon:.4g}, "
-            f"δ = {p.delta:g} (Flower's {p.clipping} clipping on the {p.clip_on}, noise multiplier "
-            f"{noise or 0:.4g}, Flower's RDP accountant, no sampling amplification)")
+    return (f"each client's participation is (ε, δ)-DP at client level for ε ≤ {epsilon:.4g}, δ = {p.delta:g}, "
+            "against anyone who sees the released global models, not the server (it sees every clipped update "
+            "before the noise; no secure aggregation): neighbouring runs differ in one client's updates, replaced "
+            "by nothing (zero-out, the number of clients per round public; under replace-one the sensitivity "
+            "doubles: summary.json's privacy.epsilon_replace_one) "
+            f"(Flower's {p.clipping} clipping on the {p.clip_on}, noise multiplier {noise or 0:.4g}, Flower's RDP "
+            f"accountant, no sampling amplification). Not covered: training metrics (un-noised), {_OUTSIDE}")
 
 
 PRIVACY_MODES: Registry[PrivacyMode] = Registry("privacy mode")
 PRIVACY_MODES.register("off")(PrivacyMode("none", _none, accounted=False))
-PRIVACY_MODES.register("dp-sgd")(PrivacyMode("sample", _sample_level, per_sample=True, check_config=_check_dp_sgd,
-                                             check_plans=check_dp_plans))
+PRIVACY_MODES.register("dp-sgd")(PrivacyMode("sample", _sample_level, per_sample=True, reply_loss=False,
+                                             check_config=_check_dp_sgd, check_plans=check_dp_plans))
 PRIVACY_MODES.register("client-level")(PrivacyMode(
     "client", _client_level, uniform_weights=True, noised_update=True, check_config=_check_client_level,
     check_plans=check_client_level_plans,

@@ -32,6 +32,7 @@ from fedtl.models.metrics import evaluate_model
 from fedtl.models.ncm import class_sums, head_inputs
 from fedtl.models.transfer import TransferModel
 from fedtl.personalisation import personalisation, run_model
+from fedtl.privacy import privacy_mode
 from fedtl.protocol import (
     ACCURACY,
     ACCURACY_BEFORE,
@@ -221,9 +222,9 @@ def handle_train(msg: Message, context: Context, cfg: ExperimentConfig) -> Messa
         return Message(RecordDict({METRICS: metrics, DECLINED: ConfigRecord({REASON: str(spent)})}), reply_to=msg)
 
     save_local_state(model, context, list(plan.lrs))  # never in the reply: it holds only travelling keys
+    loss = {TRAIN_LOSS: result.loss} if privacy_mode(cfg).reply_loss else {}  # un-noised: not under DP-SGD
     metrics = MetricRecord({
-        TRAIN_LOSS: result.loss, NUM_EXAMPLES: result.examples, UNIT_WEIGHT: 1, STEPS: result.steps,
-        **node.metrics, **extra,
+        **loss, NUM_EXAMPLES: result.examples, UNIT_WEIGHT: 1, STEPS: result.steps, **node.metrics, **extra,
     })
     content = RecordDict({ARRAYS: ArrayRecord(model.travelling_state()), METRICS: metrics})
     return Message(content=content, reply_to=msg)

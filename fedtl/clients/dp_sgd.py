@@ -27,7 +27,7 @@ from flwr.app import ConfigRecord, Context
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from fedtl.accounting import History, calibrate_sample_noise, compose, poisson_schedule, sample_epsilon
+from fedtl.accounting import History, client_noise, compose, poisson_schedule, sample_epsilon
 from fedtl.clients.trainer import TrainResult
 from fedtl.config import ExperimentConfig, PrivacyConfig
 from fedtl.data.rows import LabelledImages
@@ -84,14 +84,18 @@ def _state_file(context: Context) -> Path | None:
     return Path(str(folder)) / f"run-{context.run_id}-privacy.json" if folder else None
 
 
+def _read_state(path: Path) -> PrivacyState:
+    raw = json.loads(path.read_text())
+    return PrivacyState(raw["noise_multiplier"], raw["sample_rate"], [tuple(h) for h in raw["history"]])
+
+
 def load_state(context: Context) -> PrivacyState | None:
     """The client's privacy state from ``context.state`` (or its state file), ``None`` before round one."""
     if PRIVACY_STATE in context.state.config_records:
         return PrivacyState.from_record(context.state.config_records[PRIVACY_STATE])
     path = _state_file(context)
     if path is not None and path.exists():
-        raw = json.loads(path.read_text())
-        return PrivacyState(raw["noise_multiplier"], raw["sample_rate"], [tuple(h) for h in raw["history"]])
+        return _read_state(path)
     return None
 
 
@@ -115,12 +119,9 @@ def initial_state(cfg: ExperimentConfig, num_examples: int) -> PrivacyState:
     """
     p = cfg.privacy
     q, per_epoch = poisson_schedule(num_examples, cfg.finetune.batch_size)
-    if not p.target_epsilon:
-        return PrivacyState(p.noise_multiplier, q)
     planned = cfg.rounds * cfg.finetune.local_epochs * per_epoch
     try:
-        sigma = calibrate_sample_noise(p.target_epsilon, delta=p.delta, sample_rate=q, steps=planned,
-                                       accountant=p.accountant)
+        sigma = client_noise(p, sample_rate=q, planned_steps=planned)
     except ValueError as err:
         raise DPConfigError(
             f"no noise multiplier reaches privacy.target-epsilon = {p.target_epsilon} over {planned} steps "

@@ -207,7 +207,7 @@ class PrivacyConfig(Validated):
     delta: float = field(default=1e-5, metadata=in_range(0.0, 0.1, lo_open=True))
     # dp-sgd: per-sample gradient norm bound; client-level: bound on each client's update norm.
     max_grad_norm: float = field(default=1.0, metadata=in_range(0.0, None, lo_open=True))
-    # Opacus accountant (dp-sgd).
+    # Opacus accountant (dp-sgd): rdp and prv bound epsilon; gdp approximates it (it can underestimate).
     accountant: str = field(default="rdp", metadata=one_of(("rdp", "prv", "gdp")))
     # Opacus's per-sample gradient engine; "ghost" is ghost clipping (no per-sample gradients stored).
     # Not "functorch": its vmap fails on the empty batches Poisson sampling draws.

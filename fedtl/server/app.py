@@ -36,8 +36,9 @@ from fedtl.server.record import RunRecorder, Terminal
 from fedtl.strategies.nodes import TrainingNodes
 from fedtl.strategies.privacy import wrap_private
 from fedtl.strategies.registry import build_strategy, steps_server_optimiser, weight_key
+from fedtl.strategies.report import RoundReport
 from fedtl.strategies.state import load_strategy_state, strategy_state
-from fedtl.strategies.transfer import RoundReport, TransferStrategy
+from fedtl.strategies.transfer import TransferStrategy
 
 
 def run_dir(cfg: ExperimentConfig) -> Path:
@@ -109,7 +110,8 @@ def run_server(grid: Grid, cfg: ExperimentConfig, terminal: Terminal | None = No
     inner, accountant = private_strategy(cfg, model)
     done = resume.round if resume is not None else None
     recorder = RunRecorder(run_dir(cfg), cfg, terminal, resume_round=done)
-    ledger = PrivacyLedger(recorder.out, cfg, privacy, accountant, resume_round=done) if privacy.accounted else None
+    ledger = PrivacyLedger(recorder.out, cfg, privacy, accountant, resume_round=done,
+                           round_epochs=lambda rnd: plan(rnd).local_epochs) if privacy.accounted else None
 
     def observe(report: RoundReport) -> None:
         # Why nodes failed goes into the round's line too: a deployment's only record of a broken node.

@@ -38,7 +38,7 @@ from fedtl.protocol import (
 )
 from fedtl.strategies.nodes import TrainingNodes
 from fedtl.strategies.replies import content_key, declined_reason, examples_problem, reply_problem
-from fedtl.strategies.transfer import RoundReport
+from fedtl.strategies.report import RoundReport
 
 
 def class_sums_problem(msg: Message, classes: int, dim: int) -> str | None:

@@ -3,22 +3,34 @@
 Epsilons are never summed or averaged across clients: each client's data has its own
 guarantee, so the run's statement is about the largest one. Each line of
 ``privacy.jsonl`` is written as its round ends.
+
+Under DP-SGD the ledger counts what each client spent, not what the server merged: a node sent
+a round's training whose reply never came back (or was an error) may have trained all the same,
+and if it never reports again its spend would be missing. So the ledger keeps its own count of
+every client's steps: a round it was sent counts its steps (``local-epochs`` x steps an epoch at
+its sample rate) unless the client declined it, whatever the client reports; a client that does
+report more (a resumed run's lost round) is counted at what it reports. The noise and sample
+rate are the client's own (reported), or, before it ever reported, computed from the examples
+it declared, as the client computes them (``fedtl.accounting.client_noise``). A node that
+declared no count and never reported has an unknown spend, which the guarantee says.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from flwr.serverapp import RdpAccountant
 
+from fedtl.accounting import client_noise, poisson_schedule, replace_one_epsilon, sample_epsilon
 from fedtl.config import ExperimentConfig
 from fedtl.privacy import PrivacyMode
 from fedtl.protocol import (
     DECLINED,
     NODE_ID,
+    NUM_EXAMPLES,
     PARTITION_ID,
     PRIVACY_DELTA,
     PRIVACY_EPSILON,
@@ -28,7 +40,7 @@ from fedtl.protocol import (
 )
 from fedtl.reports.plots import plot_privacy
 from fedtl.reports.runs import LEDGER_FILE, to_json, write_atomic
-from fedtl.strategies.transfer import RoundReport
+from fedtl.strategies.report import RoundReport
 
 # Reply metric -> ledger column.
 _COLUMNS = {PRIVACY_EPSILON: "epsilon", PRIVACY_DELTA: "delta", PRIVACY_STEPS: "steps",
@@ -55,16 +67,22 @@ class PrivacyLedger:
         The server's accountant under client-level DP.
     resume_round : int, optional
         A resumed run's checkpoint round: the lines up to it are kept, later ones dropped.
+    round_epochs : callable, optional
+        Round -> the local epochs its plan trains (default: ``finetune.local-epochs``).
     """
 
     def __init__(self, out_dir: Path, cfg: ExperimentConfig, mode: PrivacyMode,
-                 accountant: RdpAccountant | None = None, resume_round: int | None = None) -> None:
+                 accountant: RdpAccountant | None = None, resume_round: int | None = None,
+                 round_epochs: Callable[[int], int] | None = None) -> None:
         self.out = Path(out_dir)
         self.path = self.out / LEDGER_FILE
         self.cfg, self.mode, self.accountant = cfg, mode, accountant
+        self.round_epochs = round_epochs or (lambda rnd: cfg.finetune.local_epochs)
         self.latest: dict[str, float] = {}
         self.curves: dict[str, list[tuple[int, float]]] = {}
         self.declined: set[str] = set()
+        self.spent: dict[str, tuple[float, float, int]] = {}  # client -> (noise, sample rate, steps) as counted here
+        self.unknown: set[str] = set()  # clients sent training whose spend cannot be counted
         kept = [] if resume_round is None or not self.path.is_file() else [
             row for row in map(json.loads, self.path.read_text().splitlines()) if row["round"] <= resume_round]
         write_atomic(self.path, "")  # a resumed run's lines after its checkpoint are gone: the rounds run again
@@ -79,19 +97,69 @@ class PrivacyLedger:
                          "releases": spent.num_releases, "noise_multiplier": self.noise_multiplier})
         for metrics in report.clients:
             if PRIVACY_EPSILON in metrics:
-                row = {"round": report.round, "client": client_label(metrics), "node_id": metrics[NODE_ID],
-                       "declined": metrics[DECLINED]}
-                rows.append({**row, **{col: metrics[key] for key, col in _COLUMNS.items() if key in metrics}})
+                rows.append(self._reported(report.round, metrics))
+        if self.mode.per_sample:
+            rows += [self._charged(report.round, node) for node in report.unanswered]
         self._append(rows)
+
+    def _round_steps(self, rnd: int, sample_rate: float) -> int:
+        return self.round_epochs(rnd) * round(1 / sample_rate)  # the rate is 1 / steps an epoch
+
+    def _epsilon(self, sigma: float, q: float, steps: int) -> float:
+        p = self.cfg.privacy
+        return sample_epsilon([(sigma, q, steps)], accountant=p.accountant, delta=p.delta)
+
+    def _reported(self, rnd: int, metrics: dict[str, Any]) -> dict[str, Any]:
+        """A reply's row: what it reports, or more where the ledger counted more steps."""
+        label = client_label(metrics)
+        row = {"round": rnd, "client": label, "node_id": metrics[NODE_ID], "declined": metrics[DECLINED],
+               **{col: metrics[key] for key, col in _COLUMNS.items() if key in metrics}}
+        before = self.spent.get(label)
+        if before is None or not {"steps", "noise_multiplier", "sample_rate"} <= row.keys():
+            return row
+        sigma, q = row["noise_multiplier"], row["sample_rate"]
+        counted = before[2] + (0 if row["declined"] else self._round_steps(rnd, q))
+        if counted > row["steps"]:  # a round it was sent and did not report (its reply was lost) is still spent
+            row.update(reported_steps=row["steps"], steps=counted, epsilon=self._epsilon(sigma, q, counted))
+        return row
+
+    def _charged(self, rnd: int, node: dict[str, int]) -> dict[str, Any]:
+        """The row of a node sent this round's training with no reply but an error: charged the round."""
+        label, p = client_label(node), self.cfg.privacy
+        row: dict[str, Any] = {"round": rnd, "client": label, "node_id": node[NODE_ID], "declined": False,
+                               "unanswered": True}
+        if label in self.spent:
+            sigma, q, steps = self.spent[label]
+        elif NUM_EXAMPLES in node:
+            q, per_epoch = poisson_schedule(node[NUM_EXAMPLES], self.cfg.finetune.batch_size)
+            sigma, steps = client_noise(p, sample_rate=q, planned_steps=self.cfg.rounds * self.cfg.finetune.local_epochs
+                                        * per_epoch), 0
+        else:
+            return {**row, "epsilon": None}  # neither a report nor a declared count: its spend is unknown
+        extra = self._round_steps(rnd, q)
+        epsilon = self._epsilon(sigma, q, steps + extra)
+        if p.budget is None or epsilon <= p.budget:
+            steps += extra
+        else:  # over its budget, the client declines before training: it spent nothing more
+            epsilon = self._epsilon(sigma, q, steps) if steps else 0.0
+        return {**row, "epsilon": epsilon, "delta": p.delta, "steps": steps, "noise_multiplier": sigma, "sample_rate": q}
 
     def _append(self, rows: list[dict[str, Any]]) -> None:
         with self.path.open("a") as f:
             for row in rows:
                 f.write(to_json(row) + "\n")
-                self.latest[row["client"]] = row["epsilon"]
-                self.curves.setdefault(row["client"], []).append((row["round"], row["epsilon"]))
+                client = row["client"]
+                if row["epsilon"] is None:
+                    if client not in self.spent:
+                        self.unknown.add(client)
+                    continue
+                self.unknown.discard(client)
+                self.latest[client] = row["epsilon"]
+                self.curves.setdefault(client, []).append((row["round"], row["epsilon"]))
+                if {"steps", "noise_multiplier", "sample_rate"} <= row.keys():
+                    self.spent[client] = (row["noise_multiplier"], row["sample_rate"], row["steps"])
                 if row.get("declined"):
-                    self.declined.add(row["client"])
+                    self.declined.add(client)
 
     @property
     def noise_multiplier(self) -> float | None:
@@ -105,16 +173,27 @@ class PrivacyLedger:
         return max(self.latest.values(), default=0.0)
 
     def guarantee(self) -> str:
-        """The run's guarantee in one sentence (the privacy mode's own)."""
-        return self.mode.guarantee(self.cfg.privacy, self.epsilon, self.noise_multiplier)
+        """The run's guarantee in one sentence (the privacy mode's own), and whose spend is unknown."""
+        sentence = self.mode.guarantee(self.cfg.privacy, self.epsilon, self.noise_multiplier)
+        if self.unknown:
+            sentence += (f". Unknown spend, not covered by the bound: client(s) {', '.join(sorted(self.unknown))} "
+                         "were sent training, never replied, and declared no example count")
+        return sentence
 
     def summary(self) -> dict[str, Any]:
         """The ledger's part of ``summary.json``."""
         p = self.cfg.privacy
+        # Client-level: Flower's RDP accountant on the server; sample-level: each client's Opacus accountant.
+        run_level = {"accountant": "flower-rdp", "epsilon_replace_one": replace_one_epsilon(self.accountant)} \
+            if self.accountant is not None else {"accountant": p.accountant, "epsilon_max_by_accountant": {
+                # The same steps under each of Opacus's accountants, side by side (GDP approximates).
+                name: max((sample_epsilon([(sigma, q, steps)], accountant=name, delta=p.delta)
+                           for sigma, q, steps in self.spent.values()), default=0.0) for name in ("rdp", "prv", "gdp")}}
         return {
-            "mode": p.mode, "level": self.mode.level, "delta": p.delta, "epsilon_max": self.epsilon,
+            "mode": p.mode, "level": self.mode.level, "delta": p.delta, "epsilon_max": self.epsilon, **run_level,
             "epsilon_per_client": dict(sorted(self.latest.items())), "budget": p.budget,
-            "clients_out_of_budget": sorted(self.declined), "guarantee": self.guarantee(),
+            "clients_out_of_budget": sorted(self.declined), "clients_spend_unknown": sorted(self.unknown),
+            "guarantee": self.guarantee(),
         }
 
     def plot(self, rows: Sequence[dict[str, Any]]) -> Path:

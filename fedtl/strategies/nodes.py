@@ -16,7 +16,7 @@ from flwr.app import Message, MessageType, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from fedtl.protocol import HELD_OUT, METRICS, NUM_EXAMPLES
+from fedtl.protocol import HELD_OUT, METRICS, NUM_EXAMPLES, PARTITION_ID
 from fedtl.strategies.grids import FilteredGrid
 
 
@@ -36,6 +36,7 @@ class TrainingNodes(FilteredGrid):
         self.timeout = timeout
         self.held_out: dict[int, bool] = {}
         self.examples: dict[int, int] = {}  # node -> the training examples it declared
+        self.partitions: dict[int, int] = {}  # node -> its partition, in simulation (how the records name it)
 
     def uncounted(self, node: int) -> bool:
         """Whether ``node`` trains but answered without a count of its examples (its data could not be read)."""
@@ -66,6 +67,8 @@ class TrainingNodes(FilteredGrid):
                 continue
             metrics = reply.content[METRICS]
             self.held_out[node] = bool(metrics.get(HELD_OUT, 0))
+            if isinstance(metrics.get(PARTITION_ID), int):
+                self.partitions[node] = metrics[PARTITION_ID]
             if isinstance(metrics.get(NUM_EXAMPLES), int):
                 self.examples[node] = metrics[NUM_EXAMPLES]
             else:

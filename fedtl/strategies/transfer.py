@@ -27,7 +27,6 @@ Like Flower's DP wrappers, it holds a strategy and adds behaviour around it:
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from typing import Any
 
@@ -44,13 +43,13 @@ from fedtl.protocol import (
     ARRAYS,
     CLIENT_ACCURACY_MEAN,
     CONFIG,
-    DECLINED,
     FINGERPRINT,
     HELD_OUT,
     METRICS,
     NODE_ID,
+    NUM_EXAMPLES,
+    PARTITION_ID,
     SERVER_ROUND,
-    TRAIN_LOSS,
     RoundPlan,
 )
 from fedtl.strategies.grids import FilteredGrid
@@ -65,33 +64,8 @@ from fedtl.strategies.replies import (
     reply_problem,
     update_problem,
 )
+from fedtl.strategies.report import RoundObserver, round_report
 from fedtl.strategies.state import align_server_state
-
-
-@dataclass
-class RoundReport:
-    """What a round's training exchanged, for the run's records.
-
-    Attributes
-    ----------
-    round : int
-        The server round.
-    totals : dict
-        ``bytes_down``, ``bytes_up``, ``clients_ok`` (merged), ``clients_failed`` (error
-        replies, refused updates, timeouts), ``clients_declined`` and ``train_loss``.
-    clients : list of dict
-        The metrics of every reply that carried any, with its ``node-id``.
-    problems : list of str
-        Why each failed node's update was not merged: its error reply, a refused update, no reply.
-    """
-
-    round: int
-    totals: dict[str, float | int]
-    clients: list[dict[str, Any]] = field(default_factory=list)
-    problems: list[str] = field(default_factory=list)
-
-
-RoundObserver = Callable[[RoundReport], None]
 
 
 class TransferStrategy(Strategy):
@@ -222,9 +196,12 @@ class TransferStrategy(Strategy):
             log(WARNING, "Round %s: %s", server_round, problems[-1])
         if declined and len(declined) == sent:  # nothing to merge, nothing failed: the model stays as it is
             if self.observer is not None:
-                self.observer(self._report(server_round, replies, [], len(declined), sent, bytes_down, None, problems))
+                self.observer(round_report(server_round, replies, [], len(declined), sent, bytes_down, None, problems))
             return None, None
         if sent and not accepted:
+            if self.observer is not None:  # what the nodes spent is recorded before the run ends
+                self.observer(round_report(server_round, replies, [], len(declined), sent, bytes_down, None, problems,
+                                           self._unanswered(sent_to, replies)))
             reasons = "; ".join(problems[:3]) or f"no replies within the round timeout ({sent} sent)"
             raise RoundFailedError(f"round {server_round}: no client update could be merged. {reasons}")
         # Float sums depend on their order, and replies arrive (and Flower samples nodes) in
@@ -243,8 +220,8 @@ class TransferStrategy(Strategy):
         if arrays is not None:
             arrays = as_sent(arrays, spec)
         if self.observer is not None:
-            self.observer(self._report(server_round, replies, accepted, len(declined), sent, bytes_down, metrics,
-                                       problems))
+            self.observer(round_report(server_round, replies, accepted, len(declined), sent, bytes_down, metrics,
+                                       problems, self._unanswered(sent_to, replies)))
         return arrays, metrics
 
     def _problem(self, msg: Message, sent: ArrayRecord, spec: Spec) -> str | None:
@@ -264,23 +241,14 @@ class TransferStrategy(Strategy):
         """Node -> the training examples it declared, from every view of the grid that asked."""
         return {n: e for view in self._views.values() for n, e in view.examples.items()}
 
-    @staticmethod
-    def _report(server_round: int, replies: list[Message], accepted: list[Message], declined: int, sent: int,
-                bytes_down: int, metrics: MetricRecord | None, problems: list[str]) -> RoundReport:
-        received = [m for m in replies if not m.has_error() and ARRAYS in m.content.array_records]
-        totals: dict[str, float | int] = {
-            "bytes_down": bytes_down,
-            "bytes_up": sum(m.content[ARRAYS].count_bytes() for m in received),
-            "clients_ok": len(accepted),
-            "clients_failed": sent - len(accepted) - declined,  # error replies, refused updates and timeouts
-            "clients_declined": declined,
-        }
-        if metrics is not None and TRAIN_LOSS in metrics:
-            totals["train_loss"] = float(metrics[TRAIN_LOSS])
-        clients = [{NODE_ID: m.metadata.src_node_id, DECLINED: declined_reason(m) is not None,
-                    **dict(m.content.metric_records[METRICS])}
-                   for m in replies if not m.has_error() and METRICS in m.content.metric_records]
-        return RoundReport(server_round, totals, clients, problems)
+    def _unanswered(self, sent_to: list[int], replies: list[Message]) -> list[dict[str, int]]:
+        """``RoundReport.unanswered``: the nodes of ``sent_to`` with no reply in ``replies`` but an error."""
+        answered = {m.metadata.src_node_id for m in replies if not m.has_error()}
+        declared = self._declared
+        partitions = {n: p for view in self._views.values() for n, p in view.partitions.items()}
+        return [{NODE_ID: n, **({PARTITION_ID: partitions[n]} if n in partitions else {}),
+                 **({NUM_EXAMPLES: declared[n]} if n in declared else {})}
+                for n in sorted(set(sent_to) - answered)]
 
     def start(  # type: ignore[override]
         self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, timeout: float = 3600,

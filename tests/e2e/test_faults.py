@@ -3,6 +3,7 @@ are dropped with their reason, its crash or hang costs one reply, and the run go
 
 from __future__ import annotations
 
+import json
 import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -72,6 +73,23 @@ def test_under_client_level_dp_a_round_short_of_one_update_merges_nothing_and_sa
     assert [r["clients_ok"] for r in rows[1:]] == [3, 0, 3]  # before: [3, 2, 1] although nothing merged after round 1
     assert any("round 2 merged nothing" in e for e in rows[2]["client_errors"])
     assert rows[2]["epsilon"] == rows[1]["epsilon"] < rows[3]["epsilon"]  # no release, no spend
+
+
+def test_under_dp_sgd_the_ledger_counts_a_round_whose_reply_never_came(tmp_path: Path) -> None:
+    # 20 images in batches of 4, 2 epochs: 10 steps a round. Partition 0's process dies in round 2 (as one whose
+    # reply comes after the timeout); it may have trained, so the ledger counts the round whatever it reports.
+    from fedtl.accounting import sample_epsilon
+
+    run_with("dies", tmp_path, "privacy.mode=dp-sgd", "labelled-per-client=20", "finetune.batch-size=4",
+             "local-epochs=2")
+    rows = [json.loads(line) for line in (tmp_path / "dies" / "privacy.jsonl").read_text().splitlines()]
+    mine = [r for r in rows if r["client"] == "0"]
+    assert [(r["round"], r["steps"], r.get("unanswered", False)) for r in mine] == [(1, 10, False), (2, 20, True),
+                                                                                  (3, 30, False)]
+    assert mine[2]["reported_steps"] == 20  # before: round 2 had no line, and the run ended at the client's 20
+    summary = json.loads((tmp_path / "dies" / "summary.json").read_text())
+    assert summary["privacy"]["epsilon_per_client"]["0"] == pytest.approx(
+        sample_epsilon([(1.0, 0.2, 30)], accountant="rdp", delta=1e-5))
 
 
 def test_a_killed_simulation_leaves_nothing_running(tmp_path: Path) -> None:

@@ -48,6 +48,10 @@ def test_reported_epsilon_is_the_whole_runs_not_one_rounds(task_identity: None) 
     for _ in range(30):
         opacus.step(noise_multiplier=1.0, sample_rate=0.2)
     assert metrics["privacy.epsilon"] == pytest.approx(opacus.get_epsilon(1e-5), abs=1e-6)
+    # The training loss is computed from the data without noise: under DP-SGD it does not leave the client
+    # (three runs with fresh noise reported the same loss to five digits; one image fewer, another).
+    assert "train-loss" not in metrics and "train-loss" in _rounds(make_config("clients=5"), _context(),
+                                                                  range(1, 2))[0].content["metrics"]
     # What an engine made fresh each round would report instead: this test tells them apart.
     one_round = sample_epsilon([(1.0, 0.2, 10)], accountant="rdp", delta=1e-5)
     assert replies[0].content["metrics"]["privacy.epsilon"] == pytest.approx(one_round, abs=1e-9)
@@ -181,3 +185,28 @@ def test_noise_and_poisson_sampling_draw_independent_streams() -> None:
     assert again.initial_seed() == sampler.initial_seed()  # reproducible when the noise is seeded
     a, b = dp_generators(torch.device("cpu"))
     assert a.initial_seed() != b.initial_seed()
+
+
+def test_batchnorm_without_affine_terms_in_a_trainable_unit_is_refused() -> None:
+    # BatchNorm2d(affine=False) has nothing to train, so a check for trainable parameters (and Opacus's
+    # validator) passed it; in training it normalises with the batch's statistics all the same.
+    from torch import nn
+
+    from fedtl.models.backbones import Backbone
+    from fedtl.privacy import check_dp_trainable
+
+    block = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2, affine=False), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    model = TransferModel(Backbone(blocks=[("a", block)], feature_dim=2), num_classes=2)
+    model.set_trainable(["a"], head=True)
+    model.train()
+    x = torch.randn(2, 1, 6, 6)
+    grads = []
+    for second in (x[1], x[1] * 3 + 1):  # only example 1 changes ...
+        model.zero_grad()
+        model(torch.stack([x[0], second]))[0].sum().backward()  # ... and example 0's gradient moves
+        grads.append(block[0].weight.grad.clone())
+    assert not torch.allclose(grads[0], grads[1])
+    with pytest.raises(DPConfigError, match=r"DP-SGD cannot train BatchNorm layers \(a.1\)"):
+        check_dp_trainable(model, model.trainable_units)
+    model.set_trainable([], head=True)  # frozen, the block runs in eval mode on its running statistics
+    check_dp_trainable(model, model.trainable_units)

@@ -12,20 +12,20 @@ from fedtl.accounting import client_level_accountant
 from fedtl.config import ConfigError
 from fedtl.privacy import privacy_mode
 from fedtl.server.ledger import PrivacyLedger
-from fedtl.strategies.transfer import RoundReport
+from fedtl.strategies.report import RoundReport
 from tests.helpers import make_config
 
 
-def _client(pid: int, eps: float, declined: bool = False) -> dict:
+def _client(pid: int, eps: float, declined: bool = False, steps: int = 10) -> dict:
     return {"node-id": 100 + pid, "partition-id": pid, "declined": declined, "privacy.epsilon": eps,
-            "privacy.delta": 1e-5, "privacy.steps": 10, "privacy.noise-multiplier": 1.1, "privacy.sample-rate": 0.2}
+            "privacy.delta": 1e-5, "privacy.steps": steps, "privacy.noise-multiplier": 1.1, "privacy.sample-rate": 0.2}
 
 
 def test_sample_level_ledger_keeps_each_clients_spend_and_states_the_largest(tmp_path: Path) -> None:
     cfg = make_config("privacy.mode=dp-sgd", "max-epsilon=5")
-    ledger = PrivacyLedger(tmp_path, cfg, privacy_mode(cfg))
+    ledger = PrivacyLedger(tmp_path, cfg, privacy_mode(cfg), round_epochs=lambda rnd: 2)  # 10 steps a round
     ledger.on_round(RoundReport(1, {}, [_client(0, 1.0), _client(1, 1.5), {"node-id": 9, "train-loss": 1.0}]))
-    ledger.on_round(RoundReport(2, {}, [_client(0, 2.0), _client(1, 1.5, declined=True)]))
+    ledger.on_round(RoundReport(2, {}, [_client(0, 2.0, steps=20), _client(1, 1.5, declined=True)]))
     rows = [json.loads(line) for line in (tmp_path / "privacy.jsonl").read_text().splitlines()]
     assert [(r["round"], r["client"], r["epsilon"]) for r in rows] == [(1, "0", 1.0), (1, "1", 1.5), (2, "0", 2.0),
                                                                         (2, "1", 1.5)]
@@ -47,6 +47,33 @@ def test_client_level_ledger_reads_the_servers_accountant(tmp_path: Path) -> Non
     ledger.on_round(RoundReport(1, {}, [{"node-id": 1, "declined": False, "train-loss": 0.1}]))
     assert ledger.epsilon == pytest.approx(acc.get_epsilon(1e-5)) and ledger.noise_multiplier == 2.0
     assert "at client level" in ledger.guarantee() and "noise multiplier 2" in ledger.guarantee()
+    # Zero-out is what is accounted; swapping one client's updates for another's doubles the sensitivity.
+    assert "replaced by nothing (zero-out" in ledger.guarantee() and "not the server" in ledger.guarantee()
+    acc.compose(GaussianPrivacyEvent(noise_multiplier=1.0, sample_size=4, population_size=4), count=3)
+    replace_one = client_level_accountant(4, 1e-5, None)
+    replace_one.compose(GaussianPrivacyEvent(noise_multiplier=1.0, sample_size=4, population_size=4))
+    replace_one.compose(GaussianPrivacyEvent(noise_multiplier=0.5, sample_size=4, population_size=4), count=3)
+    summary = ledger.summary()
+    assert summary["accountant"] == "flower-rdp" and summary["epsilon_replace_one"] == pytest.approx(
+        replace_one.get_epsilon(1e-5))
+    assert summary["epsilon_replace_one"] > 2 * summary["epsilon_max"]
+
+
+def test_the_sentence_says_what_each_accountant_gives(tmp_path: Path) -> None:
+    from fedtl.accounting import sample_epsilon
+
+    # Opacus's GDP accountant is a CLT approximation that can underestimate epsilon: never "ε ≤".
+    for accountant, bound in (("rdp", "ε ≤ 2,"), ("prv", "ε ≤ 2,"), ("gdp", "ε ≈ 2 (Opacus's GDP accountant: an "
+                                                                        "approximation that can underestimate ε")):
+        cfg = make_config("privacy.mode=dp-sgd", f"privacy.accountant={accountant}")
+        ledger = PrivacyLedger(tmp_path, cfg, privacy_mode(cfg))
+        ledger.on_round(RoundReport(1, {}, [_client(0, 2.0)]))
+        assert bound in ledger.guarantee() and ledger.summary()["accountant"] == accountant
+        side_by_side = ledger.summary()["epsilon_max_by_accountant"]  # the same 10 steps at sigma 1.1, q 0.2
+        assert side_by_side["rdp"] == pytest.approx(sample_epsilon([(1.1, 0.2, 10)], accountant="rdp", delta=1e-5))
+        assert set(side_by_side) == {"rdp", "prv", "gdp"} and side_by_side["prv"] < side_by_side["rdp"]
+        assert "one labelled example, added or removed" in ledger.guarantee()
+        assert "example count is treated as public" in ledger.guarantee()
 
 
 def test_privacy_settings_are_checked() -> None:
@@ -59,3 +86,35 @@ def test_privacy_settings_are_checked() -> None:
     assert make_config("target-epsilon=3").privacy.budget == 3.0
     assert make_config("target-epsilon=3", "max-epsilon=4").privacy.budget == 4.0
     assert make_config().privacy.budget is None
+
+
+def test_a_client_sent_training_that_never_replied_is_charged_the_round(tmp_path: Path) -> None:
+    # 20 examples in batches of 4: q = 0.2, 5 steps an epoch, 2 epochs a round; noise multiplier 1.
+    from fedtl.accounting import sample_epsilon
+
+    cfg = make_config("privacy.mode=dp-sgd", "finetune.batch-size=4", "local-epochs=2")
+    ledger = PrivacyLedger(tmp_path, cfg, privacy_mode(cfg))
+
+    def eps(steps: int) -> float:
+        return sample_epsilon([(1.0, 0.2, steps)], accountant="rdp", delta=1e-5)
+
+    # Round 1: partition 1's reply came after the round timeout; it declared 20 examples when asked.
+    ledger.on_round(RoundReport(1, {}, [_client(0, eps(10))], unanswered=[
+        {"node-id": 101, "partition-id": 1, "num-examples": 20}, {"node-id": 7}]))
+    rows = [json.loads(line) for line in (tmp_path / "privacy.jsonl").read_text().splitlines()]
+    late = rows[1]
+    assert (late["client"], late["unanswered"], late["steps"], late["noise_multiplier"], late["sample_rate"]) == \
+        ("1", True, 10, 1.0, 0.2)
+    assert late["epsilon"] == pytest.approx(eps(10))
+    assert rows[2] == {"round": 1, "client": "node-7", "node_id": 7, "declined": False, "unanswered": True,
+                       "epsilon": None}  # no report, no count: unknown, and said so
+    assert ledger.summary()["clients_spend_unknown"] == ["node-7"] and "node-7" in ledger.guarantee()
+    # Round 2: it reports 10 steps in all (round 1's training was lost before it began, or it says less than
+    # it spent): the ledger counts both rounds it was sent.
+    ledger.on_round(RoundReport(2, {}, [{**_client(1, eps(10), steps=10), "privacy.noise-multiplier": 1.0}]))
+    last = json.loads((tmp_path / "privacy.jsonl").read_text().splitlines()[-1])
+    assert (last["steps"], last["reported_steps"]) == (20, 10) and last["epsilon"] == pytest.approx(eps(20))
+    assert ledger.summary()["epsilon_per_client"]["1"] == pytest.approx(eps(20))
+    # A resumed run rebuilds the count from the lines it keeps.
+    again = PrivacyLedger(tmp_path, cfg, privacy_mode(cfg), resume_round=2)
+    assert again.spent["1"] == (1.0, 0.2, 20) and again.unknown == {"node-7"}

@@ -33,6 +33,7 @@ def test_personalisations_say_what_stays_local() -> None:
     (["privacy.mode=dp-sgd", "strategy.name=fedprox"], "FedProx's proximal term would be silently dropped"),
     (["privacy.mode=dp-sgd", "strategy.personalisation=fedrep"], "FedRep's extra head phase"),
     (["privacy.mode=client-level", "strategy.weighting=examples"], "calibrates its noise to equal client weights"),
+    (["privacy.mode=dp-sgd", "strategy.name=qfedavg"], "q-FedAvg weights each update by the client's training loss"),
 ])
 def test_entries_refuse_the_settings_they_cannot_honour(sets: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
