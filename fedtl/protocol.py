@@ -66,9 +66,12 @@ NUM_PARTITIONS = "num-partitions"
 DATA_PATH = "data-path"  # a SuperNode's own data
 DEVICE = "device"  # "auto" | "cpu" | "cuda": where the node computes
 THREADS = "threads"  # torch's CPU threads on the node
-STATE_DIR = "state-dir"  # a folder where the node keeps its privacy spend across restarts
+STATE_DIR = "state-dir"  # a folder where the node keeps its privacy spend across restarts (and runs)
 STORE_DIR = "store-dir"  # the node's data store folder (its decoded data and feature cache)
-NODE_CONFIG_KEYS = (PARTITION_ID, NUM_PARTITIONS, DATA_PATH, HELD_OUT, DEVICE, THREADS, STATE_DIR, STORE_DIR)
+NODE_MAX_EPSILON = "max-epsilon"  # the node's own cap on its DP-SGD spend over every run in its state-dir ...
+NODE_MAX_EPSILON_DELTA = "max-epsilon-delta"  # ... at this delta (default 1e-5)
+NODE_CONFIG_KEYS = (PARTITION_ID, NUM_PARTITIONS, DATA_PATH, HELD_OUT, DEVICE, THREADS, STATE_DIR, STORE_DIR,
+                    NODE_MAX_EPSILON, NODE_MAX_EPSILON_DELTA)
 
 # -- a node's context.state ---------------------------------------------------------------
 LOCAL_STATE = "fedtl.local"  # ArrayRecord: the tensors a personalisation keeps on the node

@@ -36,6 +36,8 @@ from fedtl.models.features import PLAIN, Feed, feed
 from fedtl.models.transfer import TransferModel
 from fedtl.privacy import check_dp_trainable
 from fedtl.protocol import (
+    NODE_MAX_EPSILON,
+    NODE_MAX_EPSILON_DELTA,
     PRIVACY_DELTA,
     PRIVACY_EPSILON,
     PRIVACY_NOISE,
@@ -149,6 +151,36 @@ def check_budget(state: PrivacyState, plan: RoundPlan, p: PrivacyConfig) -> None
         )
 
 
+def check_node_budget(state: PrivacyState, plan: RoundPlan, p: PrivacyConfig, context: Context) -> None:
+    """Raise ``BudgetSpentError`` if this round would take the node past its own cap (node config
+    ``max-epsilon``, at ``max-epsilon-delta``), over every run in its ``state-dir``, whatever the server's
+    config says. The node's own figures: RDP (a bound, whichever accountant the run uses) at its own delta.
+
+    Raises
+    ------
+    DPConfigError
+        If the node caps its spend but names no ``state-dir`` to count it in.
+    """
+    if NODE_MAX_EPSILON not in context.node_config:
+        return
+    cap = float(context.node_config[NODE_MAX_EPSILON])
+    delta = float(context.node_config.get(NODE_MAX_EPSILON_DELTA, 1e-5))
+    mine = _state_file(context)
+    if mine is None:
+        raise DPConfigError(f"this node caps its lifetime epsilon ({NODE_MAX_EPSILON} = {cap:g}) but keeps no record "
+                            f"of its spend: start its SuperNode with --node-config \"{STATE_DIR}='/a/folder'\" too")
+    earlier = [h for f in sorted(mine.parent.glob("run-*-privacy.json")) if f != mine for h in _read_state(f).history]
+    lifetime = [*earlier, *state.history]
+    spent = sample_epsilon(lifetime, accountant="rdp", delta=delta)
+    after = sample_epsilon(compose(lifetime, state.noise_multiplier, state.sample_rate, round_steps(state, plan)),
+                           accountant="rdp", delta=delta)
+    if after > cap:
+        raise BudgetSpentError(
+            f"this node's own privacy budget is spent: epsilon {spent:.4g} over every run so far, {after:.4g} after "
+            f"this round, its cap {NODE_MAX_EPSILON} = {cap:g} (delta {delta:g}, RDP); it trains no more",
+            privacy_metrics(state, p))
+
+
 def privacy_metrics(state: PrivacyState, p: PrivacyConfig) -> dict[str, float | int]:
     """What a client reports of its spend: cumulative epsilon at delta, steps, noise and sample rate."""
     return {
@@ -188,6 +220,7 @@ def dp_round(
     """
     state = load_state(context) or initial_state(cfg, len(data))
     check_budget(state, plan, cfg.privacy)
+    check_node_budget(state, plan, cfg.privacy, context)
     result, state = train_private(model, data, plan, cfg, state, how=how)
     save_state(context, state)
     return result, privacy_metrics(state, cfg.privacy)

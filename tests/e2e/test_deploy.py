@@ -101,11 +101,12 @@ class Federation:
     def log(self, name: str) -> str:
         return (self.root / f"{name}.log").read_text(errors="replace")
 
-    def start_node(self, i: int, data: str, name: str | None = None) -> subprocess.Popen:
+    def start_node(self, i: int, data: str, name: str | None = None, *node_config: str) -> subprocess.Popen:
         name = name or f"node{i}"
+        extra = [a for item in node_config for a in ("--node-config", item)]
         return self.start(name, "deploy", "supernode", name, "--superlink", self.links[i % len(self.links)],
                           "--data-path", data, "--port", str(self.node_ports[i]), "--certs", str(self.root / "certs"),
-                          prefix=self.prefixes[i % len(self.prefixes)])
+                          *extra, prefix=self.prefixes[i % len(self.prefixes)])
 
     def attempt(self, name: str, cmd: list[str], node: int = 0, timeout: float = 120) -> tuple[int, str]:
         """Run a SuperNode command on node ``node``'s host until it exits: its exit code and output.
@@ -351,3 +352,36 @@ def test_a_node_killed_mid_round_or_without_its_data_fails_and_the_round_complet
     assert str(federation.root / "nodes" / "missing") in broken and "does not exist on this node" in broken
     assert broken.startswith("node ") and "--node-config" in broken  # which node, and the fix
     assert (tmp_path / "run" / "summary.json").is_file()
+
+
+def test_a_node_caps_its_own_privacy_spend_across_runs_whatever_the_server_asks(
+        federation: Federation, tmp_path: Path) -> None:
+    """node0, restarted with its own lifetime cap (between one round's epsilon on its data and two rounds') and
+    a state folder holding an earlier run's round, declines a DP-SGD run with no server budget at once; the
+    other nodes train. (The whole cycle, run after run, on one node's state: tests/unit/test_dp_sgd.py.)"""
+    from fedtl.accounting import poisson_schedule, sample_epsilon
+
+    data = federation.root / "nodes" / "node-0"
+    q, per_epoch = poisson_schedule(sum(1 for f in (data / "train").rglob("*") if f.is_file()), 16)
+    one, two = (sample_epsilon([(1.0, q, r * per_epoch)], accountant="rdp", delta=1e-5) for r in (1, 2))
+    state = tmp_path / "node0-state"
+    state.mkdir()
+    # What a run the node joined before left there (its own file format): one round's steps.
+    (state / "run-1-privacy.json").write_text(json.dumps({"noise_multiplier": 1.0, "sample_rate": q,
+                                                          "history": [[1.0, q, per_epoch]]}))
+    federation.stop("node0")
+    federation.start_node(0, str(data), "node0", f"state-dir='{state}'", f"max-epsilon={(one + two) / 2}")
+    try:
+        out = tmp_path / "run"
+        done = federation.fedtl("deploy", "run", "--connection", "deploy", "--out", str(out),
+                                *_sets("privacy.mode=dp-sgd", "noise-multiplier=1.0", "finetune.batch-size=16",
+                                       "local-epochs=1", "rounds=1", f"clients={NODES}",
+                                       f"strategy.min-available-nodes={NODES}"), timeout=400)
+        assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+        rows = [json.loads(line) for line in (out / "privacy.jsonl").read_text().splitlines()]
+        assert len(rows) == NODES and sum(r["declined"] for r in rows) == 1  # node0, and only node0
+        assert read_metrics(out)[1]["clients_declined"] == 1 and read_metrics(out)[1]["clients_ok"] == NODES - 1
+        assert [f.name for f in state.iterdir()] == ["run-1-privacy.json"]  # it spent nothing in this run
+    finally:
+        federation.stop("node0")
+        federation.start_node(0, str(data))

@@ -88,6 +88,27 @@ def test_spend_survives_a_node_restart_through_its_state_dir(task_identity: None
     assert reply.content["metrics"]["privacy.steps"] == 20
 
 
+def test_a_node_caps_its_own_spend_over_every_run_whatever_the_server_asks(task_identity: None,
+                                                                           tmp_path: Path) -> None:
+    # 20 examples, batches of 4, 2 epochs: 10 steps a round at q = 0.2, sigma 1. The server sets no budget.
+    one, two = (sample_epsilon([(1.0, 0.2, n)], accountant="rdp", delta=1e-5) for n in (10, 20))
+    cap = {"state-dir": str(tmp_path), "max-epsilon": (one + two) / 2}
+    cfg = make_config(*DP)
+    first = Context(run_id=1, node_id=1, node_config={"partition-id": 2, "num-partitions": 5, **cap},
+                    state=RecordDict(), run_config={})
+    trained, declined = _rounds(cfg, first, range(1, 3))
+    assert "arrays" in trained.content and "declined" not in trained.content
+    assert "this node's own privacy budget is spent" in declined.content["declined"]["reason"]
+    # Another run (another run id): the first one's spend counts, so it declines at once.
+    later = Context(run_id=2, node_id=1, node_config={"partition-id": 2, "num-partitions": 5, **cap},
+                    state=RecordDict(), run_config={})
+    (again,) = _rounds(cfg, later, range(1, 2))
+    assert "declined" in again.content and "over every run so far" in again.content["declined"]["reason"]
+    # Without a state folder the cap cannot be kept: the node says so instead of training uncounted.
+    with pytest.raises(DPConfigError, match="keeps no record of its spend.*state-dir"):
+        _rounds(cfg, _context(**{"max-epsilon": 5.0}), range(1, 2))
+
+
 def test_state_round_trips_through_a_config_record() -> None:
     state = PrivacyState(1.3, 0.25, [(1.3, 0.25, 40), (0.9, 0.25, 4)])
     assert PrivacyState.from_record(state.to_record()) == state
