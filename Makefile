@@ -47,7 +47,7 @@ lint: $(STAMP)
 	$(BIN)/lint-imports --no-cache
 
 test: $(STAMP) $(CHROMIUM) lint
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest tests --durations=25
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest tests -m "not e2e"

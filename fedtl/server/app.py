@@ -71,6 +71,15 @@ def preflight(cfg: ExperimentConfig) -> None:
     check_plans(cfg, run_model(cfg.replace(init="scratch")))
 
 
+def seed_random(cfg: ExperimentConfig) -> None:
+    """Seed the server's global random states as a run starts. Flower samples nodes with Python's: from
+    ``cfg.seed``, so a run repeats. Its client-level DP wrappers draw their noise from numpy's: from fresh
+    entropy under such a mode, never the seed, which config.toml shows to anyone holding the released models
+    (who could regenerate the noise and subtract it)."""
+    random.seed(derived_seed("server", cfg.seed))
+    np.random.seed(None if privacy_mode(cfg).noised_update else derived_seed("server", cfg.seed))
+
+
 def private_strategy(cfg: ExperimentConfig, model: TransferModel) -> tuple[Strategy, RdpAccountant | None]:
     """The run's Flower strategy inside its privacy mode's wrapper, after every round's plan is checked.
 
@@ -180,11 +189,7 @@ def run_server(grid: Grid, cfg: ExperimentConfig, terminal: Terminal | None = No
     if resume is None:
         plan(1).apply_to(model)
         first, arrays = 1, ArrayRecord(model.travelling_state())
-        # Flower samples nodes with Python's random: seeded, a run repeats. Its client-level DP wrappers draw
-        # their noise from numpy's: from fresh entropy then, never the seed, which config.toml shows to anyone
-        # holding the released models (who could regenerate the noise and subtract it).
-        random.seed(derived_seed("server", cfg.seed))
-        np.random.seed(None if privacy.noised_update else derived_seed("server", cfg.seed))
+        seed_random(cfg)
     else:
         plan(done + 1 if done < cfg.rounds else done).apply_to(model)
         first, arrays = done + 1, ArrayRecord(resume.arrays)

@@ -322,66 +322,70 @@ def test_nodes_are_separate_hosts(federation: Federation) -> None:
         assert f"{s}.2:" in seen, s
 
 
-def test_a_node_killed_mid_round_or_without_its_data_fails_and_the_round_completes(
+def test_a_node_killed_mid_round_without_its_data_or_past_its_own_budget_fails_alone(
         federation: Federation, tmp_path: Path) -> None:
-    """SIGKILL one SuperNode while it trains, and add one whose data-path does not exist: the round
-    ends at its timeout with the others merged, and the round's line records both failures, the
-    second with its node and path named."""
-    federation.start_node(NODES, str(federation.root / "nodes" / "missing"))  # a registered node, its data elsewhere
-    before = federation.log("node2").count("Receiving: train message")
-    run = federation.start("kill-run", "deploy", "run", "--connection", "deploy", "--out", str(tmp_path / "run"),
-                           *_sets("rounds=1", f"clients={NODES + 1}", f"strategy.min-available-nodes={NODES + 1}",
-                                  "strategy.round-timeout=35"))
-    end = time.monotonic() + 240
-    while federation.log("node2").count("Receiving: train message") == before:
-        assert time.monotonic() < end and run.poll() is None, federation.log("kill-run")[-3000:]
-        time.sleep(0.2)
-    # Mid-round: the ClientApp it starts for the message needs seconds to import torch and fedtl, so
-    # this comes long before any reply could.
-    federation.stop("node2", signal.SIGKILL)  # the SuperNode and the ClientApp it started
-    assert run.wait(timeout=300) == 0, federation.log("kill-run")[-4000:]
-    federation.procs.pop("kill-run")
-    rows = read_metrics(tmp_path / "run")
-    assert rows[1]["clients_ok"] == NODES - 1 and rows[1]["clients_failed"] == 2, rows[1]
-    # Silent until the round timeout, or, if its missed heartbeats run out first, Flower's own error reply.
-    def killed(e: str) -> bool:
-        return "no reply within the round timeout" in e or "Node Unavailable" in e
-
-    silent, broken = sorted(rows[1]["client_errors"], key=killed)[::-1]
-    assert killed(silent), rows[1]["client_errors"]
-    assert str(federation.root / "nodes" / "missing") in broken and "does not exist on this node" in broken
-    assert broken.startswith("node ") and "--node-config" in broken  # which node, and the fix
-    assert (tmp_path / "run" / "summary.json").is_file()
-
-
-def test_a_node_caps_its_own_privacy_spend_across_runs_whatever_the_server_asks(
-        federation: Federation, tmp_path: Path) -> None:
-    """node0, restarted with its own lifetime cap (between one round's epsilon on its data and two rounds') and
-    a state folder holding an earlier run's round, declines a DP-SGD run with no server budget at once; the
-    other nodes train. (The whole cycle, run after run, on one node's state: tests/unit/test_dp_sgd.py.)"""
+    """One DP-SGD round on real SuperNodes, three of them failing each their own way: node2 is SIGKILLed while
+    it trains, node3's data-path does not exist, and node0 is restarted with its own lifetime budget (between
+    one round's epsilon on its data and two rounds') and a state folder holding an earlier run's round, in a
+    run whose config sets no budget. The round ends at its timeout with node1 merged; its line records both
+    failures, the second with its node and path named; node0 declines and spends nothing; the ledger charges
+    node2 the round it may have trained and marks node3's spend unknown. (A node's budget over its whole
+    cycle, run after run: tests/unit/test_dp_sgd.py.)"""
     from fedtl.accounting import poisson_schedule, sample_epsilon
 
-    data = federation.root / "nodes" / "node-0"
-    q, per_epoch = poisson_schedule(sum(1 for f in (data / "train").rglob("*") if f.is_file()), 16)
+    def schedule(node: int) -> tuple[float, int]:
+        data = federation.root / "nodes" / f"node-{node}" / "train"
+        return poisson_schedule(sum(1 for f in data.rglob("*") if f.is_file()), 16)
+
+    q, per_epoch = schedule(0)
     one, two = (sample_epsilon([(1.0, q, r * per_epoch)], accountant="rdp", delta=1e-5) for r in (1, 2))
     state = tmp_path / "node0-state"
     state.mkdir()
     # What a run the node joined before left there (its own file format): one round's steps.
     (state / "run-1-privacy.json").write_text(json.dumps({"noise_multiplier": 1.0, "sample_rate": q,
                                                           "history": [[1.0, q, per_epoch]]}))
+    node0 = str(federation.root / "nodes" / "node-0")
     federation.stop("node0")
-    federation.start_node(0, str(data), "node0", f"state-dir='{state}'", f"max-epsilon={(one + two) / 2}")
+    federation.start_node(0, node0, "node0", f"state-dir='{state}'", f"max-epsilon={(one + two) / 2}")
+    federation.start_node(NODES, str(federation.root / "nodes" / "missing"))  # a registered node, its data elsewhere
     try:
-        out = tmp_path / "run"
-        done = federation.fedtl("deploy", "run", "--connection", "deploy", "--out", str(out),
-                                *_sets("privacy.mode=dp-sgd", "noise-multiplier=1.0", "finetune.batch-size=16",
-                                       "local-epochs=1", "rounds=1", f"clients={NODES}",
-                                       f"strategy.min-available-nodes={NODES}"), timeout=400)
-        assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
-        rows = [json.loads(line) for line in (out / "privacy.jsonl").read_text().splitlines()]
-        assert len(rows) == NODES and sum(r["declined"] for r in rows) == 1  # node0, and only node0
-        assert read_metrics(out)[1]["clients_declined"] == 1 and read_metrics(out)[1]["clients_ok"] == NODES - 1
-        assert [f.name for f in state.iterdir()] == ["run-1-privacy.json"]  # it spent nothing in this run
+        before = federation.log("node2").count("Receiving: train message")
+        run = federation.start("kill-run", "deploy", "run", "--connection", "deploy", "--out", str(tmp_path / "run"),
+                               *_sets("rounds=1", f"clients={NODES + 1}", f"strategy.min-available-nodes={NODES + 1}",
+                                      "strategy.round-timeout=35", "privacy.mode=dp-sgd", "noise-multiplier=1.0",
+                                      "finetune.batch-size=16", "local-epochs=1"))
+        end = time.monotonic() + 240
+        while federation.log("node2").count("Receiving: train message") == before:
+            assert time.monotonic() < end and run.poll() is None, federation.log("kill-run")[-3000:]
+            time.sleep(0.2)
+        # Mid-round: the ClientApp it starts for the message needs seconds to import torch and fedtl, so
+        # this comes long before any reply could.
+        federation.stop("node2", signal.SIGKILL)  # the SuperNode and the ClientApp it started
+        assert run.wait(timeout=300) == 0, federation.log("kill-run")[-4000:]
+        federation.procs.pop("kill-run")
+        rows = read_metrics(tmp_path / "run")
+        assert (rows[1]["clients_ok"], rows[1]["clients_failed"], rows[1]["clients_declined"]) == (1, 2, 1), rows[1]
+        # Silent until the round timeout, or, if its missed heartbeats run out first, Flower's own error reply.
+        def killed(e: str) -> bool:
+            return "no reply within the round timeout" in e or "Node Unavailable" in e
+
+        silent, broken = sorted(rows[1]["client_errors"], key=killed)[::-1]
+        assert killed(silent), rows[1]["client_errors"]
+        assert str(federation.root / "nodes" / "missing") in broken and "does not exist on this node" in broken
+        assert broken.startswith("node ") and "--node-config" in broken  # which node, and the fix
+        assert (tmp_path / "run" / "summary.json").is_file()
+
+        ledger = {r["node_id"]: r for r in map(json.loads, (tmp_path / "run" / "privacy.jsonl").read_text().splitlines())}
+        node2, node3 = (int(e.split(":")[0].removeprefix("node ")) for e in (silent, broken))
+        assert [r["declined"] for r in ledger.values()].count(True) == 1  # node0: past its own budget
+        q2, steps2 = schedule(2)
+        assert ledger[node2]["unanswered"] and ledger[node2]["steps"] == steps2  # it may have trained: charged
+        assert ledger[node2]["epsilon"] == pytest.approx(sample_epsilon([(1.0, q2, steps2)], accountant="rdp",
+                                                                        delta=1e-5))
+        assert ledger[node3]["epsilon"] is None  # no count, no report: unknown, and the summary says so
+        summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+        assert summary["privacy"]["clients_spend_unknown"] == [f"node-{node3}"]
+        assert [f.name for f in state.iterdir()] == ["run-1-privacy.json"]  # node0 spent nothing in this run
     finally:
         federation.stop("node0")
-        federation.start_node(0, str(data))
+        federation.start_node(0, node0)

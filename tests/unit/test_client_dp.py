@@ -165,3 +165,20 @@ def test_a_round_the_dp_wrapper_does_not_release_counts_nothing_as_merged(task_i
     (rnd, totals), = observed
     assert totals["clients_ok"] == 0 and totals["clients_failed"] == 3  # before: clients_ok said 2
     assert "round 1 merged nothing" in caplog.text
+
+
+def test_client_level_noise_is_drawn_from_fresh_entropy_not_the_seed() -> None:
+    # Flower's wrappers noise with numpy's global state; seeded from the config's seed (config.toml, which
+    # anyone holding the released models can read), the noise could be regenerated and subtracted.
+    import random
+
+    from fedtl.server.app import seed_random
+
+    def draws(cfg) -> tuple[list[float], list[float]]:
+        seed_random(cfg)
+        return [random.random() for _ in range(3)], list(np.random.normal(size=3))
+
+    private, plain = _cfg(), make_config("clients=2")
+    (sampling_a, noise_a), (sampling_b, noise_b) = draws(private), draws(private)
+    assert sampling_a == sampling_b and noise_a != noise_b  # nodes sampled as the seed says; fresh noise
+    assert draws(plain) == draws(plain)  # without DP noise the whole run repeats
