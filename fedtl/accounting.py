@@ -23,7 +23,7 @@ from flwr.supercore.privacy_accounting import (
     SamplingMethod,
 )
 
-from fedtl.config import PrivacyConfig as PrivacySettings
+from fedtl.config import ExperimentConfig
 
 History = list[tuple[float, float, int]]
 """An Opacus accountant's history: ``(noise multiplier, sample rate, steps)`` per stretch."""
@@ -84,20 +84,33 @@ def calibrate_sample_noise(target_epsilon: float, *, delta: float, sample_rate: 
                                       steps=steps, accountant=accountant))
 
 
-def client_noise(p: PrivacySettings, *, sample_rate: float, planned_steps: int) -> float:
-    """A DP-SGD client's noise multiplier: ``p.noise-multiplier``, or with ``target-epsilon`` calibrated so its
-    ``planned_steps`` steps at ``sample_rate`` spend it. Both sides compute it: the client to train, the
-    server's ledger to charge a client whose reply never came.
+def client_start(cfg: ExperimentConfig, num_examples: int) -> tuple[float, float]:
+    """A DP-SGD client's noise multiplier and sample rate before its first round, over ``num_examples``:
+    ``privacy.noise-multiplier``, or with ``target-epsilon`` calibrated for its whole planned participation
+    (every round, it may be sampled in each, x local epochs x its steps an epoch). Both sides compute it: the
+    client to train, the server's ledger to charge a client whose reply never came.
 
     Raises
     ------
     ValueError
-        If no noise level reaches the target.
+        If no noise level reaches the target, saying over how many steps.
     """
+    p = cfg.privacy
+    q, per_epoch = poisson_schedule(num_examples, cfg.finetune.batch_size)
     if not p.target_epsilon:
-        return p.noise_multiplier
-    return calibrate_sample_noise(p.target_epsilon, delta=p.delta, sample_rate=sample_rate, steps=planned_steps,
-                                  accountant=p.accountant)
+        return p.noise_multiplier, q
+    planned = cfg.rounds * cfg.finetune.local_epochs * per_epoch
+    try:
+        return calibrate_sample_noise(p.target_epsilon, delta=p.delta, sample_rate=q, steps=planned,
+                                      accountant=p.accountant), q
+    except ValueError as err:
+        raise ValueError(f"no noise multiplier reaches privacy.target-epsilon = {p.target_epsilon} over {planned} "
+                         f"steps (sample rate {q:.3g}) ({err})") from err
+
+
+def steps_per_round(local_epochs: int, sample_rate: float) -> int:
+    """DP-SGD steps of a round of ``local_epochs`` at ``sample_rate`` (``poisson_schedule``'s steps an epoch)."""
+    return local_epochs * round(1 / sample_rate)  # the rate is 1 / steps an epoch
 
 
 # -- client level ----------------------------------------------------------------------

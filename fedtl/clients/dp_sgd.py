@@ -27,7 +27,7 @@ from flwr.app import ConfigRecord, Context
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from fedtl.accounting import History, client_noise, compose, poisson_schedule, sample_epsilon
+from fedtl.accounting import History, client_start, compose, poisson_schedule, sample_epsilon, steps_per_round
 from fedtl.clients.trainer import TrainResult
 from fedtl.config import ExperimentConfig, PrivacyConfig
 from fedtl.data.rows import LabelledImages
@@ -114,27 +114,23 @@ def save_state(context: Context, state: PrivacyState) -> None:
 
 
 def initial_state(cfg: ExperimentConfig, num_examples: int) -> PrivacyState:
-    """The state of a client about to train for the first time: its noise multiplier and sample rate.
+    """The state of a client about to train for the first time: its noise multiplier and sample rate
+    (``fedtl.accounting.client_start``).
 
-    With ``target-epsilon``, the noise is calibrated for the client's whole planned
-    participation: every round (it may be sampled in each) x local epochs x its steps.
+    Raises
+    ------
+    DPConfigError
+        If no noise level reaches ``target-epsilon``.
     """
-    p = cfg.privacy
-    q, per_epoch = poisson_schedule(num_examples, cfg.finetune.batch_size)
-    planned = cfg.rounds * cfg.finetune.local_epochs * per_epoch
     try:
-        sigma = client_noise(p, sample_rate=q, planned_steps=planned)
+        return PrivacyState(*client_start(cfg, num_examples))
     except ValueError as err:
-        raise DPConfigError(
-            f"no noise multiplier reaches privacy.target-epsilon = {p.target_epsilon} over {planned} steps "
-            f"(sample rate {q:.3g}): raise the target, or lower rounds or local-epochs ({err})"
-        ) from err
-    return PrivacyState(sigma, q)
+        raise DPConfigError(f"{err}: raise the target, or lower rounds or local-epochs") from err
 
 
 def round_steps(state: PrivacyState, plan: RoundPlan) -> int:
-    """DP-SGD steps one round of ``plan`` takes (``poisson_schedule``'s steps per epoch)."""
-    return plan.local_epochs * round(1 / state.sample_rate)  # the rate is 1 / steps per epoch
+    """DP-SGD steps one round of ``plan`` takes."""
+    return steps_per_round(plan.local_epochs, state.sample_rate)
 
 
 def check_budget(state: PrivacyState, plan: RoundPlan, p: PrivacyConfig) -> None:
@@ -171,10 +167,10 @@ def check_node_budget(state: PrivacyState, plan: RoundPlan, p: PrivacyConfig, co
                             f"of its spend: start its SuperNode with --node-config \"{STATE_DIR}='/a/folder'\" too")
     earlier = [h for f in sorted(mine.parent.glob("run-*-privacy.json")) if f != mine for h in _read_state(f).history]
     lifetime = [*earlier, *state.history]
-    spent = sample_epsilon(lifetime, accountant="rdp", delta=delta)
     after = sample_epsilon(compose(lifetime, state.noise_multiplier, state.sample_rate, round_steps(state, plan)),
                            accountant="rdp", delta=delta)
     if after > cap:
+        spent = sample_epsilon(lifetime, accountant="rdp", delta=delta)
         raise BudgetSpentError(
             f"this node's own privacy budget is spent: epsilon {spent:.4g} over every run so far, {after:.4g} after "
             f"this round, its cap {NODE_MAX_EPSILON} = {cap:g} (delta {delta:g}, RDP); it trains no more",

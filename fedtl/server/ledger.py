@@ -11,7 +11,7 @@ every client's steps: a round it was sent counts its steps (``local-epochs`` x s
 its sample rate) unless the client declined it, whatever the client reports; a client that does
 report more (a resumed run's lost round) is counted at what it reports. The noise and sample
 rate are the client's own (reported), or, before it ever reported, computed from the examples
-it declared, as the client computes them (``fedtl.accounting.client_noise``). A node that
+it declared, as the client computes them (``fedtl.accounting.client_start``). A node that
 declared no count and never reported has an unknown spend, which the guarantee says.
 """
 
@@ -24,7 +24,7 @@ from typing import Any
 
 from flwr.serverapp import RdpAccountant
 
-from fedtl.accounting import client_noise, poisson_schedule, replace_one_epsilon, sample_epsilon
+from fedtl.accounting import client_start, replace_one_epsilon, sample_epsilon, steps_per_round
 from fedtl.config import ExperimentConfig
 from fedtl.privacy import PrivacyMode
 from fedtl.protocol import (
@@ -45,6 +45,7 @@ from fedtl.strategies.report import RoundReport
 # Reply metric -> ledger column.
 _COLUMNS = {PRIVACY_EPSILON: "epsilon", PRIVACY_DELTA: "delta", PRIVACY_STEPS: "steps",
             PRIVACY_NOISE: "noise_multiplier", PRIVACY_SAMPLE_RATE: "sample_rate"}
+_SPENT = {"noise_multiplier", "sample_rate", "steps"}  # the columns a client's spend is counted from
 
 
 def client_label(metrics: dict[str, Any]) -> str:
@@ -103,7 +104,7 @@ class PrivacyLedger:
         self._append(rows)
 
     def _round_steps(self, rnd: int, sample_rate: float) -> int:
-        return self.round_epochs(rnd) * round(1 / sample_rate)  # the rate is 1 / steps an epoch
+        return steps_per_round(self.round_epochs(rnd), sample_rate)
 
     def _epsilon(self, sigma: float, q: float, steps: int) -> float:
         p = self.cfg.privacy
@@ -115,13 +116,21 @@ class PrivacyLedger:
         row = {"round": rnd, "client": label, "node_id": metrics[NODE_ID], "declined": metrics[DECLINED],
                **{col: metrics[key] for key, col in _COLUMNS.items() if key in metrics}}
         before = self.spent.get(label)
-        if before is None or not {"steps", "noise_multiplier", "sample_rate"} <= row.keys():
+        if before is None or not _SPENT <= row.keys():
             return row
         sigma, q = row["noise_multiplier"], row["sample_rate"]
         counted = before[2] + (0 if row["declined"] else self._round_steps(rnd, q))
         if counted > row["steps"]:  # a round it was sent and did not report (its reply was lost) is still spent
             row.update(reported_steps=row["steps"], steps=counted, epsilon=self._epsilon(sigma, q, counted))
         return row
+
+    def _start(self, examples: int | None) -> tuple[float, float] | None:
+        """A client's noise and sample rate from its declared count, as it computes them; ``None`` if it
+        declared none, or no noise reaches the target (it then trains nothing)."""
+        try:
+            return None if examples is None else client_start(self.cfg, examples)
+        except ValueError:
+            return None
 
     def _charged(self, rnd: int, node: dict[str, int]) -> dict[str, Any]:
         """The row of a node sent this round's training with no reply but an error: charged the round."""
@@ -130,12 +139,11 @@ class PrivacyLedger:
                                "unanswered": True}
         if label in self.spent:
             sigma, q, steps = self.spent[label]
-        elif NUM_EXAMPLES in node:
-            q, per_epoch = poisson_schedule(node[NUM_EXAMPLES], self.cfg.finetune.batch_size)
-            sigma, steps = client_noise(p, sample_rate=q, planned_steps=self.cfg.rounds * self.cfg.finetune.local_epochs
-                                        * per_epoch), 0
         else:
-            return {**row, "epsilon": None}  # neither a report nor a declared count: its spend is unknown
+            start = self._start(node.get(NUM_EXAMPLES))
+            if start is None:  # neither a report nor a declared count: its spend is unknown
+                return {**row, "epsilon": None}
+            (sigma, q), steps = start, 0
         extra = self._round_steps(rnd, q)
         epsilon = self._epsilon(sigma, q, steps + extra)
         if p.budget is None or epsilon <= p.budget:
@@ -156,7 +164,7 @@ class PrivacyLedger:
                 self.unknown.discard(client)
                 self.latest[client] = row["epsilon"]
                 self.curves.setdefault(client, []).append((row["round"], row["epsilon"]))
-                if {"steps", "noise_multiplier", "sample_rate"} <= row.keys():
+                if _SPENT <= row.keys():
                     self.spent[client] = (row["noise_multiplier"], row["sample_rate"], row["steps"])
                 if row.get("declined"):
                     self.declined.add(client)
@@ -164,9 +172,10 @@ class PrivacyLedger:
     def _by_accountant(self) -> dict[str, float]:
         """The largest client's steps under each of Opacus's accountants, side by side (GDP approximates).
         One client only: PRV takes about a second an evaluation here, RDP milliseconds."""
-        if not self.spent:
+        counted = [c for c in self.latest if c in self.spent]
+        if not counted:
             return {}
-        largest = max(self.spent.values(), key=lambda s: self._epsilon(*s))
+        largest = self.spent[max(counted, key=self.latest.__getitem__)]
         return {name: sample_epsilon([largest], accountant=name, delta=self.cfg.privacy.delta)
                 for name in ("rdp", "prv", "gdp")}
 
