@@ -204,6 +204,46 @@ def compare(
 
 
 @app.command()
+def audit(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    epsilons: Annotated[str, typer.Option("--epsilons", help="Target epsilons, one run each; inf: without DP.")] = "1,3,8,inf",
+    canaries: Annotated[int, typer.Option("--canaries", help="Canaries drawn (each planted with probability 1/2).")] = 200,
+    guesses: Annotated[int, typer.Option("--guesses", help="Coins guessed (half planted, half not), fixed in advance.")] = 40,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Audit folder (default: runs/audit-<name>).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Draw new canaries and rerun every level.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Flower's and Ray's logs live.")] = False,
+) -> None:
+    """Audit privacy empirically: plant canaries in one client, run at each epsilon, and bound epsilon from below.
+
+    Exits with status 1 when a lower bound passes the accounted epsilon (a leak, or the 5% false alarm)."""
+    import functools
+
+    try:
+        cfg = _load(config, set_)  # the config first, before torch, Flower and Ray are imported
+        from fedtl.simulations.audit import AuditSpec, parse_epsilons, run_audit
+
+        spec = AuditSpec(parse_epsilons(epsilons), canaries=canaries, guesses=guesses)
+        from fedtl.reports.audit import audit_table
+        from fedtl.simulations.simulate import simulate as run
+
+        folder = (out or Path("runs") / f"audit-{cfg.name}").resolve()
+        result = run_audit(cfg, spec, folder, overwrite=overwrite, console=console,
+                           simulate=functools.partial(run, verbose=verbose))
+    except _USER_ERRORS as err:
+        _fail(err)
+    header, rows = audit_table(result["levels"])
+    _table(f"privacy audit: {cfg.name} (client {cfg.data.canary_client}, {canaries} canaries, {guesses} guesses)",
+           header, rows)
+    console.print(f"audit folder: {folder}", soft_wrap=True)
+    refuted = [r["epsilon"] for r in result["levels"] if r["refuted"]]
+    if refuted:
+        console.print(f"[bold red]the audit's lower bound passes the accounted epsilon at target {', '.join(refuted)}[/]"
+                      ": a privacy leak, or the 5% chance of a false alarm; see audit.md")
+        raise typer.Exit(1)
+
+
+@app.command()
 def backbones(
     image_size: Annotated[int, typer.Option("--image-size", help="Input side (ViT needs a multiple of 16).")] = 32,
     markdown: Annotated[bool, typer.Option("--markdown", help="Print a Markdown table.")] = False,

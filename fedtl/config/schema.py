@@ -79,6 +79,9 @@ class DataConfig(Validated):
     store_dir: str = ".fedtl-cache/store"
     # Random augmentation of each training batch (torchvision transforms v2); the feature cache is off under it.
     augment: str = field(default="none", metadata=one_of("fedtl.data.augment:AUGMENTATIONS"))
+    # The privacy audit's planted canaries (a file `fedtl audit` writes): extra training images of one client.
+    canaries: str = ""
+    canary_client: int = field(default=0, metadata=in_range(0))  # The partition that trains on the canaries.
 
 
 @dataclass(frozen=True)
@@ -315,6 +318,9 @@ class ExperimentConfig(Validated):
                 f"strategy.min-train-nodes / min-available-nodes ({self.strategy.min_train_nodes} / "
                 f"{self.strategy.min_available_nodes}): lower those or hold out fewer clients"
             )
+        if self.data.canaries and self.data.canary_client >= training:
+            raise ConfigError(f"data.canary-client = {self.data.canary_client} is not a training client (0 to "
+                              f"{training - 1}): the canaries would never be trained on; name one of those")
         p = self.privacy
         if p.max_epsilon and p.target_epsilon and p.max_epsilon < p.target_epsilon:
             raise ConfigError(

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from fedtl.config import ConfigError, DataConfig
+from fedtl.data.canaries import canary_images, with_canaries
 from fedtl.data.nodes import DATA_ON_NODES, Task
 from fedtl.data.rows import PLAIN_STYLES, LabelledImages
 from fedtl.data.scenarios import Scenario, load_scenario
@@ -120,9 +121,15 @@ def client_data(cfg: DataConfig, partition_id: int, num_clients: int, seed: int)
 
     Notes
     -----
-    Row numbers into the mapped scenario, not images: training reads its batches' rows.
+    Row numbers into the mapped scenario, not images: training reads its batches' rows. The client of
+    ``data.canary-client`` also trains on the canaries ``data.canaries`` names, after its own images.
     """
-    return _client_images(cfg, partition_id, num_clients, seed, 0)
+    images = _client_images(cfg, partition_id, num_clients, seed, 0)
+    if cfg.canaries and partition_id == cfg.canary_client:  # the privacy audit's (fedtl.data.canaries)
+        sc = scenario(cfg)
+        planted = canary_images(cfg.canaries, shape=tuple(sc.pool_x.shape[1:]), num_classes=sc.num_classes)
+        images = with_canaries(images, planted)
+    return images
 
 
 @lru_cache(maxsize=2)

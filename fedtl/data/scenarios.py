@@ -59,7 +59,7 @@ DIGIT_STYLES = ("rotate", "blur", "low-contrast", "noise", "shear")
 
 # Fields that say how the scenario is split or used, not what its arrays hold: left out of its store key.
 _NOT_IN_KEY = ("partitioner", "alpha", "labelled_per_client", "min_partition_size", "client_test_fraction",
-               "held_out_clients", "store_dir", "augment")
+               "held_out_clients", "store_dir", "augment", "canaries", "canary_client")
 _ARRAYS = ("source_x", "source_y", "pool_x", "pool_y", "test_x", "test_y", "pool_groups")
 
 

@@ -1,10 +1,26 @@
-"""What a final model does: its confusion matrix and gradient × input saliency maps."""
+"""What a final model does: the model itself, its confusion matrix and gradient × input saliency maps."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
+from safetensors.torch import load_file
 from torch import nn
+
+from fedtl.config import load_config
+from fedtl.models.factory import build_model
+from fedtl.models.transfer import TransferModel
+
+
+def final_model(run_dir: Path) -> TransferModel:
+    """A run's final global model, from its last checkpoint, in eval mode."""
+    cfg = load_config(Path(run_dir) / "config.toml")
+    # The checkpoint holds every tensor: build the architecture only (no pre-trained weights to find).
+    model = build_model(cfg, load_weights=False)
+    model.load_state_dict(load_file(str(Path(run_dir) / "checkpoints" / "last.safetensors")))
+    return model.eval()
 
 
 def confusion_matrix(predicted: torch.Tensor, labels: torch.Tensor, num_classes: int) -> np.ndarray:

@@ -12,15 +12,13 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from fedtl.config import load_config
 from fedtl.data.federated import LabelledImages, server_test_data
 from fedtl.errors import StudyError
-from fedtl.models.factory import build_model
 from fedtl.models.features import predict
 from fedtl.reports import report_plots as plots
-from fedtl.reports.interpret import confusion_matrix, saliency
+from fedtl.reports.interpret import confusion_matrix, final_model, saliency
 from fedtl.reports.results import RunResult, StudyResults, load_results, table, target_accuracy, write_tables
 
 REPORT_DIR = "report"
@@ -33,11 +31,7 @@ max-width:640px}img{max-width:100%}"""
 
 def _final_model(run: RunResult) -> tuple[torch.nn.Module, LabelledImages]:
     """A run's final model (from its last checkpoint) and its server test set."""
-    cfg = load_config(run.dir / "config.toml")
-    # The checkpoint holds every tensor: build the architecture only (no pre-trained weights to find).
-    model = build_model(cfg, load_weights=False)
-    model.load_state_dict(load_file(str(run.dir / "checkpoints" / "last.safetensors")))
-    return model.eval(), server_test_data(cfg.data)
+    return final_model(run.dir), server_test_data(load_config(run.dir / "config.toml").data)
 
 
 def interpretability(res: StudyResults, folder: Path) -> list[tuple[Path, str]]:

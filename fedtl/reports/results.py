@@ -134,6 +134,10 @@ COLUMNS: dict[str, tuple[str, Callable[[RunResult], float], str]] = {
                     "{:,.0f}"),
     "wall_seconds": ("wall time (s)", _get("wall_seconds"), "{:.1f}"),
     "epsilon": ("epsilon", epsilon, "{:.4g}"),
+    # DP-SGD: the largest client's steps under each of Opacus's accountants, side by side (summary.json).
+    "epsilon_rdp": ("ε ≤ (RDP)", _get("privacy.epsilon_max_by_accountant.rdp"), "{:.4g}"),
+    "epsilon_prv": ("ε ≤ (PRV)", _get("privacy.epsilon_max_by_accountant.prv"), "{:.4g}"),
+    "epsilon_gdp": ("ε ≈ (GDP)", _get("privacy.epsilon_max_by_accountant.gdp"), "{:.4g}"),
 }
 
 

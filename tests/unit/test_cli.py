@@ -52,6 +52,22 @@ def test_bad_input_to_simulate_is_one_line_that_names_the_fix(tmp_path, args: li
     assert "Traceback" not in result.output and not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize(("args", "problem"), [
+    (["--epsilons", "1,three"], "--epsilons '1,three': give numbers separated by commas"),
+    (["--canaries", "10", "--guesses", "20"], "between 1 and that many guesses"),
+    (["--epsilons", "3"], "privacy.mode = 'off' spends no epsilon, so epsilon = 3 has nothing to audit"),
+])
+def test_bad_input_to_audit_is_one_line_before_any_run(tmp_path, args: list[str], problem: str) -> None:
+    from typer.testing import CliRunner
+
+    from fedtl.cli import app
+
+    result = CliRunner().invoke(app, ["audit", *args, "--out", str(tmp_path / "audit")])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 2 and problem in text, text
+    assert "Traceback" not in result.output and not (tmp_path / "audit").exists()
+
+
 def test_resume_refuses_what_it_cannot_continue(tmp_path) -> None:
     from typer.testing import CliRunner
 

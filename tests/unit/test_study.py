@@ -166,6 +166,24 @@ def test_cases_go_together_and_multiply_the_grid(tmp_path: Path) -> None:
     assert all((r.cfg.privacy.target_epsilon == 3.0) == (r.cfg.privacy.mode == "dp-sgd") for r in runs)
 
 
+def test_a_study_table_shows_epsilon_under_each_accountant_where_runs_have_it(tmp_path: Path) -> None:
+    from fedtl.reports.results import StudyResults, table
+
+    rows = [{"round": 1, "accuracy": 0.5, "bytes_down": 1, "bytes_up": 1, "seconds": 1.0}]
+    totals = {"bytes_down_total": 1, "bytes_up_total": 1}
+    dp = {**totals, "final_accuracy": 0.5, "privacy": {"epsilon_max": 3.3, "epsilon_max_by_accountant": {
+        "rdp": 3.3, "prv": 3.07, "gdp": 2.99}}}
+    res = StudyResults("s", "", tmp_path, 0.0, {
+        "dp": [RunResult("dp", 0, tmp_path, dp, rows)],
+        "off": [RunResult("off", 0, tmp_path, {**totals, "final_accuracy": 0.9, "privacy": {"epsilon_max": None}}, rows)]})
+    header, cells = table(res)
+    at = {h: i for i, h in enumerate(header)}
+    assert [cells[0][at[h]] for h in ("epsilon", "ε ≤ (RDP)", "ε ≤ (PRV)", "ε ≈ (GDP)")] == ["3.3", "3.3", "3.07", "2.99"]
+    assert [cells[1][at[h]] for h in ("epsilon", "ε ≤ (RDP)", "ε ≤ (PRV)")] == ["∞", "—", "—"]
+    res.configs.pop("dp")
+    assert "ε ≤ (PRV)" not in table(res)[0]  # no run has it: no column
+
+
 def test_cells_say_how_many_seeds_a_figure_covers() -> None:
     from fedtl.reports.results import _cell
 
