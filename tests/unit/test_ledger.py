@@ -76,6 +76,29 @@ def test_the_sentence_says_what_each_accountant_gives(tmp_path: Path) -> None:
         assert "example count is treated as public" in ledger.guarantee()
 
 
+def test_the_guarantee_adds_the_tighter_of_rdp_and_prv_taken_per_client(tmp_path: Path) -> None:
+    from fedtl.accounting import sample_epsilon
+
+    def bound(history: tuple[float, float, int], accountant: str) -> float:
+        return sample_epsilon([history], accountant=accountant, delta=1e-5)
+
+    mine, theirs = (1.1, 0.2, 10), (0.7, 0.05, 40)
+    cfg = make_config("privacy.mode=dp-sgd")
+    ledger = PrivacyLedger(tmp_path, cfg, privacy_mode(cfg))
+    other = {**_client(1, bound(theirs, "rdp"), steps=40), "privacy.noise-multiplier": 0.7, "privacy.sample-rate": 0.05}
+    ledger.on_round(RoundReport(1, {}, [_client(0, bound(mine, "rdp")), other]))
+    assert ledger.spent == {"0": mine, "1": theirs}
+    # Each client's smaller bound, then the largest over clients (never one client's PRV for everyone).
+    expected = max(min(bound(h, a) for a in ("rdp", "prv")) for h in (mine, theirs))
+    summary = ledger.summary()
+    assert summary["epsilon_max_tightest"] == pytest.approx(expected) and expected < summary["epsilon_max"]
+    assert f"(both upper bounds): ε ≤ {expected:.4g} at the same δ" in summary["guarantee"]
+    gdp = make_config("privacy.mode=dp-sgd", "privacy.accountant=gdp")
+    ledger = PrivacyLedger(tmp_path, gdp, privacy_mode(gdp))
+    ledger.on_round(RoundReport(1, {}, [_client(0, 2.0)]))
+    assert ledger.summary()["epsilon_max_tightest"] is None and "Tighter" not in ledger.summary()["guarantee"]
+
+
 def test_privacy_settings_are_checked() -> None:
     with pytest.raises(ConfigError, match="max-epsilon = 2.0 is below privacy.target-epsilon = 3.0"):
         make_config("privacy.mode=dp-sgd", "target-epsilon=3", "max-epsilon=2")

@@ -172,13 +172,14 @@ def test_a_study_table_shows_epsilon_under_each_accountant_where_runs_have_it(tm
     rows = [{"round": 1, "accuracy": 0.5, "bytes_down": 1, "bytes_up": 1, "seconds": 1.0}]
     totals = {"bytes_down_total": 1, "bytes_up_total": 1}
     dp = {**totals, "final_accuracy": 0.5, "privacy": {"epsilon_max": 3.3, "epsilon_max_by_accountant": {
-        "rdp": 3.3, "prv": 3.07, "gdp": 2.99}}}
+        "rdp": 3.3, "prv": 3.07, "gdp": 2.99}, "epsilon_max_tightest": 3.1}}
     res = StudyResults("s", "", tmp_path, 0.0, {
         "dp": [RunResult("dp", 0, tmp_path, dp, rows)],
         "off": [RunResult("off", 0, tmp_path, {**totals, "final_accuracy": 0.9, "privacy": {"epsilon_max": None}}, rows)]})
     header, cells = table(res)
     at = {h: i for i, h in enumerate(header)}
-    assert [cells[0][at[h]] for h in ("epsilon", "ε ≤ (RDP)", "ε ≤ (PRV)", "ε ≈ (GDP)")] == ["3.3", "3.3", "3.07", "2.99"]
+    assert [cells[0][at[h]] for h in ("epsilon", "ε ≤ (RDP)", "ε ≤ (PRV)", "ε ≈ (GDP)", "ε ≤ (tighter of RDP, PRV)")] \
+        == ["3.3", "3.3", "3.07", "2.99", "3.1"]
     assert [cells[1][at[h]] for h in ("epsilon", "ε ≤ (RDP)", "ε ≤ (PRV)")] == ["∞", "—", "—"]
     res.configs.pop("dp")
     assert "ε ≤ (PRV)" not in table(res)[0]  # no run has it: no column
