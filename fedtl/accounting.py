@@ -57,7 +57,11 @@ def compose(history: Sequence[tuple[float, float, int]], sigma: float, q: float,
 
 
 def sample_epsilon(history: Sequence[tuple[float, float, int]], *, accountant: str, delta: float) -> float:
-    """The epsilon (at ``delta``) of every step in ``history``, by Opacus's ``accountant`` (rdp | prv | gdp)."""
+    """The epsilon (at ``delta``) of every step in ``history``, by Opacus's ``accountant`` (rdp | prv | gdp).
+
+    No step spends nothing: entries without steps (a client that declined its only round holds ``(σ, q, 0)``)
+    are dropped, since Opacus's PRV divides by the step count and its RDP turns zero steps into ε ≈ 0.1."""
+    history = [h for h in history if h[2] > 0]
     if not history:
         return 0.0
     # lazily: ~1.5 s to import, unused by most processes

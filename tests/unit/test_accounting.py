@@ -23,6 +23,14 @@ def test_golden_value_opacus_tests_against() -> None:
     assert sample_epsilon([(1.5, 0.04, 2250)], accountant="rdp", delta=1e-5) == pytest.approx(7.32911, abs=1e-5)
 
 
+@pytest.mark.parametrize("accountant", ["rdp", "prv", "gdp"])
+def test_no_steps_spend_nothing_under_every_accountant(accountant: str) -> None:
+    # A client that declined its first round holds (sigma, q, 0): Opacus's PRV divides by the step count.
+    assert sample_epsilon([(1.0, 0.2, 0)], accountant=accountant, delta=1e-5) == 0.0
+    alone = sample_epsilon([(1.0, 0.2, 10)], accountant=accountant, delta=1e-5)
+    assert sample_epsilon([(1.0, 0.2, 0), (1.0, 0.2, 10)], accountant=accountant, delta=1e-5) == alone
+
+
 def test_a_run_spends_far_more_than_one_round() -> None:
     # The example: sigma 1, q 16/72, 10 steps a round, 20 rounds.
     one_round = sample_epsilon([(1.0, 16 / 72, 10)], accountant="rdp", delta=1e-5)

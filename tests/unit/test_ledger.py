@@ -93,6 +93,9 @@ def test_the_guarantee_adds_the_tighter_of_rdp_and_prv_taken_per_client(tmp_path
     summary = ledger.summary()
     assert summary["epsilon_max_tightest"] == pytest.approx(expected) and expected < summary["epsilon_max"]
     assert f"(both upper bounds): ε ≤ {expected:.4g} at the same δ" in summary["guarantee"]
+    # A client that has taken no step yet (it declined its only round) spends nothing under either bound.
+    ledger.on_round(RoundReport(2, {}, [{**_client(2, 0.0, steps=0), "declined": True}]))
+    assert ledger.summary()["epsilon_max_tightest"] == pytest.approx(expected)
     gdp = make_config("privacy.mode=dp-sgd", "privacy.accountant=gdp")
     ledger = PrivacyLedger(tmp_path, gdp, privacy_mode(gdp))
     ledger.on_round(RoundReport(1, {}, [_client(0, 2.0)]))
