@@ -19,12 +19,16 @@ import typer
 from rich.console import Console
 
 from fedtl.deploy.commands import (
+    COMPLETED,
     CONTROL_PORT,
     INSECURE_WARNING,
     Keys,
     register_command,
     run_command,
+    run_status,
     save_connection,
+    started_run,
+    status_command,
     superlink_command,
     supernode_command,
 )
@@ -269,5 +273,28 @@ def run(
         cmd = run_command(connection_, file, app_dir)
         typer.echo(shown(cmd))
         sys.stdout.flush()
-        done = subprocess.run([_tool(cmd[0]), *cmd[1:]], check=False)
-    raise typer.Exit(done.returncode)
+        # Flower's output passes through line by line, read for the run's ID on the way.
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        with subprocess.Popen([_tool(cmd[0]), *cmd[1:]], stdout=subprocess.PIPE, text=True, env=env) as proc:
+            run_id = None
+            for line in proc.stdout or ():
+                sys.stdout.write(line)
+                sys.stdout.flush()
+                run_id = run_id or started_run(line)
+        if proc.returncode or run_id is None:
+            raise typer.Exit(proc.returncode)
+    _check_ended(connection_, run_id, cfg.out)
+
+
+def _check_ended(connection: str, run_id: int, out: str) -> None:
+    """Exit 1, saying so, unless run ``run_id`` completed: ``flwr run --stream`` exits 0 after a failed ServerApp."""
+    cmd = status_command(connection, run_id)
+    listed = subprocess.run([_tool(cmd[0]), *cmd[1:]], capture_output=True, text=True, check=False)
+    status, details = run_status(listed.stdout, run_id)
+    if status == COMPLETED:
+        return
+    where = out or "runs/<name>-<time>"
+    console.print(f"[bold red]error:[/] run {run_id} ended {status}{f' ({details})' if details else ''}: the "
+                  f"ServerApp's log above says why; what it recorded, if it got that far, is in {where} on the "
+                  "SuperLink's machine", soft_wrap=True)
+    raise typer.Exit(1)

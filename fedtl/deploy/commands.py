@@ -8,6 +8,7 @@ needs it) off: for a first try on one machine only, and never without saying so.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from fedtl.deploy.certs import Keys
@@ -125,6 +126,38 @@ def register_command(keys: Keys, name: str, connection: str) -> list[str]:
 def run_command(connection: str, run_config: Path, app: Path = Path(".")) -> list[str]:
     """``flwr run``: the app at ``app`` (fedtl's checkout) on ``connection`` with the config file ``run_config``."""
     return ["flwr", "run", str(app), connection, "--stream", "--run-config", str(run_config)]
+
+
+# What `flwr run` prints once the SuperLink has accepted the run (flwr/cli/run/run.py).
+_STARTED = re.compile(r"Successfully started run (\d+)")
+COMPLETED = "finished:completed"
+
+
+def started_run(line: str) -> int | None:
+    """The run ID in a line of ``flwr run``'s output, if it is the line that announces the run."""
+    found = _STARTED.search(line)
+    return int(found.group(1)) if found else None
+
+
+def status_command(connection: str, run_id: int) -> list[str]:
+    """``flwr ls``: one run's status, as JSON."""
+    return ["flwr", "ls", connection, "--run-id", str(run_id), "--format", "json"]
+
+
+def run_status(ls_json: str, run_id: int) -> tuple[str, str]:
+    """``(status, details)`` of run ``run_id`` in ``flwr ls --format json``'s output, e.g.
+    ``("finished:failed", "")``; ``("unknown", why)`` when the output does not hold it.
+
+    ``flwr run --stream`` exits 0 whatever the ServerApp did (Flower 1.42): the status is how a caller
+    tells a run that completed from one whose ServerApp raised (``finished:failed``) or was stopped."""
+    try:
+        runs = json.loads(ls_json)["runs"]
+    except (ValueError, KeyError, TypeError):
+        return "unknown", f"flwr ls printed no run list: {ls_json.strip()[-300:]!r}"
+    for run in runs:
+        if str(run.get("run-id")) == str(run_id):
+            return str(run.get("status", "unknown")), str(run.get("status-details") or "")
+    return "unknown", f"flwr ls does not list run {run_id}"
 
 
 def save_connection(name: str, address: str, keys: Keys, *, insecure: bool = False) -> None:

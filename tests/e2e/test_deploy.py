@@ -231,6 +231,12 @@ def test_a_deployment_with_tls_and_node_auth_matches_the_simulation(federation: 
     summary = json.loads((tmp_path / "deployed" / "summary.json").read_text())
     assert len(summary["per_client"]["accuracy"]) == NODES  # every good node's own test images
     assert summary["backbone_fingerprint"] == simulated["backbone_fingerprint"]
+    # A ServerApp that raises (weights missing on the SuperLink's machine, which only it reads): flwr run
+    # --stream exits 0 after it; fedtl deploy run reads the run's status and fails, saying so.
+    done = federation.fedtl("deploy", "run", "--connection", "deploy", "--out", str(tmp_path / "failed"),
+                            *_sets(f"clients={NODES}", "model.weights-path='/nowhere/backbone.safetensors'"), timeout=200)
+    assert done.returncode == 1, (done.stdout + done.stderr)[-4000:]
+    assert "ended finished:failed" in done.stdout and "/nowhere/backbone.safetensors" in done.stdout, done.stdout[-3000:]
 
 
 def test_unregistered_key_and_wrong_certificate_are_rejected(federation: Federation) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import stat
 from pathlib import Path
@@ -140,3 +141,19 @@ def test_deploy_run_leaves_paths_to_each_machine(tmp_path: Path, monkeypatch: py
     monkeypatch.chdir(tmp_path)
     assert load_config(None, [], resolve_paths=False).pretrain.cache_dir == ".fedtl-cache"
     assert load_config(None, []).pretrain.cache_dir == str(tmp_path / ".fedtl-cache")
+
+
+def test_a_run_is_known_by_its_id_and_ends_by_its_status() -> None:
+    from fedtl.deploy.commands import run_status, started_run, status_command
+
+    # What flwr run prints, and flwr ls --format json (the keys of flwr/cli/ls.py's _to_json).
+    assert started_run("Successfully started run 4312876512 in federation default\n") == 4312876512
+    assert started_run("INFO :      [ROUND 1/2]") is None
+    assert status_command("deploy", 7) == ["flwr", "ls", "deploy", "--run-id", "7", "--format", "json"]
+    listed = json.dumps({"success": True, "runs": [
+        {"run-id": "6", "status": "finished:completed", "status-details": ""},
+        {"run-id": "7", "status": "finished:failed", "status-details": "ServerApp raised"}]})
+    assert run_status(listed, 7) == ("finished:failed", "ServerApp raised")
+    assert run_status(listed, 6) == ("finished:completed", "")
+    assert run_status(listed, 8)[0] == "unknown" and "does not list run 8" in run_status(listed, 8)[1]
+    assert run_status("Connection refused", 7)[0] == "unknown"
