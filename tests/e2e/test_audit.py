@@ -17,7 +17,7 @@ def test_the_audit_finds_the_leak_without_dp_stays_below_the_accountant_with_it_
         tmp_path: Path) -> None:
     out = tmp_path / "audit"
     args = ("audit", "-c", str(ROOT / "experiments" / "audit.toml"), "--set", f"pretrain.cache-dir={str(CACHE)!r}",
-            "--set", "pretrain.epochs=2", "--set", "rounds=3", "--epsilons", "0.5,inf", "--out", str(out))
+            "--set", "pretrain.epochs=2", "--epsilons", "0.5,inf", "--out", str(out))
     done = run_fedtl(*args)
     assert done.returncode == 0, done.stdout + done.stderr
     result = json.loads((out / "audit.json").read_text())
@@ -27,6 +27,8 @@ def test_the_audit_finds_the_leak_without_dp_stays_below_the_accountant_with_it_
     assert (dp["mode"], plain["mode"]) == ("dp-sgd", "off")
     assert dp["accounted_epsilon"] == pytest.approx(0.5, abs=0.01)
     # Without DP, client 0's released model gives its canaries away: most guesses right, epsilon > 1 refuted.
+    # (At the config's 5 rounds: 40, 40, 39 of 40 right in three runs, AUC 0.93-0.97; at 3 rounds 34, 39,
+    # 34, 34, AUC 0.70-0.78, too close to the 35 asserted. The canaries' coins are fresh every run.)
     assert plain["correct"] >= 35 and plain["epsilon_lower_bound"] > 1.0, plain
     # With DP-SGD at epsilon 0.5 the guesses are near chance and the bound stays under the accountant's.
     assert dp["epsilon_lower_bound"] <= dp["accounted_epsilon"] and not dp["refuted"], dp
