@@ -49,6 +49,20 @@ def _norm_keys(model: TransferModel) -> frozenset[str]:
     return norm_keys(model)
 
 
+def _lora_b_keys(model: TransferModel) -> frozenset[str]:
+    """FedSA-LoRA's local keys: every trained LoRA B. Refuses a model whose A does not train too (nothing of
+    the adapters would be federated) or that has no LoRA at all."""
+    from fedtl.models.adapters import LORA_A, LORA_B  # lazily: this module stays light for the config
+
+    trained = model.adapter_keys or frozenset()  # None: no adapter, so no LoRA
+    b = frozenset(k for k in trained if LORA_B in k)
+    if not b or not any(LORA_A in k for k in trained):
+        raise ConfigError(
+            "strategy.personalisation = \"fedsa-lora\" federates LoRA's A and keeps each client's B: it needs "
+            f"finetune.mode = \"lora\" (this model trains {'no LoRA B' if not b else 'no LoRA A (ffa-lora freezes it)'})")
+    return b
+
+
 def _accepts_any(cfg: ExperimentConfig) -> None:
     return None
 
@@ -69,6 +83,9 @@ class Personalisation:
         Whether a client fine-tunes the head on its own data before its personalised evaluation.
     check_config : Callable[[ExperimentConfig], None]
         Raises ``ConfigError`` for settings it cannot honour.
+    lora_only : bool
+        Whether it keeps LoRA tensors (FedSA-LoRA): a run's from-scratch baseline, which trains no LoRA,
+        runs without it.
     """
 
     local: Callable[[TransferModel], frozenset[str]] = _no_keys
@@ -76,6 +93,7 @@ class Personalisation:
     head_first: bool = False
     tunes_head: bool = False
     check_config: Callable[[ExperimentConfig], None] = _accepts_any
+    lora_only: bool = False
 
 
 def head_plan(cfg: ExperimentConfig) -> RoundPlan:
@@ -115,6 +133,11 @@ PERSONALISATIONS.register("fedrep")(Personalisation(local=_head_keys, head_first
 # each client fine-tunes it on its own data at the end.
 PERSONALISATIONS.register("fedbabu")(Personalisation(trains_head=False, tunes_head=True, check_config=_shared_head_only(
     "FedBABU keeps the head at its shared random start during federation")))
+
+
+# FedSA-LoRA (Guo et al., ICLR 2025): A learns what the clients share and is averaged; each client's B, what
+# is its own, never leaves it. The personalised model is the global A with the client's B.
+PERSONALISATIONS.register("fedsa-lora")(Personalisation(local=_lora_b_keys, lora_only=True))
 
 
 def personalisation(cfg: ExperimentConfig) -> Personalisation:

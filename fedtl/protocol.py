@@ -22,6 +22,9 @@ HEAD = "head"
 
 # -- records of a message (Flower's own default names for a strategy's records) -------------
 ARRAYS = "arrays"  # ArrayRecord: the travelling tensors, both ways
+# ArrayRecord, server to client only: frozen tensors the server has changed (stacked LoRA's folded base
+# weights), loaded before the travelling ones and never sent back.
+BASE = "base"
 CONFIG = "config"  # ConfigRecord: the round's config (plan, fingerprint, server round)
 METRICS = "metrics"  # MetricRecord: a reply's metrics
 DECLINED = "declined"  # ConfigRecord in a reply that declines the round ...
@@ -70,8 +73,10 @@ STATE_DIR = "state-dir"  # a folder where the node keeps its privacy spend acros
 STORE_DIR = "store-dir"  # the node's data store folder (its decoded data and feature cache)
 NODE_MAX_EPSILON = "max-epsilon"  # the node's own cap on its DP-SGD spend over every run in its state-dir ...
 NODE_MAX_EPSILON_DELTA = "max-epsilon-delta"  # ... at this delta (default 1e-5)
+# The node's own LoRA rank (at most the run's finetune.lora-rank; also in its query reply, for the server).
+LORA_RANK = "lora-rank"
 NODE_CONFIG_KEYS = (PARTITION_ID, NUM_PARTITIONS, DATA_PATH, HELD_OUT, DEVICE, THREADS, STATE_DIR, STORE_DIR,
-                    NODE_MAX_EPSILON, NODE_MAX_EPSILON_DELTA)
+                    NODE_MAX_EPSILON, NODE_MAX_EPSILON_DELTA, LORA_RANK)
 
 # -- a node's context.state ---------------------------------------------------------------
 LOCAL_STATE = "fedtl.local"  # ArrayRecord: the tensors a personalisation keeps on the node

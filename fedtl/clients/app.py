@@ -23,6 +23,7 @@ from flwr.clientapp.typing import ClientAppCallable, Mod
 from fedtl.clients.node_data import NodeData, node_data
 from fedtl.clients.personal import load_local_state, local_round, personalised_model, save_local_state
 from fedtl.clients.privacy import client_privacy
+from fedtl.clients.ranks import at_node_rank
 from fedtl.clients.trainer import train_local
 from fedtl.config import ExperimentConfig
 from fedtl.devices import resolve_device
@@ -38,6 +39,7 @@ from fedtl.protocol import (
     ACCURACY_BEFORE,
     ACCURACY_PERSONAL,
     ARRAYS,
+    BASE,
     CLASS_SUMS,
     CONFIG,
     COUNTS,
@@ -46,6 +48,7 @@ from fedtl.protocol import (
     FINGERPRINT,
     HEAD_START,
     HELD_OUT,
+    LORA_RANK,
     METRICS,
     NORM_SUM,
     NUM_EXAMPLES,
@@ -105,6 +108,8 @@ def received_model(msg: Message, cfg: ExperimentConfig,
     model = checked_model(config, cfg)
     plan = RoundPlan.from_config(config)
     plan.apply_to(model)
+    if BASE in msg.content.array_records:  # stacked LoRA: the base weights the server folded the rounds into
+        model.load_some(msg.content[BASE].to_torch_state_dict())
     model.load_travelling_state(msg.content[ARRAYS].to_torch_state_dict())
     return model.to(device), plan
 
@@ -147,7 +152,8 @@ def handle_query(msg: Message, context: Context, cfg: ExperimentConfig) -> Messa
     training examples it holds (the server asks once per node)."""
     node = node_data(context, cfg)
     declared = {} if node.held_out else {NUM_EXAMPLES: len(node.train())}  # the most a training reply may count
-    metrics = MetricRecord({**node.metrics, HELD_OUT: int(node.held_out), **declared})
+    # Its LoRA rank too: the server cuts the adapters it sends to it (HetLoRA).
+    metrics = MetricRecord({**node.metrics, HELD_OUT: int(node.held_out), **declared, LORA_RANK: cfg.finetune.lora_rank})
     return Message(RecordDict({METRICS: metrics}), reply_to=msg)
 
 
@@ -257,7 +263,8 @@ def make_client_app(run_config: Mapping[str, Any] | None = None, mods: Sequence[
     what they return: the fault-injection tests corrupt replies this way).
     """
     def config_of(context: Context) -> ExperimentConfig:
-        return parsed_config(tuple(sorted((run_config if run_config is not None else context.run_config).items())))
+        cfg = parsed_config(tuple(sorted((run_config if run_config is not None else context.run_config).items())))
+        return at_node_rank(cfg, context.node_config)  # HetLoRA: the node's own rank
 
     def privacy_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
         # The mode's own Flower mod (client-side clipping for client-level DP), chosen per run.

@@ -25,6 +25,7 @@ from fedtl.config.fields import (
     flatten,
     in_range,
     one_of,
+    registry_entry,
     to_dict,
     unflatten,
 )
@@ -143,12 +144,46 @@ class FinetuneConfig(Validated):
     lora_dropout: float = field(default=0.0, metadata=in_range(0.0, 1.0))
     # Which layers of those blocks LoRA adapts: every Conv2d/Linear, or only attention's projections.
     lora_targets: str = field(default="all", metadata=one_of(("all", "attention")))
+    # `lora` under strategy.lora-merge = "hetlora" or "stack": each client's own rank by partition id, cycling
+    # ("2,4,8": partition 0 gets 2, partition 1 gets 4, 2 gets 8, 3 gets 2 ...), each at most lora-rank (the
+    # server's); a SuperNode's node config lora-rank sets its own. "": every client at lora-rank.
+    lora_ranks: str = ""
     # "auto": where every trainable tensor sits above a frozen prefix of blocks, compute the prefix once per
     # image (cached on disk, shared by the machine's processes) and train the rest on it; exact. "off": never.
     feature_cache: str = field(default="auto", metadata=one_of(("auto", "off")))
     # How the head starts: "random" (seeded), or "ncm": the clients' class means of the frozen features, in a
     # round 0 before training (FedNCM; docs/concepts.md).
     head_init: str = field(default="random", metadata=one_of("fedtl.models.ncm:HEAD_INITS"))
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.rank_schedule  # noqa: B018 (parsed now: refused when the config is read, not in a client)
+
+    @property
+    def rank_schedule(self) -> tuple[int, ...]:
+        """``lora-ranks`` as ranks (empty: none).
+
+        Raises
+        ------
+        ConfigError
+            If an entry is not a whole number from 1 to ``lora-rank``.
+        """
+        ranks = []
+        for part in filter(None, (p.strip() for p in self.lora_ranks.split(","))):
+            if not part.isdigit() or not 1 <= int(part) <= self.lora_rank:
+                raise ConfigError(f"finetune.lora-ranks = {self.lora_ranks!r}: {part!r} is not a rank from 1 to "
+                                  f"finetune.lora-rank = {self.lora_rank} (the server's, the largest); write e.g. "
+                                  "\"2,4,8\" with lora-rank = 8")
+            ranks.append(int(part))
+        return tuple(ranks)
+
+    def rank_of(self, partition: int | None) -> int:
+        """The LoRA rank of the client of ``partition`` under ``lora-ranks`` (``lora-rank`` without one)."""
+        ranks = self.rank_schedule
+        return ranks[partition % len(ranks)] if ranks and partition is not None else self.lora_rank
+
+
+STRATEGY_PERSONALISATIONS = "fedtl.personalisation:PERSONALISATIONS"
 
 
 @dataclass(frozen=True)
@@ -187,9 +222,15 @@ class StrategyConfig(Validated):
     num_nodes_to_select: int = field(default=1, metadata=in_range(1))  # multikrum
     q: float = field(default=0.1, metadata=in_range(0.0))  # qfedavg
     # What stays on each client: none, fedper (head), fedbn (norm layers), fedrep (head,
-    # trained first each round), fedbabu (head frozen during federation, tuned locally at the end).
-    personalisation: str = field(default="none", metadata=one_of("fedtl.personalisation:PERSONALISATIONS"))
+    # trained first each round), fedbabu (head frozen during federation, tuned locally at the end), fedsa-lora
+    # (each client's LoRA B; A is federated).
+    personalisation: str = field(default="none", metadata=one_of(STRATEGY_PERSONALISATIONS))
     head_epochs: int = field(default=1, metadata=in_range(1, 1000))  # fedrep, fedbabu: local head epochs
+    # How the server merges LoRA's A and B: average (each apart, as the strategy merges every tensor); hetlora
+    # (clients at their own ranks, finetune.lora-ranks: zero-padded to lora-rank, averaged, cut back for each);
+    # stack (FLoRA: the exact weighted mean of the clients' B·A folded into the base weights, fresh adapters
+    # each round, any ranks; the folded base weights of the adapted layers go down with them).
+    lora_merge: str = field(default="average", metadata=one_of("fedtl.strategies.lora:LORA_MERGES"))
 
 
 @dataclass(frozen=True)
@@ -361,9 +402,15 @@ class ExperimentConfig(Validated):
 
     def as_scratch(self) -> ExperimentConfig:
         """The from-scratch baseline of this run: random init, every block trained at the head's lr, a seeded
-        random head (a head start needs pre-trained features)."""
-        finetune = dataclasses.replace(self.finetune, mode="full", backbone_lr_scale=1.0, head_init="random")
-        return dataclasses.replace(self, init="scratch", finetune=finetune)
+        random head (a head start needs pre-trained features). It trains no LoRA, so how LoRA is merged (and a
+        personalisation of LoRA's tensors, FedSA-LoRA: ``lora_only``) goes back to the default."""
+        finetune = dataclasses.replace(self.finetune, mode="full", backbone_lr_scale=1.0, head_init="random",
+                                       lora_ranks="")
+        lora_only = getattr(registry_entry(STRATEGY_PERSONALISATIONS, self.strategy.personalisation), "lora_only",
+                            False)
+        strategy = dataclasses.replace(self.strategy, lora_merge="average",
+                                       personalisation="none" if lora_only else self.strategy.personalisation)
+        return dataclasses.replace(self, init="scratch", finetune=finetune, strategy=strategy)
 
     def replace(self, **changes: Any) -> ExperimentConfig:
         """Copy with top-level fields changed (validated on construction)."""

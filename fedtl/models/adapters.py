@@ -25,6 +25,8 @@ ADAPTERS: Registry[Adapter] = Registry("adapter")
 NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 # Layers LoRA adapts: peft's LoRA supports both (a Conv2d gets a conv A and a 1x1 conv B).
 LORA_TARGETS = (nn.Conv2d, nn.Linear)
+# What peft names an adapted layer's A and B in the state dict (``<layer>.lora_A.default.weight``).
+LORA_A, LORA_B = ".lora_A.", ".lora_B."
 
 
 def _prefixes(blocks: Sequence[str]) -> tuple[str, ...]:
@@ -95,7 +97,7 @@ def inject_lora(model: TransferModel, blocks: Sequence[str], ft: FinetuneConfig)
 def lora(model: TransferModel, blocks: Sequence[str], ft: FinetuneConfig) -> frozenset[str]:
     """LoRA (Hu et al. 2022) via peft: A and B of every adapted layer train and travel."""
     inject_lora(model, blocks, ft)
-    return frozenset(k for k in model.state_dict() if ".lora_A." in k or ".lora_B." in k)
+    return frozenset(k for k in model.state_dict() if LORA_A in k or LORA_B in k)
 
 
 @ADAPTERS.register("ffa-lora")
@@ -106,7 +108,7 @@ def ffa_lora(model: TransferModel, blocks: Sequence[str], ft: FinetuneConfig) ->
     the updates exactly; averaging A and B separately does not (mean(B)·mean(A) != mean(B·A)).
     """
     inject_lora(model, blocks, ft)
-    return frozenset(k for k in model.state_dict() if ".lora_B." in k)
+    return frozenset(k for k in model.state_dict() if LORA_B in k)
 
 
 def adapt(model: TransferModel, adapter: str, blocks: Sequence[str], ft: FinetuneConfig, seed: int) -> None:

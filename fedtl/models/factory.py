@@ -7,7 +7,7 @@ import torch
 from fedtl.config import ExperimentConfig
 from fedtl.data.federated import task
 from fedtl.errors import ConfigError, WeightsError
-from fedtl.models.adapters import adapt
+from fedtl.models.adapters import LORA_A, LORA_B, adapt
 from fedtl.models.backbones import BACKBONES, Backbone, build_backbone
 from fedtl.models.modes import MODES, adapter_blocks
 from fedtl.models.pretrain import ensure_pretrained, load_blocks, load_pretrained, pretrains_itself
@@ -62,7 +62,10 @@ def build_model(cfg: ExperimentConfig, *, load_weights: bool = True) -> Transfer
     if adapter is not None:
         adapt(model, adapter, adapter_blocks(model.block_names, cfg.finetune), cfg.finetune,
               seed=derived_seed("adapter", cfg.seed))
-    blocks = {k: v for k, v in model.state_dict().items() if k.startswith("blocks.")}
+    # What each side must hold alike without it travelling: LoRA tensors that train travel every round
+    # (and are at each client's own rank under HetLoRA), so they are left out; FFA-LoRA's fixed A stays in.
+    trained_lora = {k for k in model.adapter_keys or () if LORA_A in k or LORA_B in k}
+    blocks = {k: v for k, v in model.state_dict().items() if k.startswith("blocks.") and k not in trained_lora}
     model.backbone_fingerprint = state_fingerprint(blocks)
     return model
 

@@ -75,3 +75,38 @@ def plot_privacy(curves: Mapping[str, Sequence[tuple[int, float]]], accuracy: Se
     fig.tight_layout()
     fig.savefig(path)
     return Path(path)
+
+
+def plot_merge_error(rows: Sequence[Mapping[str, Any]], path: Path, *, title: str = "") -> Path | None:
+    """A LoRA run's merge error per round, one line per adapted layer (``lora_merge_error_layers``) and
+    their mean; ``None`` when no round measured it.
+
+    Parameters
+    ----------
+    rows : Sequence[Mapping]
+        The run's metrics rows.
+    path : Path
+        Where the PNG goes.
+    title : str, default ""
+        Figure title.
+    """
+    measured = [r for r in rows if r.get("lora_merge_error_layers")]
+    if not measured:
+        return None
+    fig = Figure(figsize=(6, 4), dpi=120)
+    ax = fig.subplots()
+    rounds = [r["round"] for r in measured]
+    for layer in measured[-1]["lora_merge_error_layers"]:
+        ax.plot(rounds, [max(r["lora_merge_error_layers"].get(layer, float("nan")), 1e-12) for r in measured],
+                linewidth=0.8, alpha=0.6)
+    ax.plot(rounds, [max(r["lora_merge_error"], 1e-12) for r in measured], color="black", marker="o",
+            markersize=3, label="mean over layers")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_yscale("log")
+    ax.set(xlabel="round", ylabel="‖mean(B·A) − merged‖ / ‖mean(B·A)‖")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title(title or "LoRA merge error per adapted layer (exact merges at the floor, 1e-12)")
+    fig.tight_layout()
+    fig.savefig(path)
+    return Path(path)

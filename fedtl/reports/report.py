@@ -91,6 +91,9 @@ def build_report(study_dir: str | Path) -> Path:
         (plots.plot_scratch(res, folder / "scratch.png"), "Pre-trained vs from scratch: the transfer gain."),
         (plots.plot_epsilon(res, folder / "epsilon.png"), "Final accuracy against the privacy spent."),
         (plots.plot_bytes(res, folder / "bytes.png"), "Final accuracy against total communication."),
+        (plots.plot_merge_error(res, folder / "lora-merge-error.png"),
+         "LoRA: how far each round's merge lands from the mean of the clients' updates B·A (log scale; exact "
+         "merges at the floor, 1e-12)."),
         (plots.plot_client_spread(res, folder / "clients.png"),
          "Each training client's accuracy on its own held-out images: the final global model's and, under a "
          "personalisation, the client's own model's (its local tensors or tuned head)."),

@@ -79,6 +79,35 @@ def plot_epsilon(res: StudyResults, path: Path) -> Path | None:
     return _save(fig, path)
 
 
+def plot_merge_error(res: StudyResults, path: Path) -> Path | None:
+    """LoRA's merge error per round (``lora_merge_error``, mean over seeds), for the configurations that
+    measure it; ``None`` when none does."""
+    curves = {}
+    for label, runs in res.configs.items():
+        by_round: dict[int, list[float]] = {}
+        for run in runs:
+            for r in run.rows:
+                if r.get("lora_merge_error") is not None:
+                    by_round.setdefault(r["round"], []).append(r["lora_merge_error"])
+        if by_round:
+            curves[label] = (sorted(by_round), [statistics.mean(by_round[k]) for k in sorted(by_round)])
+    if not curves:
+        return None
+    fig = Figure(figsize=(7, 4.2), dpi=110)
+    ax = fig.subplots()
+    names = short_names(res)
+    for label, (rounds, values) in curves.items():
+        # Stacking and FFA-LoRA are exact (float rounding, ~1e-16): floored so the log scale shows them.
+        ax.plot(rounds, [max(v, 1e-12) for v in values], marker="o", markersize=2, label=names[label])
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_yscale("log")
+    ax.set(xlabel="round", ylabel="‖mean(B·A) − merged‖ / ‖mean(B·A)‖",
+           title="LoRA merge error per round (mean over layers and seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small", ncol=2)
+    return _save(fig, path)
+
+
 def plot_bytes(res: StudyResults, path: Path) -> Path:
     """Final accuracy against the bytes the run moved in total."""
     fig = Figure(figsize=(6, 4), dpi=110)

@@ -27,16 +27,18 @@ from fedtl.models.transfer import TransferModel
 from fedtl.personalisation import check_personal_plans, personal_plan, run_model
 from fedtl.privacy import privacy_mode
 from fedtl.protocol import ACCURACY, RoundPlan
-from fedtl.reports.plots import plot_accuracy
+from fedtl.reports.plots import plot_accuracy, plot_merge_error
 from fedtl.seeds import derived_seed
 from fedtl.server.checkpoint import Resume, write_resume
 from fedtl.server.head_start import head_start
 from fedtl.server.ledger import PrivacyLedger
 from fedtl.server.record import RunRecorder, Terminal
+from fedtl.strategies.lora import LORA_MERGES, MergeMeter, Ranks
 from fedtl.strategies.nodes import TrainingNodes
 from fedtl.strategies.privacy import wrap_private
 from fedtl.strategies.registry import build_strategy, steps_server_optimiser, weight_key
 from fedtl.strategies.report import RoundReport
+from fedtl.strategies.stacking import Stacking
 from fedtl.strategies.state import load_strategy_state, strategy_state
 from fedtl.strategies.transfer import TransferStrategy
 
@@ -57,6 +59,8 @@ def check_plans(cfg: ExperimentConfig, model: TransferModel) -> None:
     plans = [personal_plan(cfg, model.block_names, r) for r in range(1, cfg.rounds + 1)]
     privacy_mode(cfg).check_plans(model, plans)
     check_personal_plans(model, plans, cfg.strategy.personalisation)
+    lora_stacking(cfg, model)
+    lora_ranks(cfg, model)
 
 
 def preflight(cfg: ExperimentConfig) -> None:
@@ -78,6 +82,34 @@ def seed_random(cfg: ExperimentConfig) -> None:
     (who could regenerate the noise and subtract it)."""
     random.seed(derived_seed("server", cfg.seed))
     np.random.seed(None if privacy_mode(cfg).noised_update else derived_seed("server", cfg.seed))
+
+
+def lora_stacking(cfg: ExperimentConfig, model: TransferModel) -> Stacking | None:
+    """The run's stacked-LoRA merge when ``strategy.lora-merge`` folds, else ``None``.
+
+    Raises
+    ------
+    ConfigError
+        If the model's LoRA tensors cannot all be stacked (``Stacking``).
+    """
+    if not LORA_MERGES.get(cfg.strategy.lora_merge).folds:
+        return None
+    ft = cfg.finetune
+    return Stacking(model.state_dict(), model.adapter_keys, model.local_keys, ft.lora_alpha / ft.lora_rank, cfg.seed)
+
+
+def lora_ranks(cfg: ExperimentConfig, model: TransferModel) -> Ranks | None:
+    """The cut and pad of adapters at each client's own rank, when ``strategy.lora-merge`` allows other
+    ranks (hetlora, stack); else ``None``.
+
+    Raises
+    ------
+    ConfigError
+        If the model's adapters cannot be cut (``Ranks``: no LoRA, or FFA-LoRA's fixed A).
+    """
+    if not LORA_MERGES.get(cfg.strategy.lora_merge).any_rank:
+        return None
+    return Ranks(model.state_dict(), model.adapter_keys)
 
 
 def private_strategy(cfg: ExperimentConfig, model: TransferModel) -> tuple[Strategy, RdpAccountant | None]:
@@ -125,6 +157,9 @@ def run_server(grid: Grid, cfg: ExperimentConfig, terminal: Terminal | None = No
     def observe(report: RoundReport) -> None:
         # Why nodes failed goes into the round's line too: a deployment's only record of a broken node.
         errors = {"client_errors": report.problems} if report.problems else {}
+        if report.merge_error:
+            errors |= {"lora_merge_error": float(np.mean(list(report.merge_error.values()))),
+                       "lora_merge_error_layers": report.merge_error}
         recorder.on_train(report.round, {**report.totals, **errors})
         if ledger is not None:
             ledger.on_round(report)
@@ -151,6 +186,10 @@ def run_server(grid: Grid, cfg: ExperimentConfig, terminal: Terminal | None = No
         min_nodes=min_nodes,
         # Not under client-level DP: its wrapper noises the statistics with the rest, and the exact mean would leak them.
         statistics_by_mean=weight_key(cfg) if steps_server_optimiser(inner) and not privacy.noised_update else None,
+        # Nor is the merge error measured there: it reads the clipped updates before the noise.
+        merge_meter=None if privacy.noised_update else MergeMeter(model.state_dict(), model.adapter_keys,
+                                                                   model.local_keys),
+        stacking=lora_stacking(cfg, model), ranks=lora_ranks(cfg, model),
     )
     best = {"accuracy": max((r[ACCURACY] for r in recorder.rows if r["round"] > 0), default=-1.0)}
     how = Feed.of(cfg)
@@ -218,6 +257,7 @@ def run_server(grid: Grid, cfg: ExperimentConfig, terminal: Terminal | None = No
             "mode": cfg.privacy.mode, "guarantee": privacy.guarantee(cfg.privacy, 0.0, None)},
     )
     plot_accuracy({cfg.init: recorder.rows}, recorder.out / "accuracy.png", title=f"{cfg.name} ({cfg.finetune.mode})")
+    plot_merge_error(recorder.rows, recorder.out / "lora_merge_error.png")
     if ledger is not None:
         ledger.plot(recorder.rows)
     return summary

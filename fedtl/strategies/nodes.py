@@ -2,7 +2,7 @@
 
 The server cannot see a node's config or data, so it asks each node once (a Flower ``query``
 message) whether it is held out and how many training examples it holds: a training reply may
-weigh no more than that. Held-out nodes still get the final evaluation (the adaptability figures).
+weigh no more than that. A node at its own LoRA rank says which (HetLoRA). Held-out nodes still get the final evaluation (the adaptability figures).
 A node that answers with an error (its data unreadable) trains, so that its training error, which
 names the fix, is recorded; its replies are refused until it declares a count (it is asked again
 each round). A node that does not answer is not trained that round.
@@ -16,7 +16,7 @@ from flwr.app import Message, MessageType, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from fedtl.protocol import HELD_OUT, METRICS, NUM_EXAMPLES, PARTITION_ID
+from fedtl.protocol import HELD_OUT, LORA_RANK, METRICS, NUM_EXAMPLES, PARTITION_ID
 from fedtl.strategies.grids import FilteredGrid
 
 
@@ -37,6 +37,7 @@ class TrainingNodes(FilteredGrid):
         self.held_out: dict[int, bool] = {}
         self.examples: dict[int, int] = {}  # node -> the training examples it declared
         self.partitions: dict[int, int] = {}  # node -> its partition, in simulation (how the records name it)
+        self.ranks: dict[int, int] = {}  # node -> its own LoRA rank, where it declared one
 
     def uncounted(self, node: int) -> bool:
         """Whether ``node`` trains but answered without a count of its examples (its data could not be read)."""
@@ -69,6 +70,8 @@ class TrainingNodes(FilteredGrid):
             self.held_out[node] = bool(metrics.get(HELD_OUT, 0))
             if isinstance(metrics.get(PARTITION_ID), int):
                 self.partitions[node] = metrics[PARTITION_ID]
+            if isinstance(metrics.get(LORA_RANK), int):
+                self.ranks[node] = metrics[LORA_RANK]
             if isinstance(metrics.get(NUM_EXAMPLES), int):
                 self.examples[node] = metrics[NUM_EXAMPLES]
             else:

@@ -30,6 +30,9 @@ class RoundReport:
     unanswered : list of dict
         Every node sent the round's training whose reply never came or was an error (it may have trained
         all the same): its ``node-id``, and its ``partition-id`` and declared ``num-examples`` where known.
+    merge_error : dict
+        With LoRA, per adapted layer: how far averaging A and B apart lands from the mean of the merged
+        clients' updates B·A (``fedtl.strategies.lora.merge_error``); empty when not measured.
     """
 
     round: int
@@ -37,6 +40,7 @@ class RoundReport:
     clients: list[dict[str, Any]] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     unanswered: list[dict[str, int]] = field(default_factory=list)
+    merge_error: dict[str, float] = field(default_factory=dict)
 
 
 RoundObserver = Callable[[RoundReport], None]
@@ -44,13 +48,14 @@ RoundObserver = Callable[[RoundReport], None]
 
 def round_report(server_round: int, replies: list[Message], accepted: list[Message], declined: int, sent: int,
                  bytes_down: int, metrics: MetricRecord | None, problems: list[str],
-                 unanswered: list[dict[str, int]] | None = None) -> RoundReport:
-    """The round's report: ``sent`` nodes were sent ``bytes_down`` bytes; ``replies`` came back, of which
-    ``accepted`` were merged and ``declined`` declined; ``metrics`` is the inner strategy's aggregate."""
+                 unanswered: list[dict[str, int]] | None = None, bytes_up: int | None = None) -> RoundReport:
+    """The round's report: ``sent`` nodes were sent ``bytes_down`` bytes; ``replies`` came back (``bytes_up``
+    bytes, default: what their arrays hold now), of which ``accepted`` were merged and ``declined`` declined;
+    ``metrics`` is the inner strategy's aggregate."""
     received = [m for m in replies if not m.has_error() and ARRAYS in m.content.array_records]
     totals: dict[str, float | int] = {
         "bytes_down": bytes_down,
-        "bytes_up": sum(m.content[ARRAYS].count_bytes() for m in received),
+        "bytes_up": sum(m.content[ARRAYS].count_bytes() for m in received) if bytes_up is None else bytes_up,
         "clients_ok": len(accepted),
         "clients_failed": sent - len(accepted) - declined,  # error replies, refused updates and timeouts
         "clients_declined": declined,

@@ -16,7 +16,10 @@ Like Flower's DP wrappers, it holds a strategy and adds behaviour around it:
   counts none as merged and says why;
 - a client may decline to train (its privacy budget is spent): it is counted, not
   merged, and never sampled again; the run ends when too few clients are left to sample;
-- the bytes sent and received are measured and reported to an observer;
+- the bytes sent and received are measured and reported to an observer, with LoRA's merge error
+  (``merge_meter``: averaging A and B apart against the mean of the clients' B·A);
+- under stacked LoRA (``stacking``), A and B are merged exactly and folded into the base weights,
+  which go down with every message;
 - normalisation statistics (running mean and variance) are averaged, not optimised, when
   the inner strategy steps a server optimiser (``statistics_by_mean``): a FedAdam step on
   a variance could make it negative;
@@ -41,6 +44,7 @@ from fedtl.errors import RoundFailedError, RunStoppedError
 from fedtl.protocol import (
     ACCURACY,
     ARRAYS,
+    BASE,
     CLIENT_ACCURACY_MEAN,
     CONFIG,
     FINGERPRINT,
@@ -53,6 +57,7 @@ from fedtl.protocol import (
     RoundPlan,
 )
 from fedtl.strategies.grids import FilteredGrid
+from fedtl.strategies.lora import MergeMeter, Ranks
 from fedtl.strategies.merge import as_sent, mean_statistics
 from fedtl.strategies.nodes import TrainingNodes
 from fedtl.strategies.replies import (
@@ -65,7 +70,22 @@ from fedtl.strategies.replies import (
     update_problem,
 )
 from fedtl.strategies.report import RoundObserver, round_report
+from fedtl.strategies.stacking import Stacking
 from fedtl.strategies.state import align_server_state
+
+
+def _bytes_up(replies: list[Message]) -> int:
+    return sum(m.content[ARRAYS].count_bytes() for m in replies if not m.has_error() and ARRAYS in m.content.array_records)
+
+
+def _spec(record: ArrayRecord) -> Spec:
+    return {k: (tuple(a.shape), a.dtype) for k, a in record.items()}
+
+
+def _updates(replies: list[Message]) -> tuple[list[dict[str, np.ndarray]], list[float]]:
+    """Each reply's tensors and its weight (``num-examples``), as the LoRA merges read them."""
+    return ([{k: a.numpy() for k, a in m.content[ARRAYS].items()} for m in replies],
+            [float(m.content[METRICS][NUM_EXAMPLES]) for m in replies])
 
 
 class TransferStrategy(Strategy):
@@ -105,6 +125,14 @@ class TransferStrategy(Strategy):
         ``training_nodes`` view asked may count no more than it declared, either way.
     max_update_ratio : float, default 0
         Bound on how far each tensor may move (``replies.update_problem``); 0: unbounded.
+    merge_meter : MergeMeter, optional
+        Measures each round's LoRA merge error over the merged replies, into the round's report.
+    stacking : Stacking, optional
+        Merges LoRA's A and B by stacking (FLoRA) and folds them into the base weights, which then go
+        down with every message (``protocol.BASE``); its own merge error replaces the meter's.
+    ranks : Ranks, optional
+        Clients at other LoRA ranks (HetLoRA): each node is sent the adapters cut to the rank it declared
+        when asked, and its reply is zero-padded to the server's rank before merging.
     """
 
     def __init__(
@@ -113,6 +141,7 @@ class TransferStrategy(Strategy):
         final_round: int | None = None, on_evaluate: Callable[[int, list[dict[str, Any]]], None] | None = None,
         training_nodes: Callable[[Grid], TrainingNodes] | None = None, min_nodes: int = 1,
         statistics_by_mean: str | None = None, max_examples: float = float("inf"), max_update_ratio: float = 0.0,
+        merge_meter: MergeMeter | None = None, stacking: Stacking | None = None, ranks: Ranks | None = None,
     ) -> None:
         self.inner = inner
         self.plan = plan
@@ -127,9 +156,14 @@ class TransferStrategy(Strategy):
         self.statistics_by_mean = statistics_by_mean
         self.max_examples = max_examples
         self.max_update_ratio = max_update_ratio
+        self.merge_meter = merge_meter
+        self.stacking = stacking
+        self.ranks = ranks
         self.declined: dict[int, str] = {}  # node -> why it trains no more
         self._views: dict[int, TrainingNodes] = {}
-        self._sent: dict[int, tuple[ArrayRecord, list[int], int]] = {}  # round -> (arrays, destination nodes, bytes)
+        # round -> (arrays, destination nodes, bytes, folded base weights sent with them, what each node was sent
+        # where it differs from the arrays: adapters cut to its rank)
+        self._sent: dict[int, tuple[ArrayRecord, list[int], int, ArrayRecord | None, dict[int, ArrayRecord]]] = {}
 
     def summary(self) -> None:
         log(INFO, "\t├──> TransferStrategy: only travelling tensors are sent and merged")
@@ -162,21 +196,48 @@ class TransferStrategy(Strategy):
                     f"needs; {len(self.declined)} declined for good ({next(reversed(self.declined.values()))})")
         align_server_state(self.inner, record)  # keys that join (gradual unfreezing) start fresh
         messages = list(self.inner.configure_train(server_round, record, cfg, grid))
+        base = self._with_base(messages, arrays)
+        cut = self._cut_to_ranks(messages, record)
         self._sent[server_round] = (record, [m.metadata.dst_node_id for m in messages],
-                                    sum(m.content[ARRAYS].count_bytes() for m in messages))
+                                    sum(r.count_bytes() for m in messages for r in m.content.array_records.values()),
+                                    base, cut)
         return messages
+
+    def _cut_to_ranks(self, messages: list[Message], record: ArrayRecord) -> dict[int, ArrayRecord]:
+        """Each message to a node of a lower LoRA rank than the server's, its adapters cut to that rank
+        (``ranks``); node -> what it was sent instead of ``record``."""
+        if self.ranks is None:
+            return {}
+        declared = {n: r for view in self._views.values() for n, r in view.ranks.items()}
+        cut = {}
+        for m in messages:
+            rank = declared.get(m.metadata.dst_node_id, self.ranks.rank)
+            if rank < self.ranks.rank:  # a RecordDict of its own: Flower's strategies share one between messages
+                cut[m.metadata.dst_node_id] = self.ranks.cut(record, rank)
+                m.content = RecordDict({**dict(m.content.items()), ARRAYS: cut[m.metadata.dst_node_id]})
+        return cut
+
+    def _with_base(self, messages: list[Message], arrays: ArrayRecord) -> ArrayRecord | None:
+        """Under stacking, the folded base weights of ``arrays`` added to every message; else ``None``."""
+        if self.stacking is None:
+            return None
+        base = self.stacking.base_record(arrays)
+        for m in messages:
+            m.content[BASE] = base
+        return base
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
-        record, sent_to, bytes_down = self._sent.pop(server_round)
-        spec = {k: (tuple(a.shape), a.dtype) for k, a in record.items()}
+        record, sent_to, bytes_down, base, cut = self._sent.pop(server_round)
+        spec = _spec(record)
         sent = len(sent_to)
         accepted, declined, problems = [], [], []
         for msg in replies:
             reason = declined_reason(msg)
-            problem = None if reason is not None else self._problem(msg, record, spec)
+            mine = cut.get(msg.metadata.src_node_id, record)  # what this node was sent
+            problem = None if reason is not None else self._problem(msg, mine, spec if mine is record else _spec(mine))
             if reason is not None:
                 declined.append(msg)
                 self.declined[msg.metadata.src_node_id] = reason
@@ -207,6 +268,10 @@ class TransferStrategy(Strategy):
         # Float sums depend on their order, and replies arrive (and Flower samples nodes) in
         # random order: merging in content order makes a run with a given seed reproducible.
         accepted.sort(key=content_key)
+        bytes_up = _bytes_up(replies)  # as they came, before any padding
+        if self.ranks is not None:  # HetLoRA: every reply at the server's rank, zeros beyond the node's own
+            for msg in accepted:
+                msg.content[ARRAYS] = self.ranks.pad(msg.content[ARRAYS])
         arrays, metrics = self.inner.aggregate_train(server_round, accepted)
         if arrays is None:  # the inner strategy declined to merge: no update counts as merged
             problems.append(
@@ -219,9 +284,16 @@ class TransferStrategy(Strategy):
             arrays = mean_statistics(arrays, accepted, self.statistics_by_mean)
         if arrays is not None:
             arrays = as_sent(arrays, spec)
+        errors: dict[str, float] = {}
+        if arrays is not None and self.stacking is not None and base is not None:
+            arrays, errors = self.stacking.fold(server_round, arrays, *_updates(accepted), base)
+        elif self.merge_meter and accepted:
+            errors = self.merge_meter(*_updates(accepted))
         if self.observer is not None:
-            self.observer(round_report(server_round, replies, accepted, len(declined), sent, bytes_down, metrics,
-                                       problems, self._unanswered(sent_to, replies)))
+            report = round_report(server_round, replies, accepted, len(declined), sent, bytes_down, metrics,
+                                  problems, self._unanswered(sent_to, replies), bytes_up=bytes_up)
+            report.merge_error = errors
+            self.observer(report)
         return arrays, metrics
 
     def _problem(self, msg: Message, sent: ArrayRecord, spec: Spec) -> str | None:
@@ -301,8 +373,11 @@ class TransferStrategy(Strategy):
             return []
         content = ConfigRecord({**self.round_config(server_round, config), SERVER_ROUND: server_round})
         record = self.travelling_arrays(server_round, arrays)
-        return [Message(RecordDict({ARRAYS: record, CONFIG: content}), dst_node_id=node,
-                        message_type=MessageType.EVALUATE) for node in grid.get_node_ids()]
+        messages = [Message(RecordDict({ARRAYS: record, CONFIG: content}), dst_node_id=node,
+                            message_type=MessageType.EVALUATE) for node in grid.get_node_ids()]
+        self._with_base(messages, arrays)
+        self._cut_to_ranks(messages, record)
+        return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         clients = [{NODE_ID: m.metadata.src_node_id, **dict(m.content[METRICS])}

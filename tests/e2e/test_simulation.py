@@ -32,11 +32,11 @@ SUMMARY_KEYS = {"final_accuracy", "best_accuracy", "rounds", "bytes_up_total", "
 
 
 # The adapter modes' own machinery (peft LoRA, FFA-LoRA, BN-only, bias-only) is tested on the model in
-# tests/unit/test_adapters.py, and LoRA runs end to end here and under FedAdam (test_personal.py);
-# discriminative rates are full fine-tuning with other rates (tests/unit/test_modes.py). The suite's
-# 15 minutes go to the deployment tests instead.
+# tests/unit/test_adapters.py, and LoRA runs end to end under FedAdam, FedSA-LoRA, stacking and HetLoRA
+# (test_personal.py); discriminative rates are full fine-tuning with other rates (tests/unit/test_modes.py).
+# The suite's minutes go to the deployment tests instead.
 @pytest.mark.parametrize("mode", [m for m in MODES.names()
-                                  if m not in ("ffa-lora", "bn-only", "bias-only", "discriminative")])
+                                  if m not in ("lora", "ffa-lora", "bn-only", "bias-only", "discriminative")])
 def test_every_mode_three_clients_two_rounds(mode: str, tmp_path: Path) -> None:
     out = tmp_path / "run"
     cfg = make_config(f"finetune.mode={mode}", "clients=3", "rounds=2", "unfreeze-every=1", f"out={str(out)!r}")
