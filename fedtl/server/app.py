@@ -189,7 +189,7 @@ def run_server(grid: Grid, cfg: ExperimentConfig, terminal: Terminal | None = No
         # Nor is the merge error measured there: it reads the clipped updates before the noise.
         merge_meter=None if privacy.noised_update else MergeMeter(model.state_dict(), model.adapter_keys,
                                                                    model.local_keys),
-        stacking=lora_stacking(cfg, model), ranks=lora_ranks(cfg, model),
+        stacking=lora_stacking(cfg, model), ranks=lora_ranks(cfg, model), weight_key=weight_key(cfg),
     )
     best = {"accuracy": max((r[ACCURACY] for r in recorder.rows if r["round"] > 0), default=-1.0)}
     how = Feed.of(cfg)

@@ -82,10 +82,10 @@ def _spec(record: ArrayRecord) -> Spec:
     return {k: (tuple(a.shape), a.dtype) for k, a in record.items()}
 
 
-def _updates(replies: list[Message]) -> tuple[list[dict[str, np.ndarray]], list[float]]:
-    """Each reply's tensors and its weight (``num-examples``), as the LoRA merges read them."""
+def _updates(replies: list[Message], weight_key: str) -> tuple[list[dict[str, np.ndarray]], list[float]]:
+    """Each reply's tensors and its weight (its metric ``weight_key``), as the LoRA merges read them."""
     return ([{k: a.numpy() for k, a in m.content[ARRAYS].items()} for m in replies],
-            [float(m.content[METRICS][NUM_EXAMPLES]) for m in replies])
+            [float(m.content[METRICS][weight_key]) for m in replies])
 
 
 class TransferStrategy(Strategy):
@@ -133,6 +133,8 @@ class TransferStrategy(Strategy):
     ranks : Ranks, optional
         Clients at other LoRA ranks (HetLoRA): each node is sent the adapters cut to the rank it declared
         when asked, and its reply is zero-padded to the server's rank before merging.
+    weight_key : str, default "num-examples"
+        The reply metric the inner strategy weights by: the LoRA meter and stacking weight the same way.
     """
 
     def __init__(
@@ -142,6 +144,7 @@ class TransferStrategy(Strategy):
         training_nodes: Callable[[Grid], TrainingNodes] | None = None, min_nodes: int = 1,
         statistics_by_mean: str | None = None, max_examples: float = float("inf"), max_update_ratio: float = 0.0,
         merge_meter: MergeMeter | None = None, stacking: Stacking | None = None, ranks: Ranks | None = None,
+        weight_key: str = NUM_EXAMPLES,
     ) -> None:
         self.inner = inner
         self.plan = plan
@@ -159,6 +162,7 @@ class TransferStrategy(Strategy):
         self.merge_meter = merge_meter
         self.stacking = stacking
         self.ranks = ranks
+        self.weight_key = weight_key
         self.declined: dict[int, str] = {}  # node -> why it trains no more
         self._views: dict[int, TrainingNodes] = {}
         # round -> (arrays, destination nodes, bytes, folded base weights sent with them, what each node was sent
@@ -286,9 +290,9 @@ class TransferStrategy(Strategy):
             arrays = as_sent(arrays, spec)
         errors: dict[str, float] = {}
         if arrays is not None and self.stacking is not None and base is not None:
-            arrays, errors = self.stacking.fold(server_round, arrays, *_updates(accepted), base)
+            arrays, errors = self.stacking.fold(server_round, arrays, *_updates(accepted, self.weight_key), base)
         elif self.merge_meter and accepted:
-            errors = self.merge_meter(*_updates(accepted))
+            errors = self.merge_meter(*_updates(accepted, self.weight_key))
         if self.observer is not None:
             report = round_report(server_round, replies, accepted, len(declined), sent, bytes_down, metrics,
                                   problems, self._unanswered(sent_to, replies), bytes_up=bytes_up)

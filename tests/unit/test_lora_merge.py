@@ -248,3 +248,32 @@ def test_the_scratch_baseline_of_a_lora_merge_trains_without_lora() -> None:
     assert (het.strategy.lora_merge, het.finetune.lora_ranks) == ("average", "")
     fedper = make_config("finetune.mode=full", "strategy.personalisation=fedper").as_scratch()
     assert fedper.strategy.personalisation == "fedper"  # a personalisation of other tensors stays
+
+
+def test_the_meter_weights_the_replies_as_the_strategy_does(task_identity: None) -> None:
+    from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+    from fedtl.protocol import RoundPlan
+    from fedtl.strategies.lora import MergeMeter
+    from fedtl.strategies.registry import build_strategy
+    from fedtl.strategies.transfer import TransferStrategy
+    from tests.helpers import StaticGrid, make_config
+
+    initial = {A_KEY: torch.zeros(1, 2), B_KEY: torch.zeros(2, 1)}
+    pairs = [(np.array([[1.0, 0.0]]), np.array([[1.0], [0.0]])), (np.array([[0.0, 1.0]]), np.array([[0.0], [1.0]]))]
+    layers = {"blocks.a.fc": (A_KEY, B_KEY)}
+    for weighting, key, weights in (("examples", "num-examples", [10, 30]), ("uniform", "unit-weight", [1, 1])):
+        observed: list = []
+        cfg = make_config("clients=2", f"strategy.weighting={weighting}")
+        s = TransferStrategy(build_strategy(cfg), plan=lambda rnd: RoundPlan({"a": 0.1}, 1),
+                             keys_of=lambda units: [A_KEY, B_KEY], initial_state=initial, fingerprint="f00d",
+                             observer=observed.append, merge_meter=MergeMeter(initial, set(initial)), weight_key=key)
+        sent = list(s.configure_train(1, ArrayRecord(initial), ConfigRecord(), StaticGrid([1, 2])))
+        replies = [Message(RecordDict({"arrays": ArrayRecord({A_KEY: torch.as_tensor(a, dtype=torch.float32),
+                                                               B_KEY: torch.as_tensor(b, dtype=torch.float32)}),
+                                       "metrics": MetricRecord({"num-examples": n, "unit-weight": 1})}), reply_to=m)
+                   for m, (a, b), n in zip(sent, pairs, [10, 30])]
+        s.aggregate_train(1, replies)
+        expected = merge_error([{A_KEY: a, B_KEY: b} for a, b in pairs], weights, layers, {})
+        assert observed[0].merge_error == pytest.approx(expected), weighting
+    assert merge_error([{A_KEY: a, B_KEY: b} for a, b in pairs], [10, 30], layers, {}) != pytest.approx(expected)
