@@ -23,4 +23,5 @@ def test_strategy_with_gradual_unfreezing(name: str, tmp_path: Path) -> None:
     rows = read_metrics(out)
     assert summary["strategy"] == name and [r["round"] for r in rows] == [0, 1, 2, 3]
     assert rows[3]["travelling_params"] > rows[2]["travelling_params"] > rows[1]["travelling_params"]
+    assert rows[3]["bytes_down"] > rows[2]["bytes_down"] > rows[1]["bytes_down"]  # the growing set is what travels
     assert all(r["clients_ok"] == 3 for r in rows[1:]) and math.isfinite(summary["final_accuracy"])
