@@ -15,11 +15,12 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from flwr.app import Array, ArrayRecord
+from flwr.app import Array, ArrayRecord, Message, RecordDict
 
 from fedtl.config import ExperimentConfig
 from fedtl.errors import ConfigError
 from fedtl.models.adapters import LORA_A, LORA_B
+from fedtl.protocol import ARRAYS
 from fedtl.registry import Registry
 
 
@@ -226,6 +227,18 @@ class Ranks:
             else:
                 out[k] = arr
         return out
+
+    def cut_messages(self, messages: list[Message], record: ArrayRecord, ranks: Mapping[int, int]
+                     ) -> dict[int, ArrayRecord]:
+        """Each message (carrying ``record``) to a node whose rank in ``ranks`` is below the server's, its
+        adapters cut to that rank; node -> what it was sent instead of ``record``."""
+        cut = {}
+        for m in messages:
+            node = m.metadata.dst_node_id
+            if ranks.get(node, self.rank) < self.rank:  # a RecordDict of its own: Flower's strategies share one
+                cut[node] = self.cut(record, ranks[node])
+                m.content = RecordDict({**dict(m.content.items()), ARRAYS: cut[node]})
+        return cut
 
     def pad(self, record: ArrayRecord) -> ArrayRecord:
         """``record`` with every A and B zero-padded to the server's rank (the rest as it is)."""

@@ -20,9 +20,10 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord
+from flwr.app import Array, ArrayRecord, Message
 
 from fedtl.errors import ConfigError
+from fedtl.protocol import BASE
 from fedtl.seeds import derived_seed
 from fedtl.strategies.lora import lora_layers, product, stack
 
@@ -67,6 +68,13 @@ class Stacking:
     def base_record(self, arrays: ArrayRecord) -> ArrayRecord:
         """The folded base weights in the global ``arrays`` (the pre-trained ones before the first fold)."""
         return ArrayRecord({k: arrays[k] if k in arrays else Array(self.initial[k]) for k in self.base.values()})
+
+    def add_base(self, messages: list[Message], arrays: ArrayRecord) -> ArrayRecord:
+        """``base_record(arrays)`` added to every message (``protocol.BASE``); returned."""
+        base = self.base_record(arrays)
+        for m in messages:
+            m.content[BASE] = base
+        return base
 
     def fresh(self, server_round: int, layer: str) -> np.ndarray:
         """Round ``server_round``'s new A of ``layer``: peft's start (Kaiming-uniform, a = √5), from the seed."""

@@ -44,7 +44,6 @@ from fedtl.errors import RoundFailedError, RunStoppedError
 from fedtl.protocol import (
     ACCURACY,
     ARRAYS,
-    BASE,
     CLIENT_ACCURACY_MEAN,
     CONFIG,
     FINGERPRINT,
@@ -208,27 +207,15 @@ class TransferStrategy(Strategy):
         return messages
 
     def _cut_to_ranks(self, messages: list[Message], record: ArrayRecord) -> dict[int, ArrayRecord]:
-        """Each message to a node of a lower LoRA rank than the server's, its adapters cut to that rank
-        (``ranks``); node -> what it was sent instead of ``record``."""
+        """``Ranks.cut_messages`` at the ranks the nodes declared (none without ``ranks``)."""
         if self.ranks is None:
             return {}
-        declared = {n: r for view in self._views.values() for n, r in view.ranks.items()}
-        cut = {}
-        for m in messages:
-            rank = declared.get(m.metadata.dst_node_id, self.ranks.rank)
-            if rank < self.ranks.rank:  # a RecordDict of its own: Flower's strategies share one between messages
-                cut[m.metadata.dst_node_id] = self.ranks.cut(record, rank)
-                m.content = RecordDict({**dict(m.content.items()), ARRAYS: cut[m.metadata.dst_node_id]})
-        return cut
+        return self.ranks.cut_messages(messages, record,
+                                       {n: r for view in self._views.values() for n, r in view.ranks.items()})
 
     def _with_base(self, messages: list[Message], arrays: ArrayRecord) -> ArrayRecord | None:
-        """Under stacking, the folded base weights of ``arrays`` added to every message; else ``None``."""
-        if self.stacking is None:
-            return None
-        base = self.stacking.base_record(arrays)
-        for m in messages:
-            m.content[BASE] = base
-        return base
+        """``Stacking.add_base`` under stacking; else ``None``."""
+        return None if self.stacking is None else self.stacking.add_base(messages, arrays)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
