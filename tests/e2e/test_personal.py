@@ -75,8 +75,9 @@ def test_fedbn_beats_fedavg_on_each_clients_own_images_under_domain_shift(tmp_pa
     assert fedbn["personal_worst10"] > fedavg["accuracy_worst10"]
 
 
-def test_fedsa_lora_federates_a_and_each_client_keeps_its_own_b(tmp_path: Path,
-                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fedsa_lora_federates_a_and_each_client_keeps_its_own_b(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                 own_ray: None) -> None:
+    # own_ray: the wiretap's client processes must start after $FEDTL_WIRETAP is set.
     from fedtl.protocol import LOCAL_STATE
     from fedtl.simulations.node_state import decode
     from tests.wiretap import ENV, wiretap

@@ -23,7 +23,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_simulation_runs_on_an_existing_ray_cluster(tmp_path: Path) -> None:
+def test_simulation_runs_on_an_existing_ray_cluster(tmp_path: Path, own_ray: None) -> None:
+    # own_ray: a warm local Ray would take the run (Flower starts Ray only where none is up), and `ray stop` ends it.
     port = _free_port()
     temp = Path(os.environ.get("RAY_TMPDIR", "/tmp/fedtl-ray")) / "head"  # short: Ray's socket paths max out at 107
     start = [RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
