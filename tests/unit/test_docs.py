@@ -15,7 +15,8 @@ COMMITTED = {"### `modes.toml`": DOCS / "results" / "modes" / "results.md",
              "### `clients.toml`": DOCS / "results" / "clients" / "results.md",
              "### `heterogeneity.toml`": DOCS / "results" / "heterogeneity" / "results.md",
              "### `imagenet-transfer.toml`": DOCS / "results" / "imagenet-transfer" / "results.md",
-             "### `lora-aggregation.toml`": DOCS / "results" / "lora-aggregation" / "results.md"}
+             "### `lora-aggregation.toml`": DOCS / "results" / "lora-aggregation" / "results.md",
+             "### `lora-aggregation-imagenet.toml`": DOCS / "results" / "lora-aggregation-imagenet" / "results.md"}
 
 
 def _table(lines: list[str]) -> tuple[list[str], list[list[str]]]:
