@@ -30,7 +30,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from fedtl.simulations.node_state import NodeStates
 
-# The pool kept between runs (runtime.kept_warm): {"on": True} while kept, "pool" and "resources" once built.
+# The pool kept between runs (runtime.kept_warm): {"on": True} while kept, "pool" and "resources" once built,
+# "address": the simulation.ray-address the kept Ray was joined at (None: this machine's own).
 WARM: dict[str, Any] = {}
 
 
@@ -46,6 +47,17 @@ def _backend_class(limit_s: float, states: NodeStates | None) -> type:
 
     class FedtlRayBackend(RayBackend):  # type: ignore[misc]
         """Flower's Ray backend with dead and hung actors replaced, and the pool optionally kept warm."""
+
+        def init_ray(self, backend_config: Any) -> None:
+            # Flower starts Ray only where none is up: a Ray kept warm for an earlier run (this machine's, or
+            # another cluster's) would silently take a run that names another simulation.ray-address.
+            address = (backend_config.get(self.init_args_key) or {}).get("address")
+            if WARM.get("on") and ray.is_initialized() and WARM.get("address") != address:
+                drop_pool()
+                ray.shutdown()
+            super().init_ray(backend_config)
+            if WARM.get("on"):
+                WARM["address"] = address
 
         def build(self, app_fn: Any) -> None:
             self._lock = threading.Lock()

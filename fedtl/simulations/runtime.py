@@ -16,6 +16,8 @@ and strategy), but the actors survive between runs, and with them what each proc
 (imports, the pre-trained model, the mapped data store). It does so through fedtl's
 subclass of Flower's ``RayBackend`` (``backend.py``), whose ``build`` reuses the pool and whose
 ``terminate`` keeps it while ``kept_warm()`` is entered; on exit the actors are ended and Ray shut down.
+A run that names another ``simulation.ray-address`` than the kept Ray's ends it and joins that one
+(Flower would otherwise run it on whichever Ray is up).
 """
 
 from __future__ import annotations
@@ -128,6 +130,7 @@ def kept_warm() -> Iterator[None]:
         yield
     finally:
         WARM.pop("on", None)
+        WARM.pop("address", None)
         drop_pool()
         import ray
 
