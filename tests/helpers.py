@@ -37,6 +37,19 @@ def make_config(*sets: str) -> ExperimentConfig:
     return load_config(None, [f"pretrain.cache-dir={str(CACHE)!r}", "pretrain.epochs=2", *sets])
 
 
+def lora_shares(cfg: ExperimentConfig, ranks: Iterable[int]) -> int:
+    """The bytes HetLoRA sends nodes at ``ranks`` in a round: A's rows and B's columns cut to each, the head whole."""
+    from flwr.app import ArrayRecord
+
+    from fedtl.personalisation import run_model
+    from fedtl.strategies.lora import Ranks
+
+    model = run_model(cfg)
+    reference = model.state_dict()
+    sent = ArrayRecord({k: v for k, v in reference.items() if k.startswith("head.") or ".lora_" in k})
+    return sum(Ranks(reference, model.adapter_keys).cut(sent, r).count_bytes() for r in ranks)
+
+
 def run_fedtl(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "fedtl.cli", *args], capture_output=True, text=True, cwd=ROOT,
                           env={**os.environ, "COLUMNS": "120"}, timeout=300)

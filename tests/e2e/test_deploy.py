@@ -28,7 +28,7 @@ import pytest
 
 from fedtl.reports.runs import read_metrics
 from fedtl.simulations.simulate import simulate
-from tests.helpers import CACHE, ROOT, make_config
+from tests.helpers import CACHE, ROOT, lora_shares, make_config
 
 pytestmark = pytest.mark.e2e
 
@@ -326,6 +326,31 @@ def test_nodes_are_separate_hosts(federation: Federation) -> None:
     # The gateway's access log, in fedtl deploy superlink's output: each node's requests from its own address.
     for s in subnets:
         assert f"{s}.2:" in seen, s
+
+
+def test_hetlora_nodes_train_at_the_ranks_their_owners_set(federation: Federation, tmp_path: Path) -> None:
+    """node0's owner sets lora-rank 2 and node1's 4 in their node configs; node2 keeps the server's 8. Each is
+    sent, and replies, only its share of the adapters (the round's bytes are the three shares). Before the kill
+    test, which leaves node2 down."""
+    sets = ["finetune.mode=lora", "finetune.adapter-blocks=2", "strategy.lora-merge=hetlora", "finetune.lora-rank=8",
+            "finetune.lora-alpha=16"]
+    nodes = {i: str(federation.root / "nodes" / f"node-{i}") for i in (0, 1)}
+    for i, rank in ((0, 2), (1, 4)):
+        federation.stop(f"node{i}")
+        federation.start_node(i, nodes[i], f"node{i}", f"lora-rank={rank}")
+    try:
+        done = federation.fedtl("deploy", "run", "--connection", "deploy", "--out", str(tmp_path / "run"),
+                                *_sets("rounds=1", f"clients={NODES}", f"strategy.min-available-nodes={NODES}", *sets),
+                                timeout=300)
+        assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+        (row,) = read_metrics(tmp_path / "run")[1:]
+        shares = lora_shares(make_config(*sets), (2, 4, 8))
+        assert row["clients_ok"] == NODES and row["bytes_up"] == row["bytes_down"] == shares, row
+        assert row["lora_merge_error"] > 0.05  # the ranks' zero-padding, as in simulation
+    finally:
+        for i in (0, 1):
+            federation.stop(f"node{i}")
+            federation.start_node(i, nodes[i])
 
 
 def test_a_node_killed_mid_round_without_its_data_or_past_its_own_budget_fails_alone(
