@@ -3,8 +3,8 @@
 Each in-process simulation would otherwise start Ray and new actor processes (which import torch,
 Flower and fedtl) and shut them down again: ~10 s of a 15-25 s test on 2 cores. ``kept_warm()``
 is what a study and ``--compare-scratch`` use for the same reason; every run still gets its own
-run id, SuperNodes, node states and strategy. A test that needs Ray to itself (a Ray cluster of its
-own, or an environment its client processes must inherit) asks for ``own_ray``.
+run id, SuperNodes, node states and strategy. A test that needs Ray to itself (an environment its
+client processes must inherit, or Flower's own backend instead of fedtl's) asks for ``own_ray``.
 """
 
 from __future__ import annotations
