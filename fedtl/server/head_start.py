@@ -37,7 +37,7 @@ from fedtl.protocol import (
     SUMS,
 )
 from fedtl.strategies.nodes import TrainingNodes
-from fedtl.strategies.replies import content_key, declined_reason, examples_problem, reply_problem
+from fedtl.strategies.replies import content_key, examples_problem, reply_problem, triage
 from fedtl.strategies.report import RoundReport
 
 
@@ -86,18 +86,11 @@ def head_start(grid: Grid, model: TransferModel, *, timeout: float, min_nodes: i
     queries = [Message(RecordDict({CONFIG: config}), dst_node_id=n, message_type=HEAD_START) for n in nodes]
     replies = list(grid.send_and_receive(queries, timeout=timeout))
     classes, dim = model.head.out_features, model.head.in_features
-    accepted, declined, problems = [], 0, []
-    for msg in replies:
-        if declined_reason(msg) is not None:
-            declined += 1
-        elif (problem := class_sums_problem(msg, classes, dim) or examples_problem(
-                msg, min(view.examples.get(msg.metadata.src_node_id, float("inf")), max_examples))) is None:
-            accepted.append(msg)
-        else:
-            problems.append(f"node {msg.metadata.src_node_id}: {problem}")
-            log(WARNING, "Head start: not adding the class sums of %s", problems[-1])
-    for node in sorted(set(nodes) - {m.metadata.src_node_id for m in replies}):
-        problems.append(f"node {node}: no reply within the round timeout (stopped, or disconnected?)")
+    found = triage(replies, nodes, lambda msg: class_sums_problem(msg, classes, dim) or examples_problem(
+        msg, min(view.examples.get(msg.metadata.src_node_id, float("inf")), max_examples)))
+    accepted, declined, problems = found.accepted, len(found.declined), found.problems
+    for why in found.rejected:
+        log(WARNING, "Head start: not adding the class sums of %s", why)
     if not accepted:
         raise RoundFailedError(f"head start (finetune.head-init = \"ncm\"): no node's class sums could be added up. "
                                f"{'; '.join(problems[:3]) or 'every node declined (held out of training)'}")

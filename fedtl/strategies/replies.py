@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 
 import numpy as np
 from flwr.app import ArrayRecord, Message
@@ -136,6 +138,41 @@ def consistent(replies: list[Message]) -> tuple[list[Message], list[tuple[Messag
             dropped.append((msg, f"its metrics differ from the other replies': missing {sorted(common - n)[:5]}, "
                                  f"unexpected {sorted(n - common)[:5]}"))
     return kept, dropped
+
+
+@dataclass
+class Triage:
+    """A round's replies sorted: those that may be merged, those that decline, and why no other can be used."""
+
+    accepted: list[Message] = field(default_factory=list)
+    declined: list[Message] = field(default_factory=list)
+    rejected: list[str] = field(default_factory=list)  # "node <id>: why", a reply that came but cannot be used
+    silent: list[str] = field(default_factory=list)  # "node <id>: no reply ...", a node sent to that did not reply
+
+    @property
+    def problems(self) -> list[str]:
+        """Every reason a node's reply is missing from the merge (the round's ``client_errors``)."""
+        return self.rejected + self.silent
+
+
+def triage(replies: list[Message], sent_to: Iterable[int], problem: Callable[[Message], str | None], *,
+           same_metrics: bool = False) -> Triage:
+    """Sort ``replies`` to the nodes ``sent_to``: declined, or usable unless ``problem`` names why not; with
+    ``same_metrics``, those whose metric names differ from most replies' are rejected too (``consistent``)."""
+    out = Triage()
+    for msg in replies:
+        if declined_reason(msg) is not None:
+            out.declined.append(msg)
+        elif (why := problem(msg)) is None:
+            out.accepted.append(msg)
+        else:
+            out.rejected.append(f"node {msg.metadata.src_node_id}: {why}")
+    if same_metrics:
+        out.accepted, odd = consistent(out.accepted)
+        out.rejected += [f"node {msg.metadata.src_node_id}: {why}" for msg, why in odd]
+    out.silent = [f"node {node}: no reply within the round timeout (stopped, or disconnected?)"
+                  for node in sorted(set(sent_to) - {m.metadata.src_node_id for m in replies})]
+    return out
 
 
 def content_key(msg: Message, record: str = ARRAYS) -> str:

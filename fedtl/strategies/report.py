@@ -46,16 +46,21 @@ class RoundReport:
 RoundObserver = Callable[[RoundReport], None]
 
 
+def bytes_up(replies: list[Message]) -> int:
+    """The bytes of the arrays ``replies`` hold."""
+    return sum(m.content[ARRAYS].count_bytes() for m in replies if not m.has_error() and ARRAYS in m.content.array_records)
+
+
 def round_report(server_round: int, replies: list[Message], accepted: list[Message], declined: int, sent: int,
                  bytes_down: int, metrics: MetricRecord | None, problems: list[str],
-                 unanswered: list[dict[str, int]] | None = None, bytes_up: int | None = None) -> RoundReport:
-    """The round's report: ``sent`` nodes were sent ``bytes_down`` bytes; ``replies`` came back (``bytes_up``
+                 unanswered: list[dict[str, int]] | None = None, received: int | None = None,
+                 merge_error: dict[str, float] | None = None) -> RoundReport:
+    """The round's report: ``sent`` nodes were sent ``bytes_down`` bytes; ``replies`` came back (``received``
     bytes, default: what their arrays hold now), of which ``accepted`` were merged and ``declined`` declined;
-    ``metrics`` is the inner strategy's aggregate."""
-    received = [m for m in replies if not m.has_error() and ARRAYS in m.content.array_records]
+    ``metrics`` is the inner strategy's aggregate, ``merge_error`` LoRA's (``RoundReport.merge_error``)."""
     totals: dict[str, float | int] = {
         "bytes_down": bytes_down,
-        "bytes_up": sum(m.content[ARRAYS].count_bytes() for m in received) if bytes_up is None else bytes_up,
+        "bytes_up": bytes_up(replies) if received is None else received,
         "clients_ok": len(accepted),
         "clients_failed": sent - len(accepted) - declined,  # error replies, refused updates and timeouts
         "clients_declined": declined,
@@ -65,4 +70,4 @@ def round_report(server_round: int, replies: list[Message], accepted: list[Messa
     clients = [{NODE_ID: m.metadata.src_node_id, DECLINED: declined_reason(m) is not None,
                 **dict(m.content.metric_records[METRICS])}
                for m in replies if not m.has_error() and METRICS in m.content.metric_records]
-    return RoundReport(server_round, totals, clients, problems, unanswered or [])
+    return RoundReport(server_round, totals, clients, problems, unanswered or [], merge_error or {})

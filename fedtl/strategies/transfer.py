@@ -61,20 +61,16 @@ from fedtl.strategies.merge import as_sent, mean_statistics
 from fedtl.strategies.nodes import TrainingNodes
 from fedtl.strategies.replies import (
     Spec,
-    consistent,
     content_key,
     declined_reason,
     examples_problem,
     reply_problem,
+    triage,
     update_problem,
 )
-from fedtl.strategies.report import RoundObserver, round_report
+from fedtl.strategies.report import RoundObserver, bytes_up, round_report
 from fedtl.strategies.stacking import Stacking
 from fedtl.strategies.state import align_server_state
-
-
-def _bytes_up(replies: list[Message]) -> int:
-    return sum(m.content[ARRAYS].count_bytes() for m in replies if not m.has_error() and ARRAYS in m.content.array_records)
 
 
 def _spec(record: ArrayRecord) -> Spec:
@@ -224,42 +220,40 @@ class TransferStrategy(Strategy):
         record, sent_to, bytes_down, base, cut = self._sent.pop(server_round)
         spec = _spec(record)
         sent = len(sent_to)
-        accepted, declined, problems = [], [], []
-        for msg in replies:
-            reason = declined_reason(msg)
+
+        def problem(msg: Message) -> str | None:
             mine = cut.get(msg.metadata.src_node_id, record)  # what this node was sent
-            problem = None if reason is not None else self._problem(msg, mine, spec if mine is record else _spec(mine))
-            if reason is not None:
-                declined.append(msg)
-                self.declined[msg.metadata.src_node_id] = reason
-                log(INFO, "Round %s: node %s declines, and is not sampled again: %s", server_round,
-                    msg.metadata.src_node_id, reason)
-            elif problem is None:
-                accepted.append(msg)
-            else:
-                problems.append(f"node {msg.metadata.src_node_id}: {problem}")
-                log(WARNING, "Round %s: not merging the update of %s", server_round, problems[-1])
-        accepted, odd = consistent(accepted)
-        for msg, why in odd:
-            problems.append(f"node {msg.metadata.src_node_id}: {why}")
-            log(WARNING, "Round %s: not merging the update of %s", server_round, problems[-1])
-        for node in sorted(set(sent_to) - {m.metadata.src_node_id for m in replies}):
-            problems.append(f"node {node}: no reply within the round timeout (stopped, or disconnected?)")
-            log(WARNING, "Round %s: %s", server_round, problems[-1])
-        if declined and len(declined) == sent:  # nothing to merge, nothing failed: the model stays as it is
+            return self._problem(msg, mine, spec if mine is record else _spec(mine))
+
+        found = triage(replies, sent_to, problem, same_metrics=True)
+        accepted, declined, problems = found.accepted, found.declined, found.problems
+        for msg in declined:
+            self.declined[msg.metadata.src_node_id] = reason = str(declined_reason(msg))
+            log(INFO, "Round %s: node %s declines, and is not sampled again: %s", server_round,
+                msg.metadata.src_node_id, reason)
+        for why in found.rejected:
+            log(WARNING, "Round %s: not merging the update of %s", server_round, why)
+        for why in found.silent:
+            log(WARNING, "Round %s: %s", server_round, why)
+
+        def report(merged: list[Message], metrics: MetricRecord | None, unanswered: bool = True,
+                   received: int | None = None, errors: dict[str, float] | None = None) -> None:
             if self.observer is not None:
-                self.observer(round_report(server_round, replies, [], len(declined), sent, bytes_down, None, problems))
+                self.observer(round_report(server_round, replies, merged, len(declined), sent, bytes_down, metrics,
+                                           problems, self._unanswered(sent_to, replies) if unanswered else None,
+                                           received, errors))
+
+        if declined and len(declined) == sent:  # nothing to merge, nothing failed: the model stays as it is
+            report([], None, unanswered=False)
             return None, None
         if sent and not accepted:
-            if self.observer is not None:  # what the nodes spent is recorded before the run ends
-                self.observer(round_report(server_round, replies, [], len(declined), sent, bytes_down, None, problems,
-                                           self._unanswered(sent_to, replies)))
+            report([], None)  # what the nodes spent is recorded before the run ends
             reasons = "; ".join(problems[:3]) or f"no replies within the round timeout ({sent} sent)"
             raise RoundFailedError(f"round {server_round}: no client update could be merged. {reasons}")
         # Float sums depend on their order, and replies arrive (and Flower samples nodes) in
         # random order: merging in content order makes a run with a given seed reproducible.
         accepted.sort(key=content_key)
-        bytes_up = _bytes_up(replies)  # as they came, before any padding
+        received = bytes_up(replies)  # as they came, before any padding
         if self.ranks is not None:  # HetLoRA: every reply at the server's rank, zeros beyond the node's own
             for msg in accepted:
                 msg.content[ARRAYS] = self.ranks.pad(msg.content[ARRAYS])
@@ -280,11 +274,7 @@ class TransferStrategy(Strategy):
             arrays, errors = self.stacking.fold(server_round, arrays, *_updates(accepted, self.weight_key), base)
         elif self.merge_meter and accepted:
             errors = self.merge_meter(*_updates(accepted, self.weight_key))
-        if self.observer is not None:
-            report = round_report(server_round, replies, accepted, len(declined), sent, bytes_down, metrics,
-                                  problems, self._unanswered(sent_to, replies), bytes_up=bytes_up)
-            report.merge_error = errors
-            self.observer(report)
+        report(accepted, metrics, received=received, errors=errors)
         return arrays, metrics
 
     def _problem(self, msg: Message, sent: ArrayRecord, spec: Spec) -> str | None:
