@@ -53,8 +53,7 @@ def _backend_class(limit_s: float, states: NodeStates | None) -> type:
             # another cluster's) would silently take a run that names another simulation.ray-address.
             address = (backend_config.get(self.init_args_key) or {}).get("address")
             if WARM.get("on") and ray.is_initialized() and WARM.get("address") != address:
-                drop_pool()
-                ray.shutdown()
+                release()
             super().init_ray(backend_config)
             if WARM.get("on"):
                 WARM["address"] = address
@@ -129,6 +128,16 @@ def drop_pool() -> None:
     WARM.pop("resources", None)
     if pool is not None:
         pool.terminate_all_actors()
+
+
+def release() -> None:
+    """End the kept actors and Ray now; inside ``runtime.kept_warm()`` the next run starts them again."""
+    import ray
+
+    WARM.pop("address", None)
+    drop_pool()
+    if ray.is_initialized():
+        ray.shutdown()
 
 
 @contextmanager

@@ -31,7 +31,7 @@ from contextlib import contextmanager
 
 from fedtl.config import ExperimentConfig
 from fedtl.errors import ConfigError
-from fedtl.simulations.backend import WARM, drop_pool
+from fedtl.simulations.backend import WARM, release
 
 
 def machine_cores() -> int:
@@ -130,9 +130,5 @@ def kept_warm() -> Iterator[None]:
         yield
     finally:
         WARM.pop("on", None)
-        WARM.pop("address", None)
-        drop_pool()
-        import ray
+        release()
 
-        if ray.is_initialized():
-            ray.shutdown()

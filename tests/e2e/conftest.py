@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from fedtl.simulations.backend import WARM, drop_pool
+from fedtl.simulations.backend import WARM, release
 from fedtl.simulations.runtime import kept_warm
 
 
@@ -26,12 +26,8 @@ def warm_runtime() -> Iterator[None]:
 @pytest.fixture
 def own_ray() -> Iterator[None]:
     """Inside the test, each simulation starts and ends its own Ray (fresh processes, the current environment)."""
-    import ray
-
     WARM.pop("on", None)
-    drop_pool()
-    if ray.is_initialized():
-        ray.shutdown()
+    release()
     try:
         yield
     finally:

@@ -26,7 +26,7 @@ def _free_port() -> int:
 def test_simulation_runs_on_an_existing_ray_cluster(tmp_path: Path) -> None:
     import ray
 
-    from fedtl.simulations.backend import drop_pool
+    from fedtl.simulations.backend import release
 
     port = _free_port()
     temp = Path(os.environ.get("RAY_TMPDIR", "/tmp/fedtl-ray")) / "head"  # short: Ray's socket paths max out at 107
@@ -42,8 +42,7 @@ def test_simulation_runs_on_an_existing_ray_cluster(tmp_path: Path) -> None:
                           f"out={str(tmp_path / 'run')!r}")
         summary = simulate(cfg)
         assert summary["rounds"] == 1 and (tmp_path / "run" / "summary.json").is_file()
-        drop_pool()  # the kept pool is the cluster's now: leave it, so that the run's driver ends
-        ray.shutdown()
+        release()  # the kept pool and Ray are the cluster's now: leave them, so that the run's driver ends
         # The run was a job of the cluster `ray start` made, not of a private Ray instance.
         ray.init(address=f"127.0.0.1:{port}")
         try:
