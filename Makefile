@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# --no-compile: byte-compiling all of torch's CUDA build costs ~50 s of a 2-minute install;
 	# Python compiles the modules it imports on first use instead.
-	$(BIN)/python -m pip install --quiet --no-compile -e ".[test,minilm,efficientnet]"
+	$(BIN)/python -m pip install --quiet --no-compile -e ".[test,minilm,efficientnet,photos]"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from fedtl.batchnorm import BATCHNORM
 from fedtl.config import ExperimentConfig
 from fedtl.errors import ConfigError
 from fedtl.models.modes import plan_round
@@ -86,6 +87,8 @@ class Personalisation:
     lora_only : bool
         Whether it keeps LoRA tensors (FedSA-LoRA): a run's from-scratch baseline, which trains no LoRA,
         runs without it.
+    batchnorm : str, optional
+        The BatchNorm policy (``fedtl.batchnorm``) ``finetune.batchnorm = "auto"`` gives it (FedBN: local).
     """
 
     local: Callable[[TransferModel], frozenset[str]] = _no_keys
@@ -94,6 +97,7 @@ class Personalisation:
     tunes_head: bool = False
     check_config: Callable[[ExperimentConfig], None] = _accepts_any
     lora_only: bool = False
+    batchnorm: str | None = None
 
 
 def head_plan(cfg: ExperimentConfig) -> RoundPlan:
@@ -122,7 +126,7 @@ PERSONALISATIONS.register("none")(Personalisation())
 # FedPer (Arivazhagan et al. 2019): the body is federated, each client keeps its own head.
 PERSONALISATIONS.register("fedper")(Personalisation(local=_head_keys, check_config=_shared_head_only(_LOCAL_HEAD)))
 # FedBN (Li et al. 2021): normalisation layers stay local, for feature-shifted silos.
-PERSONALISATIONS.register("fedbn")(Personalisation(local=_norm_keys))
+PERSONALISATIONS.register("fedbn")(Personalisation(local=_norm_keys, batchnorm="local"))
 # FedRep (Collins et al. 2021): the local head first adapts to the received body, then the
 # body trains under that head; only the body travels.
 PERSONALISATIONS.register("fedrep")(Personalisation(local=_head_keys, head_first=True, check_config=_shared_head_only(
@@ -146,12 +150,16 @@ def personalisation(cfg: ExperimentConfig) -> Personalisation:
 
 
 def run_model(cfg: ExperimentConfig, *, load_weights: bool = True) -> TransferModel:
-    """The model a run trains: ``fedtl.models.factory.build_model`` (same arguments) with the local keys of
-    ``cfg``'s personalisation set. Server and clients both build it so."""
+    """The model a run trains: ``fedtl.models.factory.build_model`` (same arguments) with the run's BatchNorm
+    policy applied and the local keys of ``cfg``'s personalisation set (and, where the policy keeps running
+    statistics on the clients, those). Server and clients both build it so."""
     from fedtl.models.factory import build_model  # lazily: this module stays light for the config
 
     model = build_model(cfg, load_weights=load_weights)
-    model.local_keys = personalisation(cfg).local(model)
+    policy = BATCHNORM.get(cfg.finetune.batchnorm)
+    model.set_batchnorm(policy)
+    kept = model.statistics_keys() if policy.moves and not policy.travels else frozenset()
+    model.local_keys = personalisation(cfg).local(model) | kept
     return model
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -10,7 +11,7 @@ import torch.nn.functional as F
 from fedtl.config import FinetuneConfig
 from fedtl.data.rows import LabelledImages
 from fedtl.models.features import PLAIN, Feed, feed
-from fedtl.models.transfer import TransferModel
+from fedtl.models.transfer import BatchNormLayer, TransferModel
 from fedtl.protocol import RoundPlan
 
 
@@ -74,4 +75,31 @@ def train_local(
                 opt.step()
                 total += loss.detach().item()
                 steps += 1
+        recalibrate_statistics(model, lambda: (f.net(f.inputs(idx, dev)) for idx in
+                                               torch.arange(len(data)).split(ft.batch_size)))
     return TrainResult(loss=total / steps, examples=len(data), steps=steps)
+
+
+@torch.no_grad()
+def recalibrate_statistics(model: TransferModel, passes: Callable[[], Iterable[torch.Tensor]]) -> None:
+    """Set the running statistics of every BatchNorm that moves to the exact mean of its batch statistics
+    under the weights training ended with (``passes`` runs the forward passes, in train mode).
+
+    Why: running statistics that trail a few dozen steps of fast-changing weights (a network from random
+    init) describe no weights the model ever had, so the model evaluated is far from the one trained
+    (small-cnn-bn from scratch, ten rounds: 0.24 in eval mode against 0.58 on batch statistics). torch's
+    ``swa_utils.update_bn`` does this for a DataLoader; fedtl's batches come from its own feed.
+    """
+    moving = [m for m in model.modules() if isinstance(m, BatchNormLayer) and m.training and m.track_running_stats]
+    if not moving:
+        return
+    kept = [m.momentum for m in moving]
+    for m in moving:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over this pass's batches
+    try:
+        for _ in passes():
+            pass
+    finally:
+        for m, momentum in zip(moving, kept):
+            m.momentum = momentum

@@ -10,8 +10,8 @@ from typing import Any
 
 import tomli_w
 
-from fedtl.config.fields import ConfigError, build, flatten, keys_of, unflatten, unknown_key
-from fedtl.config.schema import ExperimentConfig
+from fedtl.config.fields import ConfigError, build, flatten, keys_of, to_dict, unflatten, unknown_key
+from fedtl.config.schema import ExperimentConfig, FinetuneConfig
 
 
 def all_keys() -> list[str]:
@@ -97,5 +97,8 @@ def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] 
 
 
 def flwr_app_config_table() -> str:
-    """The ``[tool.flwr.app.config]`` table of pyproject.toml, generated from the defaults."""
-    return tomli_w.dumps({"tool": {"flwr": {"app": {"config": ExperimentConfig().to_dict()}}}})
+    """The ``[tool.flwr.app.config]`` table of pyproject.toml, generated from the defaults as written, before
+    the config resolves them (``finetune.batchnorm = "auto"``: a ``--run-config init='scratch'`` resolves anew)."""
+    table = ExperimentConfig().to_dict()
+    table["finetune"] = to_dict(FinetuneConfig())
+    return tomli_w.dumps({"tool": {"flwr": {"app": {"config": table}}}})

@@ -30,6 +30,10 @@ from fedtl.config.fields import (
     unflatten,
 )
 
+FINETUNE_MODES = "fedtl.models.modes:MODES"
+# finetune.batchnorm: "auto" and the names of fedtl.batchnorm's policies (a test keeps them equal).
+BATCHNORM_CHOICES = ("auto", "frozen", "batch", "local")
+
 
 @dataclass(frozen=True)
 class DataConfig(Validated):
@@ -117,7 +121,7 @@ class FinetuneConfig(Validated):
     SECTION = "finetune."
 
     # Fine-tuning mode.
-    mode: str = field(default="feature-extraction", metadata=one_of("fedtl.models.modes:MODES"))
+    mode: str = field(default="feature-extraction", metadata=one_of(FINETUNE_MODES))
     # The head's learning rate (SGD).
     lr: float = field(default=0.05, metadata=in_range(0.0, 10.0, lo_open=True))
     # Blocks' rate relative to `lr` in `full` and `gradual-unfreezing`.
@@ -154,6 +158,15 @@ class FinetuneConfig(Validated):
     # How the head starts: "random" (seeded), or "ncm": the clients' class means of the frozen features, in a
     # round 0 before training (FedNCM; docs/concepts.md).
     head_init: str = field(default="random", metadata=one_of("fedtl.models.ncm:HEAD_INITS"))
+    # After a head start, the head trains at lr × this (FedNCM+FT): full-rate steps on each client's few images
+    # undo the class means (docs/concepts.md: Lite0 at 64 px fell from 0.378 to 0.207 in two rounds).
+    head_start_lr_scale: float = field(default=0.1, metadata=in_range(0.0, 1.0, lo_open=True))
+    # What a trainable BatchNorm does in local training (fedtl.batchnorm; docs/concepts.md): "frozen" (running
+    # statistics fixed, γ/β still train; they never travel), "batch" (batch statistics, running ones at momentum
+    # 0.1, merged), "local" (batch statistics, running ones kept on each client). "auto", resolved when the config
+    # is read: batch from scratch, else the personalisation's or the mode's own (fedbn: local; bn-only: batch),
+    # else frozen.
+    batchnorm: str = field(default="auto", metadata=one_of(BATCHNORM_CHOICES))
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -368,8 +381,18 @@ class ExperimentConfig(Validated):
                 f"privacy.max-epsilon = {p.max_epsilon} is below privacy.target-epsilon = {p.target_epsilon}: the run "
                 "could not finish its plan. Raise max-epsilon or lower target-epsilon (or leave max-epsilon at 0)."
             )
+        if self.finetune.batchnorm == "auto":  # resolved once, so config.toml records what the run does
+            object.__setattr__(self, "finetune", dataclasses.replace(self.finetune, batchnorm=self._auto_batchnorm()))
         for check in entry_checks(self):  # what the chosen privacy mode, strategy and personalisation refuse
             check(self)
+
+    def _auto_batchnorm(self) -> str:
+        """``finetune.batchnorm = "auto"``: the personalisation's own policy (FedBN: local), else batch statistics
+        from scratch, else the mode's own (bn-only: batch), else frozen statistics (fedtl.batchnorm)."""
+        own = registry_entry(STRATEGY_PERSONALISATIONS, self.strategy.personalisation).batchnorm
+        if own is None and self.init == "scratch":
+            own = "batch"
+        return own or registry_entry(FINETUNE_MODES, self.finetune.mode).batchnorm or "frozen"
 
     @property
     def training_clients(self) -> int:
@@ -402,10 +425,11 @@ class ExperimentConfig(Validated):
 
     def as_scratch(self) -> ExperimentConfig:
         """The from-scratch baseline of this run: random init, every block trained at the head's lr, a seeded
-        random head (a head start needs pre-trained features). It trains no LoRA, so how LoRA is merged (and a
+        random head (a head start needs pre-trained features), BatchNorm as ``auto`` chooses from scratch (batch
+        statistics at the standard momentum, merged: how the architecture trains from random init). It trains no LoRA, so how LoRA is merged (and a
         personalisation of LoRA's tensors, FedSA-LoRA: ``lora_only``) goes back to the default."""
         finetune = dataclasses.replace(self.finetune, mode="full", backbone_lr_scale=1.0, head_init="random",
-                                       lora_ranks="")
+                                       lora_ranks="", batchnorm="auto")
         lora_only = getattr(registry_entry(STRATEGY_PERSONALISATIONS, self.strategy.personalisation), "lora_only",
                             False)
         strategy = dataclasses.replace(self.strategy, lora_merge="average",

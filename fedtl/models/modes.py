@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from fedtl.config import FinetuneConfig
+from fedtl.models.ncm import HEAD_INITS
 from fedtl.protocol import HEAD, RoundPlan
 from fedtl.registry import Registry
 
@@ -21,10 +22,12 @@ Rates = Callable[[Sequence[str], int, FinetuneConfig], dict[str, float]]
 
 @dataclass(frozen=True)
 class Mode:
-    """A fine-tuning mode: its per-round rates and, for adapter modes, the adapter's name."""
+    """A fine-tuning mode: its per-round rates, for adapter modes the adapter's name, and the BatchNorm
+    policy (``fedtl.batchnorm``) ``finetune.batchnorm = "auto"`` gives it when it has its own."""
 
     rates: Rates
     adapter: str | None = None
+    batchnorm: str | None = None
 
     def __call__(self, blocks: Sequence[str], rnd: int, ft: FinetuneConfig) -> dict[str, float]:
         return self.rates(blocks, rnd, ft)
@@ -33,8 +36,9 @@ class Mode:
 class ModeRegistry(Registry[Mode]):
     """Modes by name; registering a plain rates function makes it a mode without adapter."""
 
-    def register(self, name: str, adapter: str | None = None) -> Callable[[Rates], Rates]:  # type: ignore[override]
-        return self.register_wrapped(name, lambda rates: Mode(rates, adapter))
+    def register(self, name: str, adapter: str | None = None,  # type: ignore[override]
+                 batchnorm: str | None = None) -> Callable[[Rates], Rates]:
+        return self.register_wrapped(name, lambda rates: Mode(rates, adapter, batchnorm))
 
 
 MODES = ModeRegistry("fine-tuning mode")
@@ -83,12 +87,16 @@ def _adapter_rates(blocks: Sequence[str], rnd: int, ft: FinetuneConfig) -> dict[
     return {**{b: ft.lr for b in adapter_blocks(blocks, ft)}, HEAD: ft.lr}
 
 
-for _name in ("lora", "ffa-lora", "bn-only", "bias-only"):
-    MODES.register(_name, adapter=_name)(_adapter_rates)
+# BN-adapt's point is moving the statistics: under finetune.batchnorm = "auto" they follow the batches and travel.
+for _name, _batchnorm in (("lora", None), ("ffa-lora", None), ("bn-only", "batch"), ("bias-only", None)):
+    MODES.register(_name, adapter=_name, batchnorm=_batchnorm)(_adapter_rates)
 
 
 def plan_round(ft: FinetuneConfig, blocks: Sequence[str], rnd: int) -> RoundPlan:
-    """The plan of round ``rnd`` (1-based) of mode ``ft.mode`` for a model with ``blocks`` (input to output)."""
+    """The plan of round ``rnd`` (1-based) of mode ``ft.mode`` for a model with ``blocks`` (input to output).
+    After a head start (FedNCM), the head trains at ``lr * head-start-lr-scale``: FedNCM+FT's tuned head rate."""
     lrs = MODES.get(ft.mode)(blocks, rnd, ft)
+    if HEAD in lrs and HEAD_INITS.get(ft.head_init).class_means:
+        lrs = {**lrs, HEAD: lrs[HEAD] * ft.head_start_lr_scale}
     order = [*blocks, HEAD]
     return RoundPlan({u: lrs[u] for u in order if u in lrs}, ft.local_epochs)

@@ -18,11 +18,15 @@ import numpy as np
 import torch
 from torch import nn
 
+from fedtl.batchnorm import BATCHNORM, MOVING_MOMENTUM, BatchNormPolicy
 from fedtl.models.backbones import Backbone
 from fedtl.protocol import HEAD
 
 # BatchNorm's step counter is bookkeeping, not a weight: averaging integers is meaningless.
 _NOT_TRAVELLING = ("num_batches_tracked",)
+# A BatchNorm layer's running statistics: they change only where the BatchNorm policy moves them.
+STATISTICS = ("running_mean", "running_var")
+BatchNormLayer = nn.modules.batchnorm._BatchNorm
 
 
 def state_fingerprint(state: Mapping[str, torch.Tensor]) -> str:
@@ -49,7 +53,9 @@ class TransferModel(nn.Module):
     -----
     Frozen blocks always run in eval mode, also inside ``model.train()``: their
     normalisation statistics never move, which DP requires and makes their output
-    a fixed function of the input.
+    a fixed function of the input. In trainable blocks, BatchNorm follows ``batchnorm``
+    (``fedtl.batchnorm``; default ``batch``, torch's own behaviour, until ``set_batchnorm``):
+    under ``frozen`` it stays in eval mode too and its statistics neither change nor travel.
     """
 
     def __init__(self, backbone: Backbone, num_classes: int) -> None:
@@ -63,7 +69,22 @@ class TransferModel(nn.Module):
         self.adapter_keys: frozenset[str] | None = None
         self.local_keys: frozenset[str] = frozenset()
         self._trainable: tuple[str, ...] = ()
+        self.batchnorm: BatchNormPolicy = BATCHNORM.get("batch")
         self.set_trainable([], head=True)
+
+    def set_batchnorm(self, policy: BatchNormPolicy) -> None:
+        """Apply a BatchNorm policy (``fedtl.batchnorm``) to every BatchNorm layer of the blocks; statistics
+        that move do so at the standard momentum (``MOVING_MOMENTUM``), whatever the weights' own."""
+        self.batchnorm = policy
+        if policy.moves:
+            for m in self.blocks.modules():
+                if isinstance(m, BatchNormLayer) and m.momentum is not None:
+                    m.momentum = MOVING_MOMENTUM
+        self.train(self.training)
+
+    def statistics_keys(self) -> frozenset[str]:
+        """Every BatchNorm running statistic of the blocks."""
+        return frozenset(k for k in self.state_dict() if k.startswith("blocks.") and k.endswith(STATISTICS))
 
     # -- structure ---------------------------------------------------------------------
     @property
@@ -123,12 +144,12 @@ class TransferModel(nn.Module):
         for name in self.units:
             if name not in self._trainable:
                 self.unit(name).eval()
-        if self.adapter_keys is not None:
-            # Statistics move only where they travel (bn-only): LoRA or bias terms in a block
-            # must not drift its frozen BatchNorm statistics, which nobody would merge.
-            for prefix, m in self.blocks.named_modules(prefix="blocks"):
-                if isinstance(m, nn.modules.batchnorm._NormBase) and f"{prefix}.running_mean" not in self.adapter_keys:
-                    m.eval()
+        for prefix, m in self.blocks.named_modules(prefix="blocks"):
+            # Under a policy that freezes statistics, and inside an adapter that does not train them (LoRA or
+            # bias terms must not drift statistics nobody merges), BatchNorm normalises as it evaluates.
+            if isinstance(m, BatchNormLayer) and (not self.batchnorm.moves or (
+                    self.adapter_keys is not None and f"{prefix}.running_mean" not in self.adapter_keys)):
+                m.eval()
         return self
 
     def param_groups(self, lrs: Mapping[str, float]) -> list[dict[str, object]]:
@@ -151,10 +172,11 @@ class TransferModel(nn.Module):
 
     # -- what travels ------------------------------------------------------------------
     def trained_keys(self, units: Iterable[str]) -> list[str]:
-        """State-dict keys that train when ``units`` do (parameters and statistics, not step
-        counters; within blocks only ``adapter_keys`` when set), local ones included."""
+        """State-dict keys that train when ``units`` do (parameters, and statistics where the BatchNorm policy
+        moves them; not step counters; within blocks only ``adapter_keys`` when set), local ones included."""
         prefixes = tuple(f"{HEAD}." if u == HEAD else f"blocks.{u}." for u in units)
         return [k for k in self.state_dict() if k.startswith(prefixes) and not k.endswith(_NOT_TRAVELLING)
+                and (self.batchnorm.moves or not k.endswith(STATISTICS))
                 and (self.adapter_keys is None or k.startswith(f"{HEAD}.") or k in self.adapter_keys)]
 
     def unit_keys(self, units: Iterable[str]) -> list[str]:

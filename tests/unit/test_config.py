@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from fedtl.config import ConfigError, ExperimentConfig, FinetuneConfig, apply_overrides, from_dict, load_config
+from fedtl.config.load import flwr_app_config_table
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -114,7 +115,8 @@ def test_pyproject_flower_config_is_the_defaults() -> None:
     """`flwr run .` must run the same default study as `fedtl simulate`."""
     table = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
     assert from_dict(table) == ExperimentConfig()
-    assert table == ExperimentConfig().to_dict()  # every key present, none extra
+    assert table == tomllib.loads(flwr_app_config_table())["tool"]["flwr"]["app"]["config"]  # every key, none extra
+    assert table["finetune"]["batchnorm"] == "auto"  # resolved by each run: `--run-config init='scratch'` -> batch
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "experiments").glob("*.toml")), ids=lambda p: p.name)

@@ -48,3 +48,10 @@ def test_plan_orders_units_input_to_output_and_round_trips() -> None:
 def test_plan_from_a_foreign_config_is_refused() -> None:
     with pytest.raises(ValueError, match="carries no valid plan"):
         RoundPlan.from_config({"lr": 0.1})
+
+
+def test_after_a_head_start_the_head_trains_at_its_scaled_rate_and_nothing_else_does() -> None:
+    """FedNCM+FT: the class-means head is a good start; full-rate steps on each client's few images undid it."""
+    ncm = dataclasses.replace(FT, mode="full", head_init="ncm", head_start_lr_scale=0.2)
+    assert plan_round(ncm, BLOCKS, 1).lrs == pytest.approx({"a": 0.01, "b": 0.01, "c": 0.01, "head": 0.02})
+    assert plan_round(dataclasses.replace(ncm, head_init="random"), BLOCKS, 1).lrs["head"] == pytest.approx(0.1)

@@ -149,5 +149,8 @@ def test_client_level_dp_refuses_to_noise_batchnorm_statistics() -> None:
     from fedtl.errors import DPConfigError
 
     with pytest.raises(DPConfigError, match="client-level DP would add noise to BatchNorm statistics"):
-        preflight(make_config("privacy.mode=client-level", "model.backbone=small-cnn-bn", "finetune.mode=full"))
+        preflight(make_config("privacy.mode=client-level", "model.backbone=small-cnn-bn", "finetune.mode=full",
+                              "finetune.batchnorm=batch"))
     preflight(make_config("privacy.mode=client-level", "model.backbone=small-cnn-bn", "finetune.mode=lora"))
+    # Frozen statistics (a pre-trained backbone's default) do not travel, so there is nothing to noise.
+    preflight(make_config("privacy.mode=client-level", "model.backbone=small-cnn-bn", "finetune.mode=full"))

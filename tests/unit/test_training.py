@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fedtl.batchnorm import BATCHNORM
 from fedtl.clients.trainer import train_local
 from fedtl.config import DataConfig, FinetuneConfig
 from fedtl.data.federated import LabelledImages, client_data
@@ -38,13 +39,17 @@ def test_frozen_blocks_never_change_and_trainable_ones_do(trainable: tuple[str, 
             assert torch.equal(before[key], after[key]), f"frozen {key} changed"
 
 
-def test_frozen_batchnorm_statistics_do_not_move() -> None:
+@pytest.mark.parametrize(("policy", "trainable_moves"), [("batch", True), ("local", True), ("frozen", False)])
+def test_batchnorm_statistics_move_only_in_trainable_blocks_and_only_where_the_policy_moves_them(
+        policy: str, trainable_moves: bool) -> None:
     torch.manual_seed(0)
     model = TransferModel(build_backbone("resnet18", 3), 4)
+    model.set_batchnorm(BATCHNORM.get(policy))
     model.set_trainable(["layer4"])
     stem_bn, top_bn = model.blocks["stem"][1], model.blocks["layer4"][0][0].bn1
     stem_mean, top_mean = stem_bn.running_mean.clone(), top_bn.running_mean.clone()
     data = LabelledImages(torch.rand(8, 3, 32, 32), torch.randint(0, 4, (8,)), ("clean",) * 8)
     train_local(model, data, RoundPlan({"layer4": 0.01, "head": 0.1}, 1), FT, seed=0)
-    assert torch.equal(stem_bn.running_mean, stem_mean)  # frozen: eval mode, statistics fixed
-    assert not torch.equal(top_bn.running_mean, top_mean)  # trainable: statistics follow the data
+    assert torch.equal(stem_bn.running_mean, stem_mean)  # frozen block: eval mode, statistics fixed
+    # trainable block: statistics follow the data from scratch (batch) and under FedBN (local), not when frozen
+    assert torch.equal(top_bn.running_mean, top_mean) != trainable_moves
