@@ -89,8 +89,9 @@ def texture_patches(size: int) -> tuple[torch.Tensor, torch.Tensor]:
     xs, ys = [], []
     for label, name in enumerate(TEXTURES):
         img = _grey(name)
-        rows = rng.integers(0, img.shape[0] - PATCH + 1, PATCHES_PER_CLASS)
-        cols = rng.integers(0, img.shape[1] - PATCH + 1, PATCHES_PER_CLASS)
+        places = img.shape[1] - PATCH + 1  # top-left corners along a row; no corner drawn twice
+        corners = rng.choice((img.shape[0] - PATCH + 1) * places, PATCHES_PER_CLASS, replace=False)
+        rows, cols = np.divmod(corners, places)
         xs.append(np.stack([img[r:r + PATCH, c:c + PATCH] for r, c in zip(rows, cols)]))
         ys.append(np.full(PATCHES_PER_CLASS, label))
     x = torch.from_numpy(np.concatenate(xs)).unsqueeze(1)
