@@ -107,8 +107,10 @@ def check_dp_trainable(model: TransferModel, units: Sequence[str]) -> None:
     if bad:
         raise DPConfigError(
             f"DP-SGD cannot train BatchNorm layers ({', '.join(bad[:4])}{', ...' if len(bad) > 4 else ''}): "
-            "BatchNorm normalises each image with its batch's statistics, so one image's gradient depends on the "
-            "others in its batch and clipping per sample no longer bounds any one image's influence. Fix: keep "
+            "on batch statistics (finetune.batchnorm = \"batch\" or \"local\") it normalises each image with its "
+            "batch's statistics, so one image's gradient depends on the others in its batch and clipping per sample "
+            "no longer bounds any one image's influence; with frozen statistics its γ/β still train, and Opacus "
+            "computes no per-sample gradient for a BatchNorm layer. Fix: keep "
             "those blocks frozen (e.g. finetune.mode = \"feature-extraction\"), or set model.norm = \"group\" "
             "(every BatchNorm becomes a GroupNorm, via Opacus's ModuleValidator, before pre-training)."
         )
