@@ -15,6 +15,7 @@ COMMITTED = {"### `modes.toml`": DOCS / "results" / "modes" / "results.md",
              "### `clients.toml`": DOCS / "results" / "clients" / "results.md",
              "### `heterogeneity.toml`": DOCS / "results" / "heterogeneity" / "results.md",
              "### `imagenet-transfer.toml`": DOCS / "results" / "imagenet-transfer" / "results.md",
+             "### `photographs.toml`": DOCS / "results" / "photographs" / "results.md",
              "### `lora-aggregation.toml`": DOCS / "results" / "lora-aggregation" / "results.md",
              "### `lora-aggregation-imagenet.toml`": DOCS / "results" / "lora-aggregation-imagenet" / "results.md"}
 
