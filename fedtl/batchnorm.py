@@ -19,7 +19,7 @@ function and is scored on another (docs/concepts.md has the numbers). So each ru
 ``finetune.batchnorm = "auto"`` is resolved when the config is built (the run's ``config.toml`` records
 the result): ``batch`` from scratch, else the personalisation's or the mode's own policy where it has one
 (FedBN: ``local``; ``bn-only``: ``batch``), else ``frozen``. This module imports nothing heavy: the config
-reads it.
+imports it (both sit in the bottom layer).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 from fedtl.registry import Registry
 
-# The config value resolved when the config is built.
+# The config's value for "resolve when the config is built" (fedtl.config.schema).
 AUTO = "auto"
 # Momentum of running statistics that move: PyTorch's default. A pre-trained network's own can be far
 # slower (EfficientNet-Lite: 0.01, TensorFlow's 0.99 decay), which after a federated run's few dozen local

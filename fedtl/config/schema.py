@@ -16,6 +16,7 @@ from typing import Any
 
 import tomli_w
 
+from fedtl.batchnorm import AUTO, BATCHNORM
 from fedtl.config.fields import (
     ConfigError,
     Scalar,
@@ -31,8 +32,8 @@ from fedtl.config.fields import (
 )
 
 FINETUNE_MODES = "fedtl.models.modes:MODES"
-# finetune.batchnorm: "auto" and the names of fedtl.batchnorm's policies (a test keeps them equal).
-BATCHNORM_CHOICES = ("auto", "frozen", "batch", "local")
+# finetune.batchnorm: "auto" or a policy of fedtl.batchnorm (torch-free data, beside the config).
+BATCHNORM_CHOICES = (AUTO, *BATCHNORM.names())
 
 
 @dataclass(frozen=True)
@@ -381,7 +382,7 @@ class ExperimentConfig(Validated):
                 f"privacy.max-epsilon = {p.max_epsilon} is below privacy.target-epsilon = {p.target_epsilon}: the run "
                 "could not finish its plan. Raise max-epsilon or lower target-epsilon (or leave max-epsilon at 0)."
             )
-        if self.finetune.batchnorm == "auto":  # resolved once, so config.toml records what the run does
+        if self.finetune.batchnorm == AUTO:  # resolved once, so config.toml records what the run does
             object.__setattr__(self, "finetune", dataclasses.replace(self.finetune, batchnorm=self._auto_batchnorm()))
         for check in entry_checks(self):  # what the chosen privacy mode, strategy and personalisation refuse
             check(self)
@@ -426,10 +427,10 @@ class ExperimentConfig(Validated):
     def as_scratch(self) -> ExperimentConfig:
         """The from-scratch baseline of this run: random init, every block trained at the head's lr, a seeded
         random head (a head start needs pre-trained features), BatchNorm as ``auto`` chooses from scratch (batch
-        statistics at the standard momentum, merged: how the architecture trains from random init). It trains no LoRA, so how LoRA is merged (and a
-        personalisation of LoRA's tensors, FedSA-LoRA: ``lora_only``) goes back to the default."""
+        statistics, merged: how the architecture trains from random init). It trains no LoRA, so how LoRA is
+        merged (and a personalisation of LoRA's tensors, FedSA-LoRA: ``lora_only``) goes back to the default."""
         finetune = dataclasses.replace(self.finetune, mode="full", backbone_lr_scale=1.0, head_init="random",
-                                       lora_ranks="", batchnorm="auto")
+                                       lora_ranks="", batchnorm=AUTO)
         lora_only = getattr(registry_entry(STRATEGY_PERSONALISATIONS, self.strategy.personalisation), "lora_only",
                             False)
         strategy = dataclasses.replace(self.strategy, lora_merge="average",

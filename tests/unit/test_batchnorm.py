@@ -6,10 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedtl.batchnorm import BATCHNORM
 from fedtl.clients.trainer import train_local
 from fedtl.config import ConfigError
-from fedtl.config.schema import BATCHNORM_CHOICES
 from fedtl.data.federated import client_data, server_test_data
 from fedtl.models.modes import plan_round
 from fedtl.models.transfer import STATISTICS, BatchNormLayer, TransferModel
@@ -21,10 +19,6 @@ LITE0 = ("model.backbone=efficientnet-lite0", "data.image-size=32")
 
 def _norms(model: TransferModel) -> list[BatchNormLayer]:
     return [m for m in model.blocks.modules() if isinstance(m, BatchNormLayer)]
-
-
-def test_the_config_choices_are_auto_and_the_registrys_policies() -> None:
-    assert BATCHNORM_CHOICES == ("auto", *BATCHNORM.names())
 
 
 @pytest.mark.parametrize(("sets", "resolved"), [
