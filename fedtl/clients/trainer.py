@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -75,15 +75,14 @@ def train_local(
                 opt.step()
                 total += loss.detach().item()
                 steps += 1
-        recalibrate_statistics(model, lambda: (f.net(f.inputs(idx, dev)) for idx in
-                                               torch.arange(len(data)).split(ft.batch_size)))
+        recalibrate_statistics(model, (f.net(f.inputs(idx, dev)) for idx in torch.arange(len(data)).split(ft.batch_size)))
     return TrainResult(loss=total / steps, examples=len(data), steps=steps)
 
 
 @torch.no_grad()
-def recalibrate_statistics(model: TransferModel, passes: Callable[[], Iterable[torch.Tensor]]) -> None:
+def recalibrate_statistics(model: TransferModel, passes: Iterable[torch.Tensor]) -> None:
     """Set the running statistics of every BatchNorm that moves to the exact mean of its batch statistics
-    under the weights training ended with (``passes`` runs the forward passes, in train mode).
+    under the weights training ended with (``passes``: the forward passes, in train mode, run lazily here).
 
     Why: running statistics that trail a few dozen steps of fast-changing weights (a network from random
     init) describe no weights the model ever had, so the model evaluated is far from the one trained
@@ -98,7 +97,7 @@ def recalibrate_statistics(model: TransferModel, passes: Callable[[], Iterable[t
         m.reset_running_stats()
         m.momentum = None  # a cumulative average over this pass's batches
     try:
-        for _ in passes():
+        for _ in passes:
             pass
     finally:
         for m, momentum in zip(moving, kept):

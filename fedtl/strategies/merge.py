@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message
 
+from fedtl.models.transfer import STATISTICS
 from fedtl.protocol import ARRAYS, METRICS
 from fedtl.strategies.replies import Spec
 
@@ -15,9 +16,6 @@ def as_sent(arrays: ArrayRecord, spec: Spec) -> ArrayRecord:
     arithmetic) must not change what clients load into their float32 models."""
     return ArrayRecord({k: a if a.dtype == spec[k][1] else Array(a.numpy().astype(np.dtype(spec[k][1])))
                         for k, a in arrays.items()})
-
-
-STATISTICS = ("running_mean", "running_var")
 
 
 def mean_statistics(arrays: ArrayRecord, replies: list[Message], weight_key: str) -> ArrayRecord:

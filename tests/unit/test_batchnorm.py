@@ -105,10 +105,10 @@ def test_statistics_that_move_end_at_the_batch_statistics_of_the_final_weights(p
     data = client_data(cfg.data, 0, cfg.clients, cfg.seed)  # 10 images: one batch of 16
     train_local(model, data, plan, cfg.finetune, seed=1)
 
-    first = _norms(model)[0]
+    first = _norms(model)[0]  # nothing normalises before it: its input is the same in eval mode, which moves nothing
     seen: list[torch.Tensor] = []
     hook = first.register_forward_hook(lambda m, inputs, out: seen.append(inputs[0].detach()))
-    model.train()
+    model.eval()
     with torch.no_grad():
         model(data.batch(torch.arange(len(data))))
     hook.remove()

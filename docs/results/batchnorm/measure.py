@@ -45,7 +45,7 @@ def batch_statistics_accuracy(model: TransferModel, test: LabelledImages, batch:
 def main(args: list[str]) -> None:
     flags = {a for a in args if a.startswith("--")}
     if "--no-recalibration" in flags:
-        trainer.recalibrate_statistics = lambda model, passes: None
+        trainer.recalibrate_statistics = lambda model, passes: None  # passes never run
     torch.set_num_threads(2)
     cfg = load_config("experiments/digits.toml", [a for a in args if not a.startswith("--")])
     cfg = cfg.as_scratch() if "--scratch" in flags else cfg
