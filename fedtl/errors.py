@@ -44,6 +44,10 @@ class DPConfigError(ConfigError):
     """The model or plan cannot be trained with differential privacy as configured."""
 
 
+class AccountantError(DPConfigError):
+    """A privacy accountant that cannot state epsilon for these steps here (too little noise for its method)."""
+
+
 class StudyError(ConfigError):
     """A study file or folder that cannot be run as asked."""
 

@@ -30,8 +30,9 @@ from fedtl.registry import Registry
 if TYPE_CHECKING:
     from fedtl.models.transfer import TransferModel
 
-Guarantee = Callable[[PrivacyConfig, float, "float | None"], str]
-"""(privacy config, largest epsilon spent, noise multiplier of the releases) -> the run's guarantee."""
+Guarantee = Callable[[PrivacyConfig, float, "float | None", "float | None"], str]
+"""(privacy config, largest epsilon spent by the run's accountant, noise multiplier of the releases, the largest
+epsilon under replace-one adjacency) -> the run's guarantee."""
 
 
 def _no_config_check(cfg: ExperimentConfig) -> None:
@@ -67,6 +68,11 @@ class PrivacyMode:
         Whether a client's reply carries its training loss. Computed from its data without noise, the loss
         tells neighbouring data sets apart; DP-SGD's guarantee covers what a client sends, so its replies
         leave it out (client-level DP's server is trusted with it, but it stays outside the guarantee).
+    canary_flip : str
+        The adjacency of an audit's canary flip under this mode, and so the epsilon ``fedtl audit`` compares its
+        lower bound with: ``"add-or-remove"`` (DP-SGD: the canary is in the client's data or not; the client's
+        add-or-remove epsilon), or ``"replace-one"`` (client-level: the canary client stays in and its update
+        changes; the run's ``epsilon_replace_one``).
     check_config : Callable[[ExperimentConfig], None]
         Raises ``ConfigError`` for settings the mode cannot honour.
     check_plans : Callable[[TransferModel, Sequence[RoundPlan]], None]
@@ -80,6 +86,7 @@ class PrivacyMode:
     uniform_weights: bool = False
     noised_update: bool = False
     reply_loss: bool = True
+    canary_flip: str = "add-or-remove"
     check_config: Callable[[ExperimentConfig], None] = _no_config_check
     check_plans: Callable[[TransferModel, Sequence[RoundPlan]], None] = _no_plan_check
 
@@ -168,8 +175,18 @@ def _refuse_class_means(cfg: ExperimentConfig) -> None:
             "privacy.mode = \"off\"")
 
 
+# Below this noise multiplier Opacus's GDP accountant cannot state epsilon: exp(1/σ²) overflows and its root
+# search fails (measured: ValueError from σ = 0.05 down; σ = 0.1 states one).
+GDP_MIN_NOISE = 0.1
+
+
 def _check_dp_sgd(cfg: ExperimentConfig) -> None:
     _refuse_class_means(cfg)
+    p = cfg.privacy
+    if p.accountant == "gdp" and not p.target_epsilon and p.noise_multiplier < GDP_MIN_NOISE:
+        raise ConfigError(f"privacy.accountant = \"gdp\" cannot state epsilon at privacy.noise-multiplier = "
+                          f"{p.noise_multiplier:g} (below {GDP_MIN_NOISE:g} Opacus's GDP formula overflows): set "
+                          "privacy.accountant = \"rdp\" (it states any noise), or raise the noise")
 
 
 def _check_client_level(cfg: ExperimentConfig) -> None:
@@ -181,7 +198,7 @@ def _check_client_level(cfg: ExperimentConfig) -> None:
         )
 
 
-def _none(p: PrivacyConfig, epsilon: float, noise: float | None) -> str:
+def _none(p: PrivacyConfig, epsilon: float, noise: float | None, replace_one: float | None) -> str:
     return "no differential privacy: client updates are sent as trained (privacy.mode = \"off\")"
 
 
@@ -193,23 +210,31 @@ _OUTSIDE = ("each client's evaluation metrics on its own test split, held-out cl
 BOUNDING_ACCOUNTANTS = ("rdp", "prv")
 
 
-def _sample_level(p: PrivacyConfig, epsilon: float, noise: float | None) -> str:
-    bound = f"ε ≤ {epsilon:.4g}" if p.accountant in BOUNDING_ACCOUNTANTS else (
+def _eps(value: float | None) -> str:
+    return "not yet stated" if value is None else f"{value:.4g}"
+
+
+def _sample_level(p: PrivacyConfig, epsilon: float, noise: float | None, replace_one: float | None) -> str:
+    steered = f"ε ≤ {epsilon:.4g}" if p.accountant in BOUNDING_ACCOUNTANTS else (
         f"ε ≈ {epsilon:.4g} (Opacus's GDP accountant: an approximation that can underestimate ε, not a bound; "
         "privacy.accountant = \"rdp\" or \"prv\" gives one)")
-    return (f"each client's data is (ε, δ)-DP at sample level for {bound}, δ = {p.delta:g}, against anyone who sees "
-            "its updates, the server included: neighbouring data sets differ in one labelled example, added or "
-            "removed (Poisson sampling; the client's example count is treated as public) "
-            f"(DP-SGD with Opacus, {p.accountant.upper()} accountant over every step each client took). "
-            f"Not covered: {_OUTSIDE}")
+    return (f"each client's data is (ε, δ)-DP at sample level for ε ≤ {_eps(replace_one)}, δ = {p.delta:g}, against "
+            "anyone who sees its replies, the server included: neighbouring data sets have the same size and differ "
+            "in one labelled example replaced by another (replace-one: every reply publishes the client's example "
+            "count, so data sets of different sizes are told apart; dp-accounting's PLD accountant, or below σ = 0.3 "
+            "Rényi DP's weak triangle inequality: upper bounds). "
+            f"Under add-or-remove adjacency, which holds only against someone who never learns the count, {steered} "
+            f"(Opacus's {p.accountant.upper()} accountant, which privacy.target-epsilon, privacy.max-epsilon and the "
+            "per-round budget checks steer) "
+            f"(DP-SGD with Opacus, Poisson sampling, over every step each client took). Not covered: {_OUTSIDE}")
 
 
-def _client_level(p: PrivacyConfig, epsilon: float, noise: float | None) -> str:
+def _client_level(p: PrivacyConfig, epsilon: float, noise: float | None, replace_one: float | None) -> str:
     return (f"each client's participation is (ε, δ)-DP at client level for ε ≤ {epsilon:.4g}, δ = {p.delta:g}, "
             "against anyone who sees the released global models, not the server (it sees every clipped update "
             "before the noise; no secure aggregation): neighbouring runs differ in one client's updates, replaced "
-            "by nothing (zero-out, the number of clients per round public; under replace-one the sensitivity "
-            "doubles: summary.json's privacy.epsilon_replace_one) "
+            "by nothing (zero-out, the number of clients per round public). Under replace-one (one client's updates "
+            f"replaced by another's, as an audit's canary flip does) the sensitivity doubles: ε ≤ {_eps(replace_one)} "
             f"(Flower's {p.clipping} clipping on the {p.clip_on}, noise multiplier {noise or 0:.4g}, Flower's RDP "
             f"accountant, no sampling amplification). Not covered: training metrics (un-noised), {_OUTSIDE}")
 
@@ -219,7 +244,8 @@ PRIVACY_MODES.register("off")(PrivacyMode("none", _none, accounted=False))
 PRIVACY_MODES.register("dp-sgd")(PrivacyMode("sample", _sample_level, per_sample=True, reply_loss=False,
                                              check_config=_check_dp_sgd, check_plans=check_dp_plans))
 PRIVACY_MODES.register("client-level")(PrivacyMode(
-    "client", _client_level, uniform_weights=True, noised_update=True, check_config=_check_client_level,
+    "client", _client_level, uniform_weights=True, noised_update=True, canary_flip="replace-one",
+    check_config=_check_client_level,
     check_plans=check_client_level_plans,
 ))
 

@@ -136,9 +136,11 @@ def _auc(scores: torch.Tensor, positive: torch.Tensor) -> float:
 
 TABLE_NOTE = ("The lower bound refutes (ε, δ)-DP for the canary client's data at {confidence:.0%} confidence: "
               "{guesses} guesses fixed in advance (half planted, half not) over {canaries} canaries, each planted "
-              "with probability 1/2 (Steinke, Nasr and Jagielski's one-run audit, with its δ term). The accounted "
-              "ε is the accountant's upper bound for that client; a lower bound above it is a leak, or a false "
-              "alarm (chance at most {alarm:.0%} a level).")
+              "with probability 1/2 (Steinke, Nasr and Jagielski's one-run audit, with its δ term), all fixed with the "
+              "coins before the first run. The accounted ε is the accountant's upper bound for that client under "
+              "the adjacency a canary flip is (DP-SGD: the canary added or removed; client-level DP: the canary "
+              "client's update replaced, so replace-one, not the zero-out ε the noise is calibrated to); a lower "
+              "bound above it is a leak, or a false alarm (chance at most {alarm:.0%} a level).")
 
 
 def _eps(value: float | None) -> str:
@@ -147,9 +149,9 @@ def _eps(value: float | None) -> str:
 
 def audit_table(levels: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     """The audit's table: per level, the accounted epsilon beside the empirical lower bound."""
-    header = ["target ε", "privacy", "accounted ε (upper)", "audit ε (lower, 95%)", "right / guesses", "AUC",
+    header = ["target ε", "privacy", "adjacency", "accounted ε (upper)", "audit ε (lower, 95%)", "right / guesses", "AUC",
               "final accuracy", "refuted"]
-    rows = [[_eps(float(r["epsilon"])), r["mode"], _eps(r["accounted_epsilon"]), _eps(r["epsilon_lower_bound"]),
+    rows = [[_eps(float(r["epsilon"])), r["mode"], r.get("adjacency", "add-or-remove"), _eps(r["accounted_epsilon"]), _eps(r["epsilon_lower_bound"]),
              f"{r['correct']} / {r['guesses']}", f"{r['auc']:.3f}", f"{r['final_accuracy']:.4f}",
              "yes" if r["refuted"] else "no"] for r in levels]
     return header, rows

@@ -138,8 +138,10 @@ COLUMNS: dict[str, tuple[str, Callable[[RunResult], float], str]] = {
     "epsilon_rdp": ("ε ≤ (RDP)", _get("privacy.epsilon_max_by_accountant.rdp"), "{:.4g}"),
     "epsilon_prv": ("ε ≤ (PRV)", _get("privacy.epsilon_max_by_accountant.prv"), "{:.4g}"),
     "epsilon_gdp": ("ε ≈ (GDP)", _get("privacy.epsilon_max_by_accountant.gdp"), "{:.4g}"),
-    # Every client's smaller of its RDP and PRV bounds, the largest over clients: what the guarantee states.
+    # Every client's smaller of its RDP and PRV bounds, the largest over clients (add-or-remove).
     "epsilon_tightest": ("ε ≤ (tighter of RDP, PRV)", _get("privacy.epsilon_max_tightest"), "{:.4g}"),
+    # What the guarantee states: replace-one (the count is published; client-level: a client's updates replaced).
+    "epsilon_replace_one": ("ε ≤ (replace-one)", _get("privacy.epsilon_replace_one"), "{:.4g}"),
 }
 
 

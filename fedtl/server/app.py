@@ -254,7 +254,7 @@ def run_server(grid: Grid, cfg: ExperimentConfig, terminal: Terminal | None = No
         backbone_fingerprint=model.backbone_fingerprint, stopped_early=stopped, head_init=cfg.finetune.head_init,
         initial_accuracy=recorder.rows[0][ACCURACY] if recorder.rows else None,
         privacy=ledger.summary() if ledger is not None else {
-            "mode": cfg.privacy.mode, "guarantee": privacy.guarantee(cfg.privacy, 0.0, None)},
+            "mode": cfg.privacy.mode, "guarantee": privacy.guarantee(cfg.privacy, 0.0, None, None)},
     )
     plot_accuracy({cfg.init: recorder.rows}, recorder.out / "accuracy.png", title=f"{cfg.name} ({cfg.finetune.mode})")
     plot_merge_error(recorder.rows, recorder.out / "lora_merge_error.png")

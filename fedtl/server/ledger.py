@@ -24,8 +24,15 @@ from typing import Any
 
 from flwr.serverapp import RdpAccountant
 
-from fedtl.accounting import client_start, replace_one_epsilon, sample_epsilon, steps_per_round
+from fedtl.accounting import (
+    client_start,
+    replace_one_epsilon,
+    replace_one_sample_epsilon,
+    sample_epsilon,
+    steps_per_round,
+)
 from fedtl.config import ExperimentConfig
+from fedtl.errors import AccountantError
 from fedtl.privacy import BOUNDING_ACCOUNTANTS, PrivacyMode
 from fedtl.protocol import (
     DECLINED,
@@ -80,7 +87,9 @@ class PrivacyLedger:
         self.cfg, self.mode, self.accountant = cfg, mode, accountant
         self.round_epochs = round_epochs or (lambda rnd: cfg.finetune.local_epochs)
         self.latest: dict[str, float] = {}
-        self._by_history: dict[tuple[float, float, int, str], float] = {}  # epsilon of (sigma, q, steps, accountant)
+        # epsilon of (sigma, q, steps, accountant), None where that accountant cannot state it (reason in ``skipped``)
+        self._by_history: dict[tuple[float, float, int, str], float | None] = {}
+        self.skipped: dict[str, str] = {}  # accountant -> why it stated nothing for some client
         self.curves: dict[str, list[tuple[int, float]]] = {}
         self.declined: set[str] = set()
         self.spent: dict[str, tuple[float, float, int]] = {}  # client -> (noise, sample rate, steps) as counted here
@@ -170,31 +179,54 @@ class PrivacyLedger:
                 if row.get("declined"):
                     self.declined.add(client)
 
-    def _by_accountant(self) -> dict[str, float]:
-        """The largest client's steps under each of Opacus's accountants, side by side (GDP approximates).
-        One client only: PRV takes about a second an evaluation here, RDP milliseconds."""
+    def _by_accountant(self) -> dict[str, float | None]:
+        """The largest client's steps under each of Opacus's accountants, side by side (GDP approximates; ``None``:
+        that accountant cannot state them here, ``skipped`` says why). One client only: PRV takes about a second an
+        evaluation here, RDP milliseconds."""
         counted = [c for c in self.latest if c in self.spent]
         if not counted:
             return {}
         largest = self.spent[max(counted, key=self.latest.__getitem__)]
         return {name: self._under(largest, name) for name in ("rdp", "prv", "gdp")}
 
-    def _under(self, spent: tuple[float, float, int], accountant: str) -> float:
-        """A client's steps under ``accountant`` (each distinct one computed once: PRV takes about a second)."""
+    def _under(self, spent: tuple[float, float, int], accountant: str) -> float | None:
+        """A client's steps under ``accountant`` (each distinct one computed once: PRV takes about a second), or
+        ``None`` where it cannot state them (too little noise for its method: a summary never crashes on it)."""
         key = (*spent, accountant)
         if key not in self._by_history:
-            self._by_history[key] = sample_epsilon([spent], accountant=accountant, delta=self.cfg.privacy.delta)
+            try:
+                self._by_history[key] = sample_epsilon([spent], accountant=accountant, delta=self.cfg.privacy.delta)
+            except AccountantError as err:
+                self._by_history[key], self.skipped[accountant] = None, str(err)
         return self._by_history[key]
+
+    def replace_one(self) -> float | None:
+        """The run's epsilon under replace-one adjacency. DP-SGD: the largest client's, the one that holds with
+        counts published (``fedtl.accounting.replace_one_sample_epsilon``); client-level: one client's updates
+        replaced by another's (``fedtl.accounting.replace_one_epsilon``). ``None`` before any client has reported."""
+        if self.accountant is not None:
+            return replace_one_epsilon(self.accountant)
+        counted = [self.spent[c] for c in self.latest if c in self.spent]
+        if not counted:
+            return None
+        for spent in counted:
+            key = (*spent, "replace-one")
+            if key not in self._by_history:
+                self._by_history[key] = replace_one_sample_epsilon([spent], delta=self.cfg.privacy.delta)
+        return max(self._by_history[(*spent, "replace-one")] or 0.0 for spent in counted)
 
     def tightest(self) -> float | None:
         """The run's epsilon by the tighter of Opacus's two bounding accountants (RDP, PRV) for each client, then
         the largest over clients: each client's smaller upper bound is still one. ``None`` under GDP, which bounds
-        nothing, or before any client has reported. Budgets and calibration stay on ``privacy.accountant``: PRV
-        takes about a second an evaluation here, and calibrating the noise evaluates dozens of times."""
+        nothing, or before any client has reported. An accountant that cannot state a client's steps is left out
+        for it. Budgets and calibration stay on ``privacy.accountant``: PRV takes about a second an evaluation
+        here, and calibrating the noise evaluates dozens of times."""
         counted = [c for c in self.latest if c in self.spent]
         if self.cfg.privacy.accountant not in BOUNDING_ACCOUNTANTS or not counted:
             return None
-        return max(min(self._under(self.spent[c], a) for a in BOUNDING_ACCOUNTANTS) for c in counted)
+        bounds = [[e for a in BOUNDING_ACCOUNTANTS if (e := self._under(self.spent[c], a)) is not None]
+                  for c in counted]
+        return max(min(b) for b in bounds) if all(bounds) else None
 
     @property
     def noise_multiplier(self) -> float | None:
@@ -207,13 +239,18 @@ class PrivacyLedger:
         """The largest epsilon any client (or, client-level, the run) has spent so far."""
         return max(self.latest.values(), default=0.0)
 
-    def guarantee(self, tightest: float | None = None) -> str:
-        """The run's guarantee in one sentence (the privacy mode's own), the tighter bound where ``tightest`` is
-        one (``tightest()``), and whose spend is unknown."""
-        sentence = self.mode.guarantee(self.cfg.privacy, self.epsilon, self.noise_multiplier)
+    def guarantee(self, tightest: float | None = None, replace_one: float | None = None) -> str:
+        """The run's guarantee in one sentence (the privacy mode's own, with ``replace_one``: the largest epsilon
+        under replace-one adjacency), the tighter bound where ``tightest`` is one (``tightest()``), which
+        accountants stated nothing, and whose spend is unknown."""
+        if replace_one is None:
+            replace_one = self.replace_one()
+        sentence = self.mode.guarantee(self.cfg.privacy, self.epsilon, self.noise_multiplier, replace_one)
         if tightest is not None and tightest < self.epsilon * (1 - 1e-9):
-            sentence += (f". Tighter, by the smaller of Opacus's RDP and PRV bounds on each client's steps (both upper "
-                         f"bounds): ε ≤ {tightest:.4g} at the same δ")
+            sentence += (f". Tighter under add-or-remove, by the smaller of Opacus's RDP and PRV bounds on each "
+                         f"client's steps (both upper bounds): ε ≤ {tightest:.4g} at the same δ")
+        if self.skipped:
+            sentence += f". Not stated by {', '.join(sorted(self.skipped))} (too little noise for its method)"
         if self.unknown:
             sentence += (f". Unknown spend, not covered by the bound: client(s) {', '.join(sorted(self.unknown))} "
                          "were sent training, never replied, and declared no example count")
@@ -223,15 +260,18 @@ class PrivacyLedger:
         """The ledger's part of ``summary.json``."""
         p = self.cfg.privacy
         # Client-level: Flower's RDP accountant on the server; sample-level: each client's Opacus accountant.
-        tightest = self.tightest() if self.accountant is None else None
-        run_level = {"accountant": "flower-rdp", "epsilon_replace_one": replace_one_epsilon(self.accountant)} \
-            if self.accountant is not None else {"accountant": p.accountant, "epsilon_max_by_accountant": self._by_accountant(),
-                                                 "epsilon_max_tightest": tightest}
+        tightest, replace_one = (None if self.accountant is not None else self.tightest()), self.replace_one()
+        if self.accountant is not None:
+            run_level: dict[str, Any] = {"accountant": "flower-rdp"}
+        else:
+            run_level = {"accountant": p.accountant, "epsilon_max_by_accountant": self._by_accountant(),
+                         "epsilon_max_tightest": tightest, "accountants_skipped": dict(sorted(self.skipped.items()))}
         return {
             "mode": p.mode, "level": self.mode.level, "delta": p.delta, "epsilon_max": self.epsilon, **run_level,
+            "epsilon_replace_one": replace_one,
             "epsilon_per_client": dict(sorted(self.latest.items())), "budget": p.budget,
             "clients_out_of_budget": sorted(self.declined), "clients_spend_unknown": sorted(self.unknown),
-            "guarantee": self.guarantee(tightest),
+            "guarantee": self.guarantee(tightest, replace_one),
         }
 
     def plot(self, rows: Sequence[dict[str, Any]]) -> Path:

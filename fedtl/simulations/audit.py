@@ -10,7 +10,12 @@ that client. The coins stay in the audit folder (``canaries.safetensors``, owner
 read only the planted canaries (``planted.safetensors``), never the coins.
 
 An audit folder is resumable like a study: a finished level is scored again from its run folder,
-an interrupted one continues from its checkpoint, and the coins are drawn once.
+an interrupted one continues from its checkpoint, and the coins are drawn once, with the test they
+are scored by (``audit-spec.json``: canaries, guesses, confidence, delta), which no later call changes.
+
+Each level's lower bound is set beside the epsilon of the adjacency its canary flip is
+(``PrivacyMode.canary_flip``): under client-level DP the canary client stays in and its update
+changes, which is replace-one, not the zero-out epsilon the run is calibrated to.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from fedtl.simulations.study import resumable, run_state
 
 AUDITOR_FILE = "canaries.safetensors"  # every canary and its coin: the auditor's, never a client's
 PLANTED_FILE = "planted.safetensors"  # the planted canaries: what data.canaries names
+SPEC_FILE = "audit-spec.json"  # the test fixed with the coins: canaries, guesses, confidence, delta
 AUDIT_FILE = "audit.json"
 TABLE_FILE = "audit.md"
 PLOT_FILE = "audit.png"
@@ -134,8 +140,10 @@ def draw_canaries(cfg: ExperimentConfig, spec: AuditSpec, out: Path, *, overwrit
     """
     sc = scenario(cfg.data)
     shape = tuple(sc.pool_x.shape[1:])
-    auditor, planted = out / AUDITOR_FILE, out / PLANTED_FILE
+    auditor, planted, fixed = out / AUDITOR_FILE, out / PLANTED_FILE, out / SPEC_FILE
+    test = fixed_test(cfg, spec)
     if auditor.is_file() and planted.is_file() and not overwrite:
+        check_fixed_test(fixed, test)
         held = read_canaries(auditor)
         if len(held["labels"]) != spec.canaries or tuple(held["images"].shape[1:]) != shape:
             raise StudyError(f"{out} holds an audit of {len(held['labels'])} canaries of shape "
@@ -150,7 +158,40 @@ def draw_canaries(cfg: ExperimentConfig, spec: AuditSpec, out: Path, *, overwrit
     write_canaries(auditor, images, labels, included)
     os.chmod(auditor, 0o600)  # the coins are the test's secret: owner-only, like a private key
     write_canaries(planted, images[included], labels[included])
+    write_atomic(fixed, to_json(test, indent=2) + "\n")  # the test, fixed with the coins before any run
     return {"images": images, "labels": labels, "included": included}
+
+
+def fixed_test(cfg: ExperimentConfig, spec: AuditSpec) -> dict[str, Any]:
+    """What the audit's bound depends on besides the runs: canaries, guesses, confidence and delta."""
+    return {"canaries": spec.canaries, "guesses": spec.guesses, "confidence": spec.confidence,
+            "delta": cfg.privacy.delta}
+
+
+def check_fixed_test(path: Path, test: dict[str, Any]) -> None:
+    """Refuse to score an audit folder with another test than the one fixed with its coins.
+
+    Choosing the number of guesses (or the confidence, or delta) after seeing the scores would void the
+    confidence the bound claims, so the folder's first call fixes them (``audit-spec.json``) and every later
+    call must ask for the same.
+
+    Raises
+    ------
+    StudyError
+        If the folder fixed other numbers, or (an audit from before they were fixed) none.
+    """
+    if not path.is_file():
+        raise StudyError(f"{path.parent} holds canaries but no {SPEC_FILE}: its guesses were never fixed before its "
+                         "runs, so no score from it holds its confidence. Pass --overwrite to draw new canaries and "
+                         "run the audit again")
+    held = json.loads(path.read_text())
+    changed = [f"{k} {held.get(k)} (asked: {v})" for k, v in test.items() if held.get(k) != v]
+    if changed:
+        flags = " ".join(f"--{k} {held[k]}" for k in ("canaries", "guesses") if k in held)
+        raise StudyError(f"{path.parent} fixed its test before its first run: {'; '.join(changed)}. Scoring its runs "
+                         "with numbers chosen after seeing their scores would void the bound's confidence. Ask for "
+                         f"the fixed ones ({flags}, and the same privacy.delta), or pass --overwrite to draw new "
+                         "canaries and run the audit again")
 
 
 def run_audit(cfg: ExperimentConfig, spec: AuditSpec, out: Path, *, overwrite: bool = False,
@@ -220,6 +261,17 @@ def run_audit(cfg: ExperimentConfig, spec: AuditSpec, out: Path, *, overwrite: b
     return result
 
 
+def accounted_epsilon(level: ExperimentConfig, privacy: dict[str, Any]) -> float | None:
+    """The accountant's epsilon an audit of ``level`` compares its lower bound with, from its summary's
+    ``privacy`` section: the one of the adjacency a canary flip is under its mode (``PrivacyMode.canary_flip``).
+    Client-level: flipping a canary changes the canary client's update while it stays in, so replace-one, not
+    the zero-out epsilon the noise is calibrated to (at 5 rounds, 3 of 3 clients: 2.118 against 0.990 for a
+    target of 1). DP-SGD: the canary is added to the client's data or not, so its add-or-remove epsilon."""
+    if PRIVACY_MODES.get(level.privacy.mode).canary_flip == "replace-one":
+        return privacy.get("epsilon_replace_one")
+    return privacy.get("epsilon_per_client", {}).get(str(level.data.canary_client), privacy.get("epsilon_max"))
+
+
 def _score(level: ExperimentConfig, epsilon: float, images: LabelledImages, included: torch.Tensor,
            spec: AuditSpec) -> dict[str, Any]:
     """One level's row of ``audit.json``: its run's canary losses scored against the coins."""
@@ -227,10 +279,9 @@ def _score(level: ExperimentConfig, epsilon: float, images: LabelledImages, incl
     summary = json.loads((run / SUMMARY_FILE).read_text())
     found = stats.audit(stats.canary_losses(run, images), included, guesses=spec.guesses,
                         delta=level.privacy.delta, confidence=spec.confidence)
-    privacy = summary.get("privacy", {})
-    accounted = math.inf if math.isinf(epsilon) else privacy.get("epsilon_per_client", {}).get(
-        str(level.data.canary_client), privacy.get("epsilon_max"))
+    flip = PRIVACY_MODES.get(level.privacy.mode).canary_flip
+    accounted = math.inf if math.isinf(epsilon) else accounted_epsilon(level, summary.get("privacy", {}))
     refuted = accounted is not None and found.epsilon_lower_bound > accounted
-    return {"epsilon": _label(epsilon), "mode": level.privacy.mode, "accounted_epsilon": accounted,
+    return {"epsilon": _label(epsilon), "mode": level.privacy.mode, "adjacency": flip, "accounted_epsilon": accounted,
             **found.as_dict(), "refuted": refuted, "final_accuracy": summary.get("final_accuracy"),
             "run": run.name}

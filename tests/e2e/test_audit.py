@@ -45,3 +45,8 @@ def test_the_audit_finds_the_leak_without_dp_stays_below_the_accountant_with_it_
     assert "passes the accounted epsilon at target 0.5" in caught.stdout
     dp = json.loads((out / "audit.json").read_text())["levels"][0]
     assert dp["refuted"] and dp["epsilon_lower_bound"] > dp["accounted_epsilon"]
+
+    # Other guesses after seeing those scores: refused before anything is scored, naming the fixed ones.
+    other = run_fedtl(*args, "--guesses", "30")
+    assert other.returncode != 0 and "fixed its test before its first run" in other.stdout + other.stderr
+    assert "--guesses 40" in other.stdout + other.stderr and "Traceback" not in other.stderr

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from fedtl.accounting import client_level_epsilon, sample_epsilon
+from fedtl.accounting import client_level_epsilon, replace_one_sample_epsilon, sample_epsilon
 from fedtl.reports.runs import read_metrics
 from fedtl.simulations.simulate import simulate
 from tests.helpers import make_config, run_fedtl
@@ -38,7 +38,12 @@ def test_dp_sgd_run_accounts_every_step_of_every_client(tmp_path: Path) -> None:
                                        for n in (10, 20, 30)], abs=1e-9)
     expected = sample_epsilon([(1.0, 0.2, 30)], accountant="rdp", delta=1e-5)
     assert summary["privacy"]["epsilon_max"] == pytest.approx(expected)
-    assert f"sample level for ε ≤ {expected:.4g}, δ = 1e-05" in summary["privacy"]["guarantee"]
+    # The guarantee is replace-one's (every reply publishes the count; PLD: 11.47 where RDP add/remove says 8.93),
+    # with the accountant's add-or-remove figure beside it.
+    replace_one = replace_one_sample_epsilon([(1.0, 0.2, 30)], delta=1e-5)
+    assert summary["privacy"]["epsilon_replace_one"] == pytest.approx(replace_one) and replace_one > expected
+    assert f"sample level for ε ≤ {replace_one:.4g}, δ = 1e-05" in summary["privacy"]["guarantee"]
+    assert f"never learns the count, ε ≤ {expected:.4g} (Opacus's RDP" in summary["privacy"]["guarantee"]
     assert [r["epsilon"] for r in read_metrics(out)] == pytest.approx(
         [0.0, *(sample_epsilon([(1.0, 0.2, n)], accountant="rdp", delta=1e-5) for n in (10, 20, 30))])
     assert (out / "privacy.png").stat().st_size > 10_000

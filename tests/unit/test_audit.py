@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import stat
 from pathlib import Path
@@ -16,7 +17,14 @@ from fedtl.data.federated import client_data, scenario
 from fedtl.data.rows import LabelledImages
 from fedtl.errors import DataError, StudyError
 from fedtl.reports.audit import audit, epsilon_lower_bound, p_value, split_guesses
-from fedtl.simulations.audit import AuditSpec, check_audit, draw_canaries, level_config, parse_epsilons
+from fedtl.simulations.audit import (
+    AuditSpec,
+    accounted_epsilon,
+    check_audit,
+    draw_canaries,
+    level_config,
+    parse_epsilons,
+)
 from tests.helpers import make_config
 from tests.unit.test_text import write_reviews, write_tiny_bert
 
@@ -148,3 +156,34 @@ def test_an_audit_that_cannot_be_done_is_refused_before_any_run(tmp_path: Path) 
                        f"model.weights-path={str(tmp_path / 'bert')!r}", f"data.store-dir={str(tmp_path / 'store')!r}")
     with pytest.raises(ConfigError, match="holds text; the audit's canaries are images"):
         check_audit(text, AuditSpec((math.inf,)))
+
+
+def test_an_audit_folder_is_scored_only_by_the_test_fixed_with_its_coins(tmp_path: Path) -> None:
+    cfg = make_config("clients=3", "privacy.mode='dp-sgd'")
+    spec = AuditSpec((1.0, math.inf), canaries=64, guesses=16)
+    first = draw_canaries(cfg, spec, tmp_path / "a", overwrite=False)
+    assert json.loads((tmp_path / "a" / "audit-spec.json").read_text()) == {
+        "canaries": 64, "guesses": 16, "confidence": 0.95, "delta": 1e-5}
+    # Other guesses after seeing the scores: refused, saying which were fixed.
+    with pytest.raises(StudyError, match="fixed its test before its first run: guesses 16 \\(asked: 24\\).*"
+                                         "--canaries 64 --guesses 16"):
+        draw_canaries(cfg, dataclasses.replace(spec, guesses=24), tmp_path / "a", overwrite=False)
+    with pytest.raises(StudyError, match="delta 1e-05 \\(asked: 0.001\\)"):
+        draw_canaries(make_config("clients=3", "privacy.mode='dp-sgd'", "privacy.delta=0.001"), spec,
+                      tmp_path / "a", overwrite=False)
+    assert torch.equal(draw_canaries(cfg, spec, tmp_path / "a", overwrite=False)["included"], first["included"])
+    # A folder whose guesses were never fixed cannot be scored with a confidence it never had.
+    (tmp_path / "a" / "audit-spec.json").unlink()
+    with pytest.raises(StudyError, match="its guesses were never fixed before its runs"):
+        draw_canaries(cfg, spec, tmp_path / "a", overwrite=False)
+    again = draw_canaries(cfg, dataclasses.replace(spec, guesses=24), tmp_path / "a", overwrite=True)
+    assert not torch.equal(again["images"], first["images"])
+
+
+def test_client_level_audits_compare_with_the_replace_one_epsilon(tmp_path: Path) -> None:
+    # The canary client stays in and its update changes: replace-one. (The zero-out epsilon is the smaller.)
+    privacy = {"epsilon_max": 0.99, "epsilon_replace_one": 2.118, "epsilon_per_client": {"0": 0.7}}
+    client = level_config(make_config("clients=3", "privacy.mode='client-level'"), 1.0, tmp_path)
+    sample = level_config(make_config("clients=3", "privacy.mode='dp-sgd'"), 1.0, tmp_path)
+    assert accounted_epsilon(client, privacy) == 2.118
+    assert accounted_epsilon(sample, privacy) == 0.7  # DP-SGD: the canary added or not, its client's own epsilon

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from flwr.supercore.privacy_accounting import GaussianPrivacyEvent
 
-from fedtl.accounting import client_level_accountant
+from fedtl.accounting import client_level_accountant, replace_one_sample_epsilon, sample_epsilon
 from fedtl.config import ConfigError
 from fedtl.privacy import privacy_mode
 from fedtl.server.ledger import PrivacyLedger
@@ -34,7 +34,15 @@ def test_sample_level_ledger_keeps_each_clients_spend_and_states_the_largest(tmp
     # Neither the sum (3.5) nor the mean (1.75): the largest spend.
     assert summary["epsilon_max"] == 2.0 and summary["epsilon_per_client"] == {"0": 2.0, "1": 1.5}
     assert summary["clients_out_of_budget"] == ["1"] and summary["budget"] == 5.0
-    assert summary["guarantee"].startswith("each client's data is (ε, δ)-DP at sample level for ε ≤ 2, δ = 1e-05")
+    # The guarantee is replace-one's (the count is published), from the steps the ledger counted (20 at σ 1.1,
+    # q 0.2 for client 0); the add-or-remove figure the clients report stands beside it.
+    ro = replace_one_sample_epsilon([(1.1, 0.2, 20)], delta=1e-5)
+    assert summary["epsilon_replace_one"] == pytest.approx(ro) and ro > sample_epsilon([(1.1, 0.2, 20)],
+                                                                                      accountant="rdp", delta=1e-5)
+    assert summary["guarantee"].startswith(f"each client's data is (ε, δ)-DP at sample level for ε ≤ {ro:.4g}, "
+                                           "δ = 1e-05")
+    assert "Under add-or-remove adjacency, which holds only against someone who never learns the count, ε ≤ 2 " \
+        in summary["guarantee"]
     ledger.plot([{"round": 1, "accuracy": 0.5, "epsilon": 1.5}, {"round": 2, "accuracy": 0.6, "epsilon": 2.0}])
     assert (tmp_path / "privacy.png").stat().st_size > 10_000
 
@@ -63,8 +71,8 @@ def test_the_sentence_says_what_each_accountant_gives(tmp_path: Path) -> None:
     from fedtl.accounting import sample_epsilon
 
     # Opacus's GDP accountant is a CLT approximation that can underestimate epsilon: never "ε ≤".
-    for accountant, bound in (("rdp", "ε ≤ 2,"), ("prv", "ε ≤ 2,"), ("gdp", "ε ≈ 2 (Opacus's GDP accountant: an "
-                                                                        "approximation that can underestimate ε")):
+    for accountant, bound in (("rdp", "ε ≤ 2 (Opacus's RDP"), ("prv", "ε ≤ 2 (Opacus's PRV"),
+                              ("gdp", "ε ≈ 2 (Opacus's GDP accountant: an approximation that can underestimate ε")):
         cfg = make_config("privacy.mode=dp-sgd", f"privacy.accountant={accountant}")
         ledger = PrivacyLedger(tmp_path, cfg, privacy_mode(cfg))
         ledger.on_round(RoundReport(1, {}, [_client(0, 2.0)]))
@@ -72,8 +80,8 @@ def test_the_sentence_says_what_each_accountant_gives(tmp_path: Path) -> None:
         side_by_side = ledger.summary()["epsilon_max_by_accountant"]  # the same 10 steps at sigma 1.1, q 0.2
         assert side_by_side["rdp"] == pytest.approx(sample_epsilon([(1.1, 0.2, 10)], accountant="rdp", delta=1e-5))
         assert set(side_by_side) == {"rdp", "prv", "gdp"} and side_by_side["prv"] < side_by_side["rdp"]
-        assert "one labelled example, added or removed" in ledger.guarantee()
-        assert "example count is treated as public" in ledger.guarantee()
+        assert "have the same size and differ in one labelled example replaced by another" in ledger.guarantee()
+        assert "every reply publishes the client's example count" in ledger.guarantee()
 
 
 def test_the_guarantee_adds_the_tighter_of_rdp_and_prv_taken_per_client(tmp_path: Path) -> None:
@@ -144,3 +152,23 @@ def test_a_client_sent_training_that_never_replied_is_charged_the_round(tmp_path
     # A resumed run rebuilds the count from the lines it keeps.
     again = PrivacyLedger(tmp_path, cfg, privacy_mode(cfg), resume_round=2)
     assert again.spent["1"] == (1.0, 0.2, 20) and again.unknown == {"node-7"}
+
+
+def test_a_summary_at_tiny_noise_is_written_by_the_accountants_that_can_state_it(tmp_path: Path) -> None:
+    # σ = 1e-3 is a legal config; Opacus's PRV then asked for 83.8 GiB and the summary died of MemoryError.
+    cfg = make_config("privacy.mode=dp-sgd", "noise-multiplier=0.001")
+    ledger = PrivacyLedger(tmp_path, cfg, privacy_mode(cfg))
+    tiny = {**_client(0, 5.5e6), "privacy.noise-multiplier": 1e-3}
+    ledger.on_round(RoundReport(1, {}, [tiny]))
+    summary = ledger.summary()
+    by = summary["epsilon_max_by_accountant"]
+    assert by["prv"] is None and by["gdp"] is None and by["rdp"] == pytest.approx(
+        sample_epsilon([(1e-3, 0.2, 10)], accountant="rdp", delta=1e-5))
+    assert "GiB an array" in summary["accountants_skipped"]["prv"] and "set privacy.accountant" in \
+        summary["accountants_skipped"]["gdp"]
+    assert summary["epsilon_max_tightest"] == by["rdp"]  # PRV left out, RDP still bounds
+    assert summary["epsilon_replace_one"] > by["rdp"]  # the RDP triangle bound, finite
+    assert "Not stated by gdp, prv (too little noise for its method)" in summary["guarantee"]
+    # The run's own accountant cannot be one that states nothing at this noise: the config refuses it.
+    with pytest.raises(ConfigError, match="privacy.accountant = \"gdp\" cannot state epsilon.*set privacy.accountant"):
+        make_config("privacy.mode=dp-sgd", "noise-multiplier=0.05", "privacy.accountant=gdp")
