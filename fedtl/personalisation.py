@@ -136,7 +136,10 @@ PERSONALISATIONS.register("fedrep")(Personalisation(local=_head_keys, head_first
 # FedBABU (Oh et al. 2022): the head stays at its shared random init during federation;
 # each client fine-tunes it on its own data at the end.
 PERSONALISATIONS.register("fedbabu")(Personalisation(trains_head=False, tunes_head=True, check_config=_shared_head_only(
-    "FedBABU keeps the head at its shared random start during federation")))
+    "FedBABU keeps the head at its shared random start during federation", refused_per_sample(
+        "strategy.personalisation", "FedBABU tunes each client's head on its training split when it evaluates, "
+        "without DP and outside the DP-SGD accountant, and replies the tuned head's accuracy. Use fedper (the head "
+        "trains inside DP-SGD) or no DP-SGD"))))
 
 
 # FedSA-LoRA (Guo et al., ICLR 2025): A learns what the clients share and is averaged; each client's B, what

@@ -73,10 +73,11 @@ STATE_DIR = "state-dir"  # a folder where the node keeps its privacy spend acros
 STORE_DIR = "store-dir"  # the node's data store folder (its decoded data and feature cache)
 NODE_MAX_EPSILON = "max-epsilon"  # the node's own cap on its DP-SGD spend over every run in its state-dir ...
 NODE_MAX_EPSILON_DELTA = "max-epsilon-delta"  # ... at this delta (default 1e-5)
+NODE_ANSWERS = "answers"  # what the node answers at all: "all" | "accounted" | "dp-sgd" (fedtl.clients.gate)
 # The node's own LoRA rank (at most the run's finetune.lora-rank; also in its query reply, for the server).
 LORA_RANK = "lora-rank"
 NODE_CONFIG_KEYS = (PARTITION_ID, NUM_PARTITIONS, DATA_PATH, HELD_OUT, DEVICE, THREADS, STATE_DIR, STORE_DIR,
-                    NODE_MAX_EPSILON, NODE_MAX_EPSILON_DELTA, LORA_RANK)
+                    NODE_MAX_EPSILON, NODE_MAX_EPSILON_DELTA, NODE_ANSWERS, LORA_RANK)
 
 # -- a node's context.state ---------------------------------------------------------------
 LOCAL_STATE = "fedtl.local"  # ArrayRecord: the tensors a personalisation keeps on the node

@@ -20,6 +20,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable, Mod
 
+from fedtl.clients.gate import declined, gate_mod
 from fedtl.clients.node_data import NodeData, node_data
 from fedtl.clients.personal import load_local_state, local_round, personalised_model, save_local_state
 from fedtl.clients.privacy import client_privacy
@@ -43,7 +44,6 @@ from fedtl.protocol import (
     CLASS_SUMS,
     CONFIG,
     COUNTS,
-    DECLINED,
     DEVICE,
     FINGERPRINT,
     HEAD_START,
@@ -52,7 +52,6 @@ from fedtl.protocol import (
     METRICS,
     NORM_SUM,
     NUM_EXAMPLES,
-    REASON,
     SERVER_ROUND,
     STEPS,
     SUMS,
@@ -159,9 +158,8 @@ def handle_query(msg: Message, context: Context, cfg: ExperimentConfig) -> Messa
 
 def held_out_reply(msg: Message, node: NodeData) -> Message:
     """A held-out node's answer to a training message or a head start: it declines, saying why."""
-    reason = f"node {node.key} is held out of training (data.held-out-clients or its node config's held-out)"
-    return Message(RecordDict({METRICS: MetricRecord(node.metrics), DECLINED: ConfigRecord({REASON: reason})}),
-                   reply_to=msg)
+    return declined(msg, f"node {node.key} is held out of training (data.held-out-clients or its node config's "
+                         "held-out)", node.metrics)
 
 
 def handle_head_start(msg: Message, context: Context, cfg: ExperimentConfig) -> Message:
@@ -224,8 +222,7 @@ def handle_train(msg: Message, context: Context, cfg: ExperimentConfig) -> Messa
         result, extra = local_round(client_privacy(cfg).local_round, model, data, plan, cfg, context, seed)
     except BudgetSpentError as spent:
         # Not a failure: the client declines, says why, and the round goes on without it.
-        metrics = MetricRecord({**spent.metrics, **node.metrics})
-        return Message(RecordDict({METRICS: metrics, DECLINED: ConfigRecord({REASON: str(spent)})}), reply_to=msg)
+        return declined(msg, str(spent), {**spent.metrics, **node.metrics})
 
     save_local_state(model, context, list(plan.lrs))  # never in the reply: it holds only travelling keys
     loss = {TRAIN_LOSS: result.loss} if privacy_mode(cfg).reply_loss else {}  # un-noised: not under DP-SGD
@@ -260,7 +257,9 @@ def make_client_app(run_config: Mapping[str, Any] | None = None, mods: Sequence[
     ``None`` reads it from the run's Context, as under ``flwr run``; ``fedtl simulate``
     passes it here because Flower's ``run_simulation`` carries no run config. ``mods``: Flower
     mods around everything the node does, its privacy mode's included (what a node sends is
-    what they return: the fault-injection tests corrupt replies this way).
+    what they return: the fault-injection tests corrupt replies this way). Outermost, before them,
+    the node's privacy gate (``fedtl.clients.gate``): a message its owner's policy does not allow
+    reaches no handler.
     """
     def config_of(context: Context) -> ExperimentConfig:
         cfg = parsed_config(tuple(sorted((run_config if run_config is not None else context.run_config).items())))
@@ -275,7 +274,7 @@ def make_client_app(run_config: Mapping[str, Any] | None = None, mods: Sequence[
             return call_next(msg, context)
         return mod(msg, context, call_next)
 
-    client = ClientApp(mods=[*mods, privacy_mod])
+    client = ClientApp(mods=[gate_mod(config_of), *mods, privacy_mod])
 
     def handler(handle: Callable[[Message, Context, ExperimentConfig], Message]) -> Callable[[Message, Context], Message]:
         def run(msg: Message, context: Context) -> Message:

@@ -19,15 +19,26 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from filelock import FileLock
 from flwr.app import ConfigRecord, Context
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from fedtl.accounting import History, client_start, compose, poisson_schedule, sample_epsilon, steps_per_round
+from fedtl.accounting import (
+    History,
+    client_start,
+    compose,
+    poisson_schedule,
+    replace_one_sample_epsilon,
+    sample_epsilon,
+    steps_per_round,
+)
 from fedtl.clients.trainer import TrainResult
 from fedtl.config import ExperimentConfig, PrivacyConfig
 from fedtl.data.rows import LabelledImages
@@ -147,10 +158,34 @@ def check_budget(state: PrivacyState, plan: RoundPlan, p: PrivacyConfig) -> None
         )
 
 
+LOCK_FILE = ".privacy.lock"  # in a node's state-dir: every run's check-and-spend takes it
+
+
+@contextmanager
+def spend_lock(context: Context) -> Iterator[None]:
+    """Hold this node's ``state-dir`` lock (a file lock: every process and run sharing the folder waits for it),
+    so that reading the spend, checking the cap and recording the round are one step. No folder: no lock
+    (the spend lives in this process's ``context.state`` alone)."""
+    folder = context.node_config.get(STATE_DIR)
+    if not folder:
+        yield
+        return
+    Path(str(folder)).mkdir(parents=True, exist_ok=True)
+    with FileLock(str(Path(str(folder)) / LOCK_FILE)):
+        yield
+
+
+def node_epsilon(history: History, delta: float) -> float:
+    """The node owner's own figure of a spend: replace-one ε at the owner's ``delta``
+    (``fedtl.accounting.replace_one_sample_epsilon``), the adjacency that holds with the count published."""
+    return replace_one_sample_epsilon(history, delta=delta)
+
+
 def check_node_budget(state: PrivacyState, plan: RoundPlan, p: PrivacyConfig, context: Context) -> None:
     """Raise ``BudgetSpentError`` if this round would take the node past its own cap (node config
     ``max-epsilon``, at ``max-epsilon-delta``), over every run in its ``state-dir``, whatever the server's
-    config says. The node's own figures: RDP (a bound, whichever accountant the run uses) at its own delta.
+    config says. The node's own figure (``node_epsilon``): replace-one ε at its own delta, whichever accountant
+    the run uses. Call it under ``spend_lock``, and record the round before letting the lock go.
 
     Raises
     ------
@@ -167,14 +202,31 @@ def check_node_budget(state: PrivacyState, plan: RoundPlan, p: PrivacyConfig, co
                             f"of its spend: start its SuperNode with --node-config \"{STATE_DIR}='/a/folder'\" too")
     earlier = [h for f in sorted(mine.parent.glob("run-*-privacy.json")) if f != mine for h in _read_state(f).history]
     lifetime = [*earlier, *state.history]
-    after = sample_epsilon(compose(lifetime, state.noise_multiplier, state.sample_rate, round_steps(state, plan)),
-                           accountant="rdp", delta=delta)
+    after = node_epsilon(compose(lifetime, state.noise_multiplier, state.sample_rate, round_steps(state, plan)), delta)
     if after > cap:
-        spent = sample_epsilon(lifetime, accountant="rdp", delta=delta)
+        spent = node_epsilon(lifetime, delta)
         raise BudgetSpentError(
             f"this node's own privacy budget is spent: epsilon {spent:.4g} over every run so far, {after:.4g} after "
-            f"this round, its cap {NODE_MAX_EPSILON} = {cap:g} (delta {delta:g}, RDP); it trains no more",
+            f"this round, its cap {NODE_MAX_EPSILON} = {cap:g} (delta {delta:g}, replace-one); it trains no more",
             privacy_metrics(state, p))
+
+
+def reserve_round(state: PrivacyState, plan: RoundPlan, p: PrivacyConfig, context: Context) -> None:
+    """Check the run's budget and the node's cap, and record the round's steps as spent before training, all
+    under ``spend_lock``: two runs sharing a ``state-dir`` cannot both pass the cap on the same headroom. A round
+    that then fails stays spent (it may have released something; spend is never rolled back).
+
+    Raises
+    ------
+    BudgetSpentError
+        If the round would pass the run's budget or the node's cap; nothing is recorded.
+    """
+    check_budget(state, plan, p)
+    with spend_lock(context):
+        check_node_budget(state, plan, p, context)
+        save_state(context, PrivacyState(state.noise_multiplier, state.sample_rate,
+                                         compose(state.history, state.noise_multiplier, state.sample_rate,
+                                                 round_steps(state, plan))))
 
 
 def privacy_metrics(state: PrivacyState, p: PrivacyConfig) -> dict[str, float | int]:
@@ -207,7 +259,8 @@ def dp_round(
     model: TransferModel, data: LabelledImages, plan: RoundPlan, cfg: ExperimentConfig, context: Context,
     how: Feed = PLAIN,
 ) -> tuple[TrainResult, dict[str, float | int]]:
-    """A client's DP-SGD round: restore its state, check its budget, train, keep the new state.
+    """A client's DP-SGD round: restore its state, check its budget and its node's cap and record the round
+    (``reserve_round``), train, keep the new state.
 
     Raises
     ------
@@ -215,8 +268,7 @@ def dp_round(
         If the round would exceed ``privacy.budget``; nothing is trained.
     """
     state = load_state(context) or initial_state(cfg, len(data))
-    check_budget(state, plan, cfg.privacy)
-    check_node_budget(state, plan, cfg.privacy, context)
+    reserve_round(state, plan, cfg.privacy, context)
     result, state = train_private(model, data, plan, cfg, state, how=how)
     save_state(context, state)
     return result, privacy_metrics(state, cfg.privacy)

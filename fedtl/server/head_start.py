@@ -93,7 +93,7 @@ def head_start(grid: Grid, model: TransferModel, *, timeout: float, min_nodes: i
         log(WARNING, "Head start: not adding the class sums of %s", why)
     if not accepted:
         raise RoundFailedError(f"head start (finetune.head-init = \"ncm\"): no node's class sums could be added up. "
-                               f"{'; '.join(problems[:3]) or 'every node declined (held out of training)'}")
+                               f"{'; '.join(problems[:3]) or 'every node declined (held out of training, or its privacy gate said no)'}")
     accepted.sort(key=lambda m: content_key(m, CLASS_SUMS))  # sums in content order, not arrival: reproducible
     total = {k: sum(torch.from_numpy(m.content[CLASS_SUMS][k].numpy()).double() for m in accepted)
              for k in (SUMS, COUNTS, NORM_SUM)}

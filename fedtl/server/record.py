@@ -23,7 +23,7 @@ from safetensors.torch import save
 from fedtl.config import ExperimentConfig
 from fedtl.errors import RunFolderError
 from fedtl.privacy import privacy_mode
-from fedtl.protocol import ACCURACY, ACCURACY_BEFORE, ACCURACY_PERSONAL, HELD_OUT, NODE_ID, PARTITION_ID
+from fedtl.protocol import ACCURACY, ACCURACY_BEFORE, ACCURACY_PERSONAL, DECLINED, HELD_OUT, NODE_ID, PARTITION_ID
 from fedtl.reports.runs import METRICS_FILE, SUMMARY_FILE, holds_run, read_metrics, to_json, write_atomic
 
 SUMMARY_SCHEMA = 1
@@ -177,7 +177,8 @@ def client_summary(clients: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
     ``per_client`` holds the global model's accuracy on each training client's own test
     images and, where clients report it, their personalised model's (``personal_*``), each
-    with the fairness figures of ``fairness``.
+    with the fairness figures of ``fairness``. ``evaluation_declined``: the nodes whose privacy gate declined
+    the evaluation, with their reasons.
     """
     out: dict[str, dict[str, Any]] = {}
     label = [c.get(PARTITION_ID, f"node-{c[NODE_ID]}") for c in clients]
@@ -194,6 +195,9 @@ def client_summary(clients: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         out["held_out"] = {"ids": [i for i, _ in held], "accuracy_before": before, "accuracy_after": after,
                            "accuracy_before_mean": statistics.mean(before),
                            "accuracy_after_mean": statistics.mean(after)}
+    refused = {str(i): c[DECLINED] for i, c in zip(label, clients) if DECLINED in c}  # their privacy gates said no
+    if refused:
+        out["evaluation_declined"] = refused
     return out
 
 

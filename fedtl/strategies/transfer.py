@@ -46,6 +46,7 @@ from fedtl.protocol import (
     ARRAYS,
     CLIENT_ACCURACY_MEAN,
     CONFIG,
+    DECLINED,
     FINGERPRINT,
     HELD_OUT,
     METRICS,
@@ -361,7 +362,8 @@ class TransferStrategy(Strategy):
         return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        clients = [{NODE_ID: m.metadata.src_node_id, **dict(m.content[METRICS])}
+        clients = [{NODE_ID: m.metadata.src_node_id, **dict(m.content[METRICS]),
+                    **({DECLINED: why} if (why := declined_reason(m)) is not None else {})}  # its gate said no
                    for m in replies if not m.has_error() and METRICS in m.content.metric_records]
         if self.on_evaluate is not None:
             self.on_evaluate(server_round, clients)

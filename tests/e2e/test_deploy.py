@@ -353,6 +353,32 @@ def test_hetlora_nodes_train_at_the_ranks_their_owners_set(federation: Federatio
             federation.start_node(i, nodes[i])
 
 
+def test_a_capped_supernode_declines_what_its_accountant_cannot_count(federation: Federation,
+                                                                     tmp_path: Path) -> None:
+    """A real SuperNode whose owner caps its DP-SGD spend (state-dir, max-epsilon) in a run without DP that
+    starts with FedNCM's head start: its privacy gate declines the head-start query (exact class sums) and the
+    training (un-noised), spends nothing, and still evaluates the final model on its test split. The run goes
+    on with the other nodes, and records both declines."""
+    state = tmp_path / "node0-state"
+    node0 = str(federation.root / "nodes" / "node-0")
+    federation.stop("node0")
+    federation.start_node(0, node0, "node0", f"state-dir='{state}'", "max-epsilon=8")
+    try:
+        done = federation.fedtl("deploy", "run", "--connection", "deploy", "--out", str(tmp_path / "run"),
+                                *_sets("rounds=1", f"clients={NODES}", f"strategy.min-available-nodes={NODES}",
+                                       "finetune.head-init=ncm"), timeout=300)
+        assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+        head, trained = read_metrics(tmp_path / "run")
+        assert (head["clients_ok"], head["clients_declined"]) == (NODES - 1, 1), head
+        assert (trained["clients_ok"], trained["clients_declined"], trained["clients_failed"]) == (NODES - 1, 1, 0)
+        summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+        assert len(summary["per_client"]["ids"]) == NODES  # plain evaluation is within 'accounted'
+        assert not state.exists() or list(state.iterdir()) == []  # nothing spent
+    finally:
+        federation.stop("node0")
+        federation.start_node(0, node0)
+
+
 def test_a_node_killed_mid_round_without_its_data_or_past_its_own_budget_fails_alone(
         federation: Federation, tmp_path: Path) -> None:
     """One DP-SGD round on real SuperNodes, three of them failing each their own way: node2 is SIGKILLed while
@@ -363,13 +389,14 @@ def test_a_node_killed_mid_round_without_its_data_or_past_its_own_budget_fails_a
     node2 the round it may have trained and marks node3's spend unknown. (A node's budget over its whole
     cycle, run after run: tests/unit/test_dp_sgd.py.)"""
     from fedtl.accounting import poisson_schedule, sample_epsilon
+    from fedtl.clients.dp_sgd import node_epsilon
 
     def schedule(node: int) -> tuple[float, int]:
         data = federation.root / "nodes" / f"node-{node}" / "train"
         return poisson_schedule(sum(1 for f in data.rglob("*") if f.is_file()), 16)
 
     q, per_epoch = schedule(0)
-    one, two = (sample_epsilon([(1.0, q, r * per_epoch)], accountant="rdp", delta=1e-5) for r in (1, 2))
+    one, two = (node_epsilon([(1.0, q, r * per_epoch)], 1e-5) for r in (1, 2))  # the node's own figure
     state = tmp_path / "node0-state"
     state.mkdir()
     # What a run the node joined before left there (its own file format): one round's steps.

@@ -13,7 +13,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from fedtl.accounting import sample_epsilon
 from fedtl.clients.app import handle_train
-from fedtl.clients.dp_sgd import PrivacyState, initial_state, load_state, train_private
+from fedtl.clients.dp_sgd import PrivacyState, initial_state, load_state, node_epsilon, train_private
 from fedtl.clients.trainer import train_local
 from fedtl.data.federated import LabelledImages, client_data
 from fedtl.errors import DPConfigError
@@ -91,7 +91,9 @@ def test_spend_survives_a_node_restart_through_its_state_dir(task_identity: None
 def test_a_node_caps_its_own_spend_over_every_run_whatever_the_server_asks(task_identity: None,
                                                                            tmp_path: Path) -> None:
     # 20 examples, batches of 4, 2 epochs: 10 steps a round at q = 0.2, sigma 1. The server sets no budget.
-    one, two = (sample_epsilon([(1.0, 0.2, n)], accountant="rdp", delta=1e-5) for n in (10, 20))
+    # The node's figure is replace-one's (its count is published), at its own delta.
+    one, two = (node_epsilon([(1.0, 0.2, n)], 1e-5) for n in (10, 20))
+    assert two > sample_epsilon([(1.0, 0.2, 20)], accountant="rdp", delta=1e-5)
     cap = {"state-dir": str(tmp_path), "max-epsilon": (one + two) / 2}
     cfg = make_config(*DP)
     first = Context(run_id=1, node_id=1, node_config={"partition-id": 2, "num-partitions": 5, **cap},
@@ -99,6 +101,7 @@ def test_a_node_caps_its_own_spend_over_every_run_whatever_the_server_asks(task_
     trained, declined = _rounds(cfg, first, range(1, 3))
     assert "arrays" in trained.content and "declined" not in trained.content
     assert "this node's own privacy budget is spent" in declined.content["declined"]["reason"]
+    assert "replace-one" in declined.content["declined"]["reason"]
     # Another run (another run id): the first one's spend counts, so it declines at once.
     later = Context(run_id=2, node_id=1, node_config={"partition-id": 2, "num-partitions": 5, **cap},
                     state=RecordDict(), run_config={})
