@@ -23,9 +23,10 @@ from flwr.supercore.privacy_accounting import (
     SamplingMethod,
 )
 
-from fedtl.config import ExperimentConfig
+from fedtl.config import ExperimentConfig, FinetuneConfig
+from fedtl.config import PrivacyConfig as PrivacySection  # Flower's PrivacyConfig (above) is its accountant's
+from fedtl.config.rules import GDP_MIN_NOISE
 from fedtl.errors import AccountantError
-from fedtl.privacy import GDP_MIN_NOISE
 
 History = list[tuple[float, float, int]]
 """An Opacus accountant's history: ``(noise multiplier, sample rate, steps)`` per stretch."""
@@ -59,7 +60,7 @@ def compose(history: Sequence[tuple[float, float, int]], sigma: float, q: float,
 
 
 # Where an accountant cannot state epsilon here (measured on the 2-core, 24 GiB machine). Opacus's GDP: below
-# fedtl.privacy.GDP_MIN_NOISE (the config refuses it). Opacus's PRV and dp-accounting's PLD discretise a
+# fedtl.config.rules.GDP_MIN_NOISE (the config refuses it). Opacus's PRV and dp-accounting's PLD discretise a
 # privacy-loss range that grows as 1/σ² (PRV at σ = 1e-3, q = 0.2, 10 steps asked for 83.8 GiB; PLD at σ = 0.05,
 # q = 0.2, 2,000 steps took 22 s and 4.3 GB). RDP states any σ > 0 in milliseconds.
 PLD_MIN_NOISE = 0.3
@@ -179,21 +180,32 @@ def calibrate_sample_noise(target_epsilon: float, *, delta: float, sample_rate: 
 
 
 def client_start(cfg: ExperimentConfig, num_examples: int) -> tuple[float, float]:
-    """A DP-SGD client's noise multiplier and sample rate before its first round, over ``num_examples``:
-    ``privacy.noise-multiplier``, or with ``target-epsilon`` calibrated for its whole planned participation
-    (every round, it may be sampled in each, x local epochs x its steps an epoch). Both sides compute it: the
-    client to train, the server's ledger to charge a client whose reply never came.
+    """A DP-SGD client's noise multiplier and sample rate before its first round, over ``num_examples``
+    (``sample_level_start`` of ``cfg``'s sections). Both sides compute it: the client to train, the server's
+    ledger to charge a client whose reply never came.
 
     Raises
     ------
     ValueError
         If no noise level reaches the target, saying over how many steps.
     """
-    p = cfg.privacy
-    q, per_epoch = poisson_schedule(num_examples, cfg.finetune.batch_size)
+    return sample_level_start(cfg.privacy, cfg.finetune, cfg.rounds, num_examples)
+
+
+def sample_level_start(p: PrivacySection, ft: FinetuneConfig, rounds: int, num_examples: int) -> tuple[float, float]:
+    """A DP-SGD client's noise multiplier and sample rate before its first round, over ``num_examples``:
+    ``p.noise_multiplier``, or with ``p.target_epsilon`` calibrated for its whole planned participation
+    (every one of ``rounds``, it may be sampled in each, x local epochs x its steps an epoch).
+
+    Raises
+    ------
+    ValueError
+        If no noise level reaches the target, saying over how many steps.
+    """
+    q, per_epoch = poisson_schedule(num_examples, ft.batch_size)
     if not p.target_epsilon:
         return p.noise_multiplier, q
-    planned = cfg.rounds * cfg.finetune.local_epochs * per_epoch
+    planned = rounds * ft.local_epochs * per_epoch
     try:
         return calibrate_sample_noise(p.target_epsilon, delta=p.delta, sample_rate=q, steps=planned,
                                       accountant=p.accountant), q

@@ -12,10 +12,10 @@ from collections.abc import Callable
 
 import torch
 
-from fedtl.config import ConfigError
+from fedtl.config import ConfigError, catalogue
 from fedtl.registry import Registry
 
-DEVICES: Registry[Callable[[], torch.device]] = Registry("device")
+DEVICES: Registry[Callable[[], torch.device]] = Registry("device", declared=catalogue.DEVICES)
 
 
 @DEVICES.register("auto")

@@ -10,8 +10,11 @@ A personalisation wraps the federation around whichever Flower strategy merges t
   accuracy measures, next to the global model's accuracy on the same images.
 
 An entry is a description both sides share (what stays local, the round's plan, the
-checks); the client's half (keeping the local tensors, FedRep's head phase, FedBABU's
-tuning) is ``fedtl.clients.personal``, reading the entry's facts.
+checks of the model); the client's half (keeping the local tensors, FedRep's head phase,
+FedBABU's tuning) is ``fedtl.clients.personal``, reading the entry's facts. The config knows
+the personalisations without importing this module: their names and the facts it reads are
+declared in ``fedtl.config.catalogue`` (this registry checks its entries against it), the
+settings one refuses in other sections are ``fedtl.config.rules``.
 
 The server's central evaluation uses the server's values of local keys (their initial
 ones): for FedPer/FedRep/FedBABU that is an untrained head, for FedBN the pre-trained
@@ -25,10 +28,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from fedtl.batchnorm import BATCHNORM
-from fedtl.config import ExperimentConfig
+from fedtl.config import ExperimentConfig, catalogue
 from fedtl.errors import ConfigError
 from fedtl.models.modes import plan_round
-from fedtl.privacy import refused_per_sample
 from fedtl.protocol import HEAD, RoundPlan
 from fedtl.registry import Registry
 
@@ -64,10 +66,6 @@ def _lora_b_keys(model: TransferModel) -> frozenset[str]:
     return b
 
 
-def _accepts_any(cfg: ExperimentConfig) -> None:
-    return None
-
-
 @dataclass(frozen=True)
 class Personalisation:
     """One personalisation scheme.
@@ -82,8 +80,6 @@ class Personalisation:
         Whether a client trains its (local) head alone before the body each round (FedRep).
     tunes_head : bool
         Whether a client fine-tunes the head on its own data before its personalised evaluation.
-    check_config : Callable[[ExperimentConfig], None]
-        Raises ``ConfigError`` for settings it cannot honour.
     lora_only : bool
         Whether it keeps LoRA tensors (FedSA-LoRA): a run's from-scratch baseline, which trains no LoRA,
         runs without it.
@@ -95,7 +91,6 @@ class Personalisation:
     trains_head: bool = True
     head_first: bool = False
     tunes_head: bool = False
-    check_config: Callable[[ExperimentConfig], None] = _accepts_any
     lora_only: bool = False
     batchnorm: str | None = None
 
@@ -105,41 +100,18 @@ def head_plan(cfg: ExperimentConfig) -> RoundPlan:
     return RoundPlan({HEAD: cfg.finetune.lr}, cfg.strategy.head_epochs)
 
 
-def _shared_head_only(why: str, then: Callable[[ExperimentConfig], None] = _accepts_any
-                      ) -> Callable[[ExperimentConfig], None]:
-    """The config check of a personalisation with no shared, trained head: it refuses a head start
-    (``finetune.head-init = "ncm"`` sets the global head), saying ``why``; then runs ``then``."""
-    def check(cfg: ExperimentConfig) -> None:
-        from fedtl.models.ncm import HEAD_INITS  # lazily: this module stays light for the config
-
-        if HEAD_INITS.get(cfg.finetune.head_init).class_means:
-            raise ConfigError(f"finetune.head-init = \"{cfg.finetune.head_init}\" with strategy.personalisation = "
-                              f"\"{cfg.strategy.personalisation}\": the head start sets the global head, but {why}. "
-                              "Use finetune.head-init = \"random\", or another personalisation")
-        then(cfg)
-    return check
-
-
-_LOCAL_HEAD = "each client keeps its own head, which never leaves it"
-PERSONALISATIONS: Registry[Personalisation] = Registry("personalisation")
+PERSONALISATIONS: Registry[Personalisation] = Registry("personalisation", declared=catalogue.PERSONALISATIONS)
 PERSONALISATIONS.register("none")(Personalisation())
 # FedPer (Arivazhagan et al. 2019): the body is federated, each client keeps its own head.
-PERSONALISATIONS.register("fedper")(Personalisation(local=_head_keys, check_config=_shared_head_only(_LOCAL_HEAD)))
+PERSONALISATIONS.register("fedper")(Personalisation(local=_head_keys))
 # FedBN (Li et al. 2021): normalisation layers stay local, for feature-shifted silos.
 PERSONALISATIONS.register("fedbn")(Personalisation(local=_norm_keys, batchnorm="local"))
 # FedRep (Collins et al. 2021): the local head first adapts to the received body, then the
 # body trains under that head; only the body travels.
-PERSONALISATIONS.register("fedrep")(Personalisation(local=_head_keys, head_first=True, check_config=_shared_head_only(
-    _LOCAL_HEAD, refused_per_sample(
-        "strategy.personalisation", "FedRep's extra head phase would train outside the DP-SGD accountant. Use fedper "
-        "(the head trains inside DP-SGD) or no DP-SGD"))))
+PERSONALISATIONS.register("fedrep")(Personalisation(local=_head_keys, head_first=True))
 # FedBABU (Oh et al. 2022): the head stays at its shared random init during federation;
 # each client fine-tunes it on its own data at the end.
-PERSONALISATIONS.register("fedbabu")(Personalisation(trains_head=False, tunes_head=True, check_config=_shared_head_only(
-    "FedBABU keeps the head at its shared random start during federation", refused_per_sample(
-        "strategy.personalisation", "FedBABU tunes each client's head on its training split when it evaluates, "
-        "without DP and outside the DP-SGD accountant, and replies the tuned head's accuracy. Use fedper (the head "
-        "trains inside DP-SGD) or no DP-SGD"))))
+PERSONALISATIONS.register("fedbabu")(Personalisation(trains_head=False, tunes_head=True))
 
 
 # FedSA-LoRA (Guo et al., ICLR 2025): A learns what the clients share and is averaged; each client's B, what

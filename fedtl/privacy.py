@@ -7,13 +7,15 @@
   update and noises the mean, with Flower's RDP accountant on the server.
 
 An entry is a description: its facts (what one unit of protection is, how updates are
-weighted, whether the server noises the merged update), the checks both sides run (on the
-config, and on every round's plan before round one) and the sentence that states the
-guarantee. Its halves live with the side that runs them, each in a registry of its own
-keyed by the same names: the client's local round and Flower mod in ``fedtl.clients.privacy``,
-the server's strategy wrapper in ``fedtl.strategies.privacy``. No code compares mode names.
+weighted, whether the server noises the merged update), the check the server runs on every
+round's plan before round one and the sentence that states the guarantee. Its halves live with
+the side that runs them, each in a registry of its own keyed by the same names: the client's
+local round and Flower mod in ``fedtl.clients.privacy``, the server's strategy wrapper in
+``fedtl.strategies.privacy``. No code compares mode names.
 
-Light on purpose: the config validates ``privacy.mode`` against this registry.
+The config knows the modes without importing this module: their names and the facts it reads
+are declared in ``fedtl.config.catalogue`` (this registry checks its entries against it), the
+settings a mode refuses in other sections are ``fedtl.config.rules``.
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from fedtl.config import ExperimentConfig, PrivacyConfig
-from fedtl.errors import ConfigError, DPConfigError
+from fedtl.config import ExperimentConfig, PrivacyConfig, catalogue
+from fedtl.errors import DPConfigError
 from fedtl.protocol import RoundPlan
 from fedtl.registry import Registry
 
@@ -33,10 +35,6 @@ if TYPE_CHECKING:
 Guarantee = Callable[[PrivacyConfig, float, "float | None", "float | None"], str]
 """(privacy config, largest epsilon spent by the run's accountant, noise multiplier of the releases, the largest
 epsilon under replace-one adjacency) -> the run's guarantee."""
-
-
-def _no_config_check(cfg: ExperimentConfig) -> None:
-    return None
 
 
 def _no_plan_check(model: TransferModel, plans: Sequence[RoundPlan]) -> None:
@@ -73,8 +71,6 @@ class PrivacyMode:
         lower bound with: ``"add-or-remove"`` (DP-SGD: the canary is in the client's data or not; the client's
         add-or-remove epsilon), or ``"replace-one"`` (client-level: the canary client stays in and its update
         changes; the run's ``epsilon_replace_one``).
-    check_config : Callable[[ExperimentConfig], None]
-        Raises ``ConfigError`` for settings the mode cannot honour.
     check_plans : Callable[[TransferModel, Sequence[RoundPlan]], None]
         Run by the server before round one on every round's plan: refuses what the mode cannot train.
     """
@@ -87,7 +83,6 @@ class PrivacyMode:
     noised_update: bool = False
     reply_loss: bool = True
     canary_flip: str = "add-or-remove"
-    check_config: Callable[[ExperimentConfig], None] = _no_config_check
     check_plans: Callable[[TransferModel, Sequence[RoundPlan]], None] = _no_plan_check
 
 
@@ -101,7 +96,7 @@ def check_dp_trainable(model: TransferModel, units: Sequence[str]) -> None:
     DPConfigError
         If a BatchNorm layer would train, or run on batch statistics, under DP-SGD.
     """
-    from torch.nn.modules.batchnorm import _BatchNorm  # lazily: this module stays light for the config
+    from torch.nn.modules.batchnorm import _BatchNorm  # lazily: reading a mode's facts needs no torch
 
     was = model.training
     model.train()  # the modes the layers train in: frozen norms (LoRA, bias-only) stay in eval mode
@@ -151,53 +146,6 @@ def check_client_level_plans(model: TransferModel, plans: Sequence[RoundPlan]) -
                 "or use GroupNorm (model.norm = \"group\", or the built-in small-cnn)")
 
 
-def refused_per_sample(key: str, why: str) -> Callable[[ExperimentConfig], None]:
-    """The config check of an entry chosen by ``key`` that cannot work under a per-sample mode (DP-SGD):
-    it refuses the pair, saying ``why``."""
-    section, field = key.split(".")
-
-    def check(cfg: ExperimentConfig) -> None:
-        if privacy_mode(cfg).per_sample:
-            value = getattr(getattr(cfg, section), field.replace("-", "_"))
-            raise ConfigError(f"{key} = \"{value}\" with privacy.mode = \"{cfg.privacy.mode}\": {why}")
-    return check
-
-
-def _refuse_class_means(cfg: ExperimentConfig) -> None:
-    # The head start's class sums would leave every node un-noised and outside the accountant.
-    from fedtl.models.ncm import HEAD_INITS  # lazily: this module stays light for the config
-
-    if HEAD_INITS.get(cfg.finetune.head_init).class_means:
-        raise ConfigError(
-            f"finetune.head-init = \"{cfg.finetune.head_init}\" with privacy.mode = \"{cfg.privacy.mode}\": the head "
-            "start sends every client's per-class feature sums and counts without noise, outside the privacy "
-            "accountant, so the guarantee would not hold. Use finetune.head-init = \"random\" under DP, or "
-            "privacy.mode = \"off\"")
-
-
-# Below this noise multiplier Opacus's GDP accountant cannot state epsilon: exp(1/σ²) overflows and its root
-# search fails (measured: ValueError from σ = 0.05 down; σ = 0.1 states one).
-GDP_MIN_NOISE = 0.1
-
-
-def _check_dp_sgd(cfg: ExperimentConfig) -> None:
-    _refuse_class_means(cfg)
-    p = cfg.privacy
-    if p.accountant == "gdp" and not p.target_epsilon and p.noise_multiplier < GDP_MIN_NOISE:
-        raise ConfigError(f"privacy.accountant = \"gdp\" cannot state epsilon at privacy.noise-multiplier = "
-                          f"{p.noise_multiplier:g} (below {GDP_MIN_NOISE:g} Opacus's GDP formula overflows): set "
-                          "privacy.accountant = \"rdp\" (it states any noise), or raise the noise")
-
-
-def _check_client_level(cfg: ExperimentConfig) -> None:
-    _refuse_class_means(cfg)
-    if cfg.strategy.weighting == "examples":
-        raise ConfigError(
-            "client-level DP calibrates its noise to equal client weights, but strategy.weighting = \"examples\": "
-            "set strategy.weighting = \"uniform\" (or \"auto\")"
-        )
-
-
 def _none(p: PrivacyConfig, epsilon: float, noise: float | None, replace_one: float | None) -> str:
     return "no differential privacy: client updates are sent as trained (privacy.mode = \"off\")"
 
@@ -239,13 +187,12 @@ def _client_level(p: PrivacyConfig, epsilon: float, noise: float | None, replace
             f"accountant, no sampling amplification). Not covered: training metrics (un-noised), {_OUTSIDE}")
 
 
-PRIVACY_MODES: Registry[PrivacyMode] = Registry("privacy mode")
+PRIVACY_MODES: Registry[PrivacyMode] = Registry("privacy mode", declared=catalogue.PRIVACY_MODES)
 PRIVACY_MODES.register("off")(PrivacyMode("none", _none, accounted=False))
 PRIVACY_MODES.register("dp-sgd")(PrivacyMode("sample", _sample_level, per_sample=True, reply_loss=False,
-                                             check_config=_check_dp_sgd, check_plans=check_dp_plans))
+                                             check_plans=check_dp_plans))
 PRIVACY_MODES.register("client-level")(PrivacyMode(
     "client", _client_level, uniform_weights=True, noised_update=True, canary_flip="replace-one",
-    check_config=_check_client_level,
     check_plans=check_client_level_plans,
 ))
 
@@ -256,4 +203,4 @@ def privacy_mode(cfg: ExperimentConfig) -> PrivacyMode:
 
 
 __all__ = ["PRIVACY_MODES", "PrivacyMode", "check_client_level_plans", "check_dp_plans", "check_dp_trainable",
-           "privacy_mode", "refused_per_sample"]
+           "privacy_mode"]

@@ -1,10 +1,10 @@
-"""The experiment config: a tree of validated frozen dataclasses (see ``schema.py``)."""
+"""The experiment config: a tree of validated frozen dataclasses (see ``schema.py`` and ``sections.py``)."""
 
 from fedtl.config.fields import ConfigError, Scalar
 from fedtl.config.load import all_keys, apply_overrides, flwr_app_config_table, from_dict, load_config, resolve_key
-from fedtl.config.schema import (
+from fedtl.config.schema import ExperimentConfig
+from fedtl.config.sections import (
     DataConfig,
-    ExperimentConfig,
     FinetuneConfig,
     ModelConfig,
     PretrainConfig,

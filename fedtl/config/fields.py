@@ -9,14 +9,21 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
-import importlib
 import math
 import typing
-from typing import Any
+from typing import Any, Protocol
 
 from fedtl.errors import ConfigError
 
 Scalar = bool | int | float | str
+
+
+class Names(Protocol):
+    """Allowed values that a registry names: the config's catalogue of it (``fedtl.config.catalogue``)."""
+
+    def names(self) -> list[str]:
+        """The allowed values, in the order messages and the reference list them."""
+        ...
 
 
 def in_range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False) -> dict[str, Any]:
@@ -24,8 +31,8 @@ def in_range(lo: float | None = None, hi: float | None = None, *, lo_open: bool 
     return {"range": (lo, hi, lo_open)}
 
 
-def one_of(source: tuple[str, ...] | str) -> dict[str, Any]:
-    """Field metadata: allowed values, a fixed tuple or ``"module:REGISTRY"`` read when validating."""
+def one_of(source: tuple[str, ...] | Names) -> dict[str, Any]:
+    """Field metadata: allowed values, a fixed tuple or a registry's names (its catalogue), read when validating."""
     return {"choices": source}
 
 
@@ -80,12 +87,8 @@ def unknown_key(key: str, root: type) -> ConfigError:
     return ConfigError(f"unknown config key {key!r}.{hint}")
 
 
-def check_value(key: str, value: Any, tp: Any, meta: typing.Mapping[str, Any], *, registries: bool = True) -> Any:
-    """Return ``value`` (an int made float where a float is meant) or raise ``ConfigError``.
-
-    ``registries = False`` skips choices read from a registry (``"module:REGISTRY"``), whose
-    modules may import torch: the quick first pass over a whole config (``precheck``).
-    """
+def check_value(key: str, value: Any, tp: Any, meta: typing.Mapping[str, Any]) -> Any:
+    """Return ``value`` (an int made float where a float is meant) or raise ``ConfigError``."""
     # bool is an int subclass in Python; a bool where a number is meant is a mistake.
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
@@ -105,7 +108,7 @@ def check_value(key: str, value: Any, tp: Any, meta: typing.Mapping[str, Any], *
                 f"config key {key!r} = {value!r} is out of range; allowed: "
                 f"{left}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]"
             )
-    if "choices" in meta and (registries or isinstance(meta["choices"], tuple)):
+    if "choices" in meta:
         allowed = resolve_choices(meta["choices"])
         if value not in allowed:
             close = difflib.get_close_matches(value, allowed, n=2) if isinstance(value, str) else []
@@ -115,44 +118,28 @@ def check_value(key: str, value: Any, tp: Any, meta: typing.Mapping[str, Any], *
     return value
 
 
-def resolve_choices(source: tuple[str, ...] | str) -> list[str]:
+def resolve_choices(source: tuple[str, ...] | Names) -> list[str]:
     """The allowed values named by ``one_of``'s ``source``."""
-    if isinstance(source, tuple):
-        return list(source)
-    module, attr = source.split(":")
-    return list(getattr(importlib.import_module(module), attr).names())
+    return list(source) if isinstance(source, tuple) else source.names()
 
 
-def registry_entry(source: str, name: str) -> Any:
-    """The entry ``name`` of the registry ``source`` (``"module:REGISTRY"``, as ``one_of`` names it)."""
-    module, attr = source.split(":")
-    return getattr(importlib.import_module(module), attr).get(name)
-
-
-def entry_checks(obj: Any) -> list[typing.Callable[[Any], None]]:
-    """The ``check_config`` of every registry entry ``obj``'s tree chooses, in field order.
-
-    A registry entry (a privacy mode, a strategy, a personalisation) may refuse settings of
-    other sections that it cannot honour; the config calls these once every field is valid,
-    so that no code outside the registries compares names.
-    """
-    checks = []
+def registry_choices(obj: Any) -> list[tuple[Names, str]]:
+    """(catalogue, chosen name) of every field of ``obj``'s tree whose values a registry names, in field order."""
+    chosen: list[tuple[Names, str]] = []
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
         if dataclasses.is_dataclass(value):
-            checks.extend(entry_checks(value))
-        elif isinstance(f.metadata.get("choices"), str):
-            check = getattr(registry_entry(f.metadata["choices"], value), "check_config", None)
-            if check is not None:
-                checks.append(check)
-    return checks
+            chosen.extend(registry_choices(value))
+        elif "choices" in f.metadata and not isinstance(f.metadata["choices"], tuple):
+            chosen.append((f.metadata["choices"], value))
+    return chosen
 
 
 def precheck(cls: type, raw: typing.Mapping[str, Any], root: type, prefix: str = "") -> None:
-    """Check a whole nested dict's keys, types, ranges and fixed choices without building anything.
+    """Check a whole nested dict's keys, types, ranges and choices without building anything.
 
-    Importing nothing, it fails in a fraction of a second on what most mistakes are; the
-    registries' choices (which import the families) are checked when the config is built.
+    Every key and value of a file and its ``--set`` list, before any section's own checks and rules
+    (which assume valid values); it imports nothing, so it fails in a fraction of a second.
     """
     fields = fields_of(cls)
     for key, value in raw.items():
@@ -164,7 +151,7 @@ def precheck(cls: type, raw: typing.Mapping[str, Any], root: type, prefix: str =
                 raise ConfigError(f"config key {prefix + key!r} must be a table of keys, got {value!r}")
             precheck(tp, value, root, f"{prefix}{key}.")
         else:
-            check_value(prefix + key, value, tp, f.metadata, registries=False)
+            check_value(prefix + key, value, tp, f.metadata)
 
 
 def build(cls: type, raw: typing.Mapping[str, Any], root: type) -> Any:

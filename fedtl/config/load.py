@@ -11,7 +11,8 @@ from typing import Any
 import tomli_w
 
 from fedtl.config.fields import ConfigError, build, flatten, keys_of, to_dict, unflatten, unknown_key
-from fedtl.config.schema import ExperimentConfig, FinetuneConfig
+from fedtl.config.schema import ExperimentConfig
+from fedtl.config.sections import FinetuneConfig
 
 
 def all_keys() -> list[str]:

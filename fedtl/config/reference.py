@@ -1,9 +1,9 @@
 """The configuration reference (``docs/config.md``), generated from the schema itself.
 
 Every key's type, default and allowed values come from ``ExperimentConfig``'s fields; its
-description is the comment written next to the field in ``schema.py`` (so the schema and
-its documentation cannot drift: a test keeps ``docs/config.md`` equal to this output).
-Registry-valued keys list the registry's names, which imports the families.
+description is the comment written next to the field in ``schema.py`` or ``sections.py`` (so
+the schema and its documentation cannot drift: a test keeps ``docs/config.md`` equal to this
+output). Registry-valued keys list the names of the registry's catalogue (``catalogue.py``).
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from fedtl.config.schema import ExperimentConfig
 
 _INTRO = """# Configuration reference
 
-Generated from the schema (`fedtl/config/schema.py`) by `fedtl config --markdown`; a test keeps this
-file equal to that output, so edit the schema's comments, not this page.
+Generated from the schema (`fedtl/config/schema.py`, `sections.py`) by `fedtl config --markdown`; a
+test keeps this file equal to that output, so edit the schema's comments, not this page.
 
 A run's config is a TOML file (`fedtl simulate --config FILE`), every key optional (the defaults are the
 offline default study). Override any key with `--set key=value` (a full dotted key, or a leaf that is

@@ -12,11 +12,12 @@ from collections.abc import Callable
 import torch
 from torchvision.transforms import v2
 
+from fedtl.config import catalogue
 from fedtl.registry import Registry
 
 Augmentation = Callable[[int], v2.Transform | None]
 """image side -> the transform of one image, or ``None`` (no augmentation)."""
-AUGMENTATIONS: Registry[Augmentation] = Registry("augmentation")
+AUGMENTATIONS: Registry[Augmentation] = Registry("augmentation", declared=catalogue.AUGMENTATIONS)
 AUGMENTATIONS.register("none")(lambda size: None)
 # torchvision's defaults: p = 0.5; crops of 8-100 % of the area at aspect ratios 3/4-4/3, resized back.
 AUGMENTATIONS.register("flip")(lambda size: v2.RandomHorizontalFlip())

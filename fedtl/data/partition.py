@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from fedtl.config import catalogue
 from fedtl.errors import PartitionError  # noqa: F401 - raised here; importable from here too
 from fedtl.registry import Registry
 
@@ -20,7 +21,7 @@ if TYPE_CHECKING:
     from flwr_datasets.partitioner import Partitioner
 
 PartitionerFactory = Callable[[int, float, int, int], "Partitioner"]
-PARTITIONERS: Registry[PartitionerFactory] = Registry("partitioner")
+PARTITIONERS: Registry[PartitionerFactory] = Registry("partitioner", declared=catalogue.PARTITIONERS)
 
 
 @PARTITIONERS.register("iid")

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from fedtl.config import DataConfig
+from fedtl.config import DataConfig, catalogue
 from fedtl.data.store import Writer, files_fingerprint, open_arrays
 from fedtl.registry import Registry
 
@@ -53,7 +53,7 @@ class Scenario:
 
 
 ScenarioFactory = Callable[[DataConfig], Scenario]
-SCENARIOS: Registry[ScenarioFactory] = Registry("scenario")
+SCENARIOS: Registry[ScenarioFactory] = Registry("scenario", declared=catalogue.SCENARIOS)
 DIGIT_STYLES = ("rotate", "blur", "low-contrast", "noise", "shear")
 
 

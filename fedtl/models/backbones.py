@@ -16,6 +16,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from fedtl.config import catalogue
 from fedtl.registry import Registry
 
 
@@ -91,10 +92,10 @@ class BackboneRegistry(Registry[BackboneEntry]):
         return self.register_wrapped(name, lambda build: BackboneEntry(build, **facts))
 
 
-BACKBONES = BackboneRegistry("backbone")
+BACKBONES = BackboneRegistry("backbone", declared=catalogue.BACKBONES)
 
 NormConversion = Callable[[nn.Module], nn.Module]
-NORMS: Registry[NormConversion] = Registry("normalisation")
+NORMS: Registry[NormConversion] = Registry("normalisation", declared=catalogue.NORMS)
 NORMS.register("native")(lambda block: block)
 
 

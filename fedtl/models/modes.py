@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from fedtl.config import FinetuneConfig
+from fedtl.config import FinetuneConfig, catalogue
 from fedtl.models.ncm import HEAD_INITS
 from fedtl.protocol import HEAD, RoundPlan
 from fedtl.registry import Registry
@@ -41,7 +41,7 @@ class ModeRegistry(Registry[Mode]):
         return self.register_wrapped(name, lambda rates: Mode(rates, adapter, batchnorm))
 
 
-MODES = ModeRegistry("fine-tuning mode")
+MODES = ModeRegistry("fine-tuning mode", declared=catalogue.MODES)
 
 
 @MODES.register("feature-extraction")

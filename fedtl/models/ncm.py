@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from fedtl.config import catalogue
 from fedtl.data.rows import LabelledImages
 from fedtl.models.features import Feed, batches, prefix_features
 from fedtl.models.transfer import TransferModel
@@ -44,19 +45,19 @@ class HeadInit:
     class_means: bool = False
 
 
-HEAD_INITS: Registry[HeadInit] = Registry("head initialisation")
+HEAD_INITS: Registry[HeadInit] = Registry("head initialisation", declared=catalogue.HEAD_INITS)
 HEAD_INITS.register("random")(HeadInit())
 HEAD_INITS.register("ncm")(HeadInit(class_means=True))
 
 
 @torch.no_grad()
-def head_inputs(model: TransferModel, data: LabelledImages, how: Feed) -> torch.Tensor:
+def head_inputs(model: TransferModel, data: LabelledImages, feed: Feed) -> torch.Tensor:
     """What the head receives for every item of ``data``: all blocks' output in eval mode, from the
-    feature cache when ``how`` has one (one forward pass per item, reused by later frozen rounds)."""
+    feature cache when ``feed`` has one (one forward pass per item, reused by later frozen rounds)."""
     model.eval()
     cut = len(model.block_names)
-    if how.cache_dir and len(data):
-        return prefix_features(model, data, cut, how.cache_dir).float()
+    if feed.cache_dir and len(data):
+        return prefix_features(model, data, cut, feed.cache_dir).float()
     parts = []
     for pos in batches(data):
         x = data.batch(pos, model.device)

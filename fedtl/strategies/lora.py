@@ -11,13 +11,13 @@ the numpy here, which follows peft's own product for Linear and Conv2d layers.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, RecordDict
 
-from fedtl.config import ExperimentConfig
+from fedtl.config import catalogue
 from fedtl.errors import ConfigError
 from fedtl.models.adapters import LORA_A, LORA_B
 from fedtl.protocol import ARRAYS
@@ -120,33 +120,11 @@ class MergeMeter:
         return merge_error(updates, weights, self.layers, self.fixed)
 
 
-def _one_rank(cfg: ExperimentConfig) -> None:
-    if cfg.finetune.rank_schedule:
-        raise ConfigError(
-            f"finetune.lora-ranks = {cfg.finetune.lora_ranks!r} gives clients other ranks, whose A and B "
-            "strategy.lora-merge = \"average\" cannot average: use \"hetlora\" (zero-padded to lora-rank) or "
-            "\"stack\"")
-
-
-def _stack_check(cfg: ExperimentConfig) -> None:
-    from fedtl.privacy import privacy_mode
-    from fedtl.strategies.registry import STRATEGIES
-
-    if not STRATEGIES.get(cfg.strategy.name).averages:
-        raise ConfigError(
-            f"strategy.lora-merge = \"stack\" folds the weighted mean of the clients' B·A into the base weights, "
-            f"but strategy.name = \"{cfg.strategy.name}\" merges otherwise: use fedavg or fedprox, or "
-            "strategy.lora-merge = \"average\"")
-    if privacy_mode(cfg).noised_update:
-        raise ConfigError(
-            f"strategy.lora-merge = \"stack\" with privacy.mode = \"{cfg.privacy.mode}\": the server's noise is "
-            "added to A and B apart, not to the stacked product. Use privacy.mode = \"dp-sgd\" (the clients' "
-            "noised A and B are then stacked as they are), or strategy.lora-merge = \"average\"")
-
-
 @dataclass(frozen=True)
 class LoraMerge:
-    """How the server merges LoRA's A and B; one registry entry each.
+    """How the server merges LoRA's A and B; one registry entry each. The settings a merge cannot honour (other
+    ranks under ``average``; ``stack`` with a strategy that is not a mean, or with the server's noise) are the
+    config's rules (``fedtl.config.rules``).
 
     Attributes
     ----------
@@ -156,23 +134,20 @@ class LoraMerge:
     folds : bool
         Whether each round's merged update goes into the adapted layers' base weights, the adapters
         starting afresh (``Stacking``); else A and B are merged by the strategy like every other tensor.
-    check_config : Callable[[ExperimentConfig], None]
-        Raises ``ConfigError`` for settings it cannot honour.
     """
 
     any_rank: bool
     folds: bool = False
-    check_config: Callable[[ExperimentConfig], None] = _one_rank
 
 
-LORA_MERGES: Registry[LoraMerge] = Registry("LoRA merge")
+LORA_MERGES: Registry[LoraMerge] = Registry("LoRA merge", declared=catalogue.LORA_MERGES)
 LORA_MERGES.register("average")(LoraMerge(any_rank=False))
 # HetLoRA (Cho et al., EMNLP 2024): each client at its own rank; the server zero-pads their A and B to its
 # own rank, merges them as the strategy merges, and sends each client the result cut to its rank.
-LORA_MERGES.register("hetlora")(LoraMerge(any_rank=True, check_config=lambda cfg: None))
+LORA_MERGES.register("hetlora")(LoraMerge(any_rank=True))
 # FLoRA (Wang et al., NeurIPS 2024): stacking the clients' (weighted) Bs and As multiplies out to the
 # weighted mean of their B·A, exactly, whatever each client's rank.
-LORA_MERGES.register("stack")(LoraMerge(any_rank=True, folds=True, check_config=_stack_check))
+LORA_MERGES.register("stack")(LoraMerge(any_rank=True, folds=True))
 
 
 def stack(updates: Sequence[tuple[np.ndarray, np.ndarray]], weights: Sequence[float]

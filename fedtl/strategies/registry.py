@@ -1,9 +1,11 @@
 """Flower strategies by name. A new strategy is one entry here (or in its own file).
 
 Each entry's factory builds a ``flwr.serverapp.strategy`` object from the config; the
-server then wraps it in ``TransferStrategy``, so every strategy sees only travelling
-tensors. An entry may also refuse settings it cannot honour (``check_config``), which the
-config runs when it is validated.
+server then wraps it in the transfer strategy's wrappers, so every strategy sees only travelling
+tensors. The settings an entry cannot honour (FedProx under DP-SGD, Krum with too few
+clients per round) are the config's rules (``fedtl.config.rules``), which it runs when it is
+validated; the facts they read are declared in ``fedtl.config.catalogue``, which this registry
+checks its entries against.
 """
 
 from __future__ import annotations
@@ -31,51 +33,32 @@ from flwr.serverapp.strategy import (
 from flwr.serverapp.strategy.fedopt import FedOpt
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
-from fedtl.config import ExperimentConfig
-from fedtl.errors import ConfigError
-from fedtl.privacy import privacy_mode, refused_per_sample
+from fedtl.config import ExperimentConfig, catalogue
+from fedtl.privacy import privacy_mode
 from fedtl.protocol import NUM_EXAMPLES, STEPS, TRAIN_LOSS, UNIT_WEIGHT
 from fedtl.registry import Registry
 
 StrategyFactory = Callable[[ExperimentConfig], Strategy]
 
 
-def _accepts_any(cfg: ExperimentConfig) -> None:
-    return None
-
-
 @dataclass(frozen=True)
 class StrategyEntry:
-    """A strategy: its factory, the config check it adds (raises ``ConfigError``), and whether its aggregate
-    is the weighted mean of the updates, FedAvg's (``averages``): the only rule client-level DP's noise is
-    scaled to."""
+    """A strategy: its factory, and whether its aggregate is the weighted mean of the updates, FedAvg's
+    (``averages``): the only rule client-level DP's noise is scaled to."""
 
     build: StrategyFactory
-    check: Callable[[ExperimentConfig], None] = _accepts_any
     averages: bool = False
-
-    def check_config(self, cfg: ExperimentConfig) -> None:
-        """Refuse what this strategy cannot honour in ``cfg``."""
-        if not self.averages and privacy_mode(cfg).noised_update:
-            raise ConfigError(
-                f"strategy.name = \"{cfg.strategy.name}\" with privacy.mode = \"{cfg.privacy.mode}\": the noise is "
-                "scaled to the plain mean of clipped updates (one client moves it by at most C/m), and this "
-                "strategy's aggregate moves the released model further for one client's change (a server optimiser "
-                "or a robust rule, applied before the noise), so the accounted epsilon would not hold. Use "
-                "strategy.name = \"fedavg\" or \"fedprox\" with client-level DP, or privacy.mode = \"dp-sgd\" "
-                "with this strategy")
-        self.check(cfg)
 
 
 class StrategyRegistry(Registry[StrategyEntry]):
-    """Strategies by name; registering a plain factory makes it an entry without checks."""
+    """Strategies by name; registering a plain factory makes it an entry."""
 
-    def register(self, name: str, check_config: Callable[[ExperimentConfig], None] = _accepts_any,  # type: ignore[override]
-                 *, averages: bool = False) -> Callable[[StrategyFactory], StrategyFactory]:
-        return self.register_wrapped(name, lambda build: StrategyEntry(build, check_config, averages))
+    def register(self, name: str, *, averages: bool = False  # type: ignore[override]
+                 ) -> Callable[[StrategyFactory], StrategyFactory]:
+        return self.register_wrapped(name, lambda build: StrategyEntry(build, averages))
 
 
-STRATEGIES = StrategyRegistry("strategy")
+STRATEGIES = StrategyRegistry("strategy", declared=catalogue.STRATEGIES)
 _WEIGHT_KEYS = {"examples": NUM_EXAMPLES, "uniform": UNIT_WEIGHT}
 # Only these reply metrics are averaged over clients. Never epsilons: each client's data has
 # its own guarantee, which the privacy ledger keeps per client. Nor ids.
@@ -102,7 +85,7 @@ def weight_key(cfg: ExperimentConfig) -> str:
 def common(cfg: ExperimentConfig) -> dict[str, Any]:
     """What every Flower strategy takes from the config: sampling, minimums, weighting, metrics."""
     s = cfg.strategy
-    # Evaluation is central, and the final client evaluation is TransferStrategy's own.
+    # Evaluation is central, and the final client evaluation is FinalEvaluation's (fedtl.strategies.evaluation).
     return {
         "fraction_train": s.fraction_train, "fraction_evaluate": 0.0, "min_train_nodes": s.min_train_nodes,
         "min_evaluate_nodes": 0, "min_available_nodes": s.min_available_nodes, "weighted_by_key": weight_key(cfg),
@@ -120,9 +103,7 @@ def fedavg(cfg: ExperimentConfig) -> Strategy:
     return FedAvg(**common(cfg))
 
 
-@STRATEGIES.register("fedprox", check_config=refused_per_sample(
-    "strategy.name", "Opacus builds each update from per-sample gradients of the data loss, so FedProx's proximal term "
-    "would be silently dropped. Use another strategy with DP-SGD, or FedProx without it"), averages=True)
+@STRATEGIES.register("fedprox", averages=True)
 def fedprox(cfg: ExperimentConfig) -> Strategy:
     """FedProx: FedAvg, with clients adding (mu/2)||w - w_global||^2 to their loss (Li et al. 2020)."""
     return FedProx(**common(cfg), proximal_mu=cfg.strategy.proximal_mu)
@@ -161,37 +142,13 @@ def fedtrimmedavg(cfg: ExperimentConfig) -> Strategy:
     return FedTrimmedAvg(**common(cfg), beta=cfg.strategy.trim_beta)
 
 
-def needs_sampled(least: Callable[[int], int], rule: str) -> Callable[[ExperimentConfig], None]:
-    """A robust rule's check: a round samples at least ``least(num-malicious-nodes)`` clients, or its
-    guarantee does not hold (Bulyan would skip every aggregation; Krum would pick among too few)."""
-    def check(cfg: ExperimentConfig) -> None:
-        f, n = cfg.strategy.num_malicious_nodes, cfg.sampled_clients
-        if n < least(f):
-            raise ConfigError(
-                f"strategy.name = \"{cfg.strategy.name}\" with strategy.num-malicious-nodes = {f} needs at least "
-                f"{least(f)} clients per round ({rule}); a round samples {n}. Add clients, raise "
-                "strategy.fraction-train or min-train-nodes, or assume fewer malicious nodes")
-    return check
-
-
-_KRUM = needs_sampled(lambda f: 2 * f + 3, "Krum's n >= 2f + 3, Blanchard et al. 2017")
-
-
-def _multikrum_check(cfg: ExperimentConfig) -> None:
-    _KRUM(cfg)
-    f, n, m = cfg.strategy.num_malicious_nodes, cfg.sampled_clients, cfg.strategy.num_nodes_to_select
-    if m > n - f:
-        raise ConfigError(f"strategy.num-nodes-to-select = {m} exceeds the {n - f} updates MultiKrum may select from "
-                          f"{n} per round with {f} malicious: lower it")
-
-
-@STRATEGIES.register("krum", check_config=_KRUM)
+@STRATEGIES.register("krum")
 def krum(cfg: ExperimentConfig) -> Strategy:
     """Krum: the update closest to its neighbours, robust to ``num-malicious-nodes`` (Blanchard et al. 2017)."""
     return Krum(**common(cfg), num_malicious_nodes=cfg.strategy.num_malicious_nodes)
 
 
-@STRATEGIES.register("multikrum", check_config=_multikrum_check)
+@STRATEGIES.register("multikrum")
 def multikrum(cfg: ExperimentConfig) -> Strategy:
     """MultiKrum: the mean of the ``num-nodes-to-select`` updates Krum scores best."""
     s = cfg.strategy
@@ -199,17 +156,13 @@ def multikrum(cfg: ExperimentConfig) -> Strategy:
                      num_nodes_to_select=s.num_nodes_to_select)
 
 
-@STRATEGIES.register("bulyan", check_config=needs_sampled(
-    lambda f: 4 * f + 3, "Bulyan's n >= 4f + 3, El Mhamdi et al. 2018"))
+@STRATEGIES.register("bulyan")
 def bulyan(cfg: ExperimentConfig) -> Strategy:
     """Bulyan: Krum selection, then a trimmed coordinate-wise mean (El Mhamdi et al. 2018)."""
     return Bulyan(**common(cfg), num_malicious_nodes=cfg.strategy.num_malicious_nodes)
 
 
-@STRATEGIES.register("qfedavg", check_config=refused_per_sample(
-    "strategy.name", "q-FedAvg weights each update by the client's training loss, which DP-SGD does not release "
-    "(it is computed from the client's data without noise, so it would tell neighbouring data sets apart). Use "
-    "another strategy with DP-SGD, or q-FedAvg without it"))
+@STRATEGIES.register("qfedavg")
 def qfedavg(cfg: ExperimentConfig) -> Strategy:
     """q-FedAvg: fairness-weighted averaging by clients' training loss to the power ``q`` (Li et al. 2020)."""
     return QFedAvg(**common(cfg), client_learning_rate=cfg.finetune.lr, q=cfg.strategy.q,

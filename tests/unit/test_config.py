@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import tomllib
 from pathlib import Path
 
 import pytest
 
 from fedtl.config import ConfigError, ExperimentConfig, FinetuneConfig, apply_overrides, from_dict, load_config
+from fedtl.config.fields import flatten
 from fedtl.config.load import flwr_app_config_table
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -121,14 +123,24 @@ def test_pyproject_flower_config_is_the_defaults() -> None:
 
 @pytest.mark.parametrize("path", sorted((ROOT / "experiments").glob("*.toml")), ids=lambda p: p.name)
 def test_shipped_experiments_load(path: Path, tmp_path: Path) -> None:
-    """Configs load; study files plan every run (each config validated) and split its data."""
+    """Configs load and hold what their file sets; study files plan every run (each config validated, holding its
+    grid point and seed, or refused where the study skips invalid points) and split its data."""
     from fedtl.data.federated import check_partitions
     from fedtl.simulations.study import load_study, plan_study
 
     if "[study]" not in path.read_text():
-        load_config(path)
+        written = flatten(tomllib.loads(path.read_text()))
+        held = load_config(path, resolve_paths=False).to_run_config()
+        assert {key: held[key] for key in written} == written
         return
-    for run in plan_study(load_study(path), tmp_path):
+    spec = load_study(path)
+    runs = plan_study(spec, tmp_path)
+    points = len(spec.cases) * math.prod(len(values) for _, values in spec.axes)
+    assert len(runs) + len(runs.skipped) * len(spec.seeds) == points * len(spec.seeds)
+    assert runs and (spec.skip_invalid or not runs.skipped)
+    for run in runs:
+        held = run.cfg.to_run_config()
+        assert {key: held[key] for key in run.values} == run.values and run.cfg.seed == run.seed
         check_partitions(run.cfg.data, run.cfg.clients, run.cfg.seed)
 
 
