@@ -370,21 +370,21 @@ def sequential_loop(images: Path, weights: Path) -> dict[str, float]:
 
     t0 = time.perf_counter()
     cfg, model, clients, test = _in_process(images, weights)
-    how = Feed(cache_dir=str(WORK / "store" / "features"))
+    feed = Feed(cache_dir=str(WORK / "store" / "features"))
     plan = plan_round(cfg.finetune, model.block_names, 1)
     plan.apply_to(model)
     for rnd in range(cfg.rounds):
         states, sizes = [], []
         for i, d in enumerate(clients):
             m = copy.deepcopy(model)
-            train_local(m, d, plan, cfg.finetune, seed=rnd * 100 + i, how=how)
+            train_local(m, d, plan, cfg.finetune, seed=rnd * 100 + i, feed=feed)
             states.append(m.travelling_state())
             sizes.append(len(d))
         w = torch.tensor(sizes, dtype=torch.float32) / sum(sizes)
         model.load_travelling_state({k: sum(wi * s[k] for wi, s in zip(w, states, strict=True)) for k in states[0]})
     from fedtl.models.metrics import evaluate_model
 
-    acc = evaluate_model(model, test, how)["accuracy"]
+    acc = evaluate_model(model, test, feed)["accuracy"]
     return {"wall_s": time.perf_counter() - t0, "final_accuracy": acc}
 
 
@@ -427,7 +427,8 @@ def section_dp(res: dict[str, Any]) -> None:
 
     import torch
 
-    from fedtl.clients.dp_sgd import initial_state, train_private
+    from fedtl.clients.dp_sgd import train_private
+    from fedtl.clients.spend import initial_state
     from fedtl.clients.trainer import train_local
     from fedtl.config import load_config
     from fedtl.models.features import Feed
@@ -447,7 +448,7 @@ def section_dp(res: dict[str, Any]) -> None:
         data = client_data(cfg.data, 0, cfg.clients, cfg.seed)
         base = run_model(cfg)
         plan = plan_round(cfg.finetune, base.block_names, 1)
-        how = Feed.of(cfg)
+        feed = Feed.of(cfg)
         times: dict[str, list[float]] = {"sgd": [], "dp-sgd": []}
         for rep in range(4):  # the first builds the cache; alternate, keep the last three
             for name in ("sgd", "dp-sgd"):
@@ -455,9 +456,10 @@ def section_dp(res: dict[str, Any]) -> None:
                 plan.apply_to(m)
                 t0 = time.perf_counter()
                 if name == "sgd":
-                    train_local(m, data, plan, cfg.finetune, seed=rep, how=how)
+                    train_local(m, data, plan, cfg.finetune, seed=rep, feed=feed)
                 else:
-                    train_private(m, data, plan, dp_cfg, initial_state(dp_cfg, len(data)), how=how)
+                    state = initial_state(dp_cfg.privacy, dp_cfg.finetune, dp_cfg.rounds, len(data))
+                    train_private(m, data, plan, dp_cfg.finetune, dp_cfg.privacy, state, feed=feed)
                 if rep:
                     times[name].append(time.perf_counter() - t0)
         s, d = statistics.median(times["sgd"]), statistics.median(times["dp-sgd"])

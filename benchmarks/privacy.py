@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from fedtl.clients.dp_sgd import initial_state, train_private
+from fedtl.clients.dp_sgd import train_private
+from fedtl.clients.spend import initial_state
 from fedtl.clients.trainer import train_local
 from fedtl.config import ExperimentConfig, load_config
 from fedtl.data.federated import client_data
@@ -36,7 +37,7 @@ def _round_timer(cfg: ExperimentConfig, engine: str | None) -> Callable[[], floa
     data = client_data(cfg.data, 0, cfg.clients, cfg.seed)
     dp_cfg = load_config(CONFIG, ["privacy.mode=dp-sgd", f"privacy.grad-sample-mode={engine or 'hooks'}",
                                   f"finetune.mode={cfg.finetune.mode}"])
-    state = initial_state(dp_cfg, len(data))
+    state = initial_state(dp_cfg.privacy, dp_cfg.finetune, dp_cfg.rounds, len(data))
 
     def once() -> float:
         m = copy.deepcopy(model)
@@ -44,7 +45,7 @@ def _round_timer(cfg: ExperimentConfig, engine: str | None) -> Callable[[], floa
         if engine is None:
             train_local(m, data, plan, cfg.finetune, seed=0)
         else:
-            train_private(m, data, plan, dp_cfg, state)
+            train_private(m, data, plan, dp_cfg.finetune, dp_cfg.privacy, state)
         return time.perf_counter() - t0
 
     return once

@@ -22,8 +22,8 @@ from flwr.clientapp.typing import ClientAppCallable, Mod
 
 from fedtl.clients.gate import declined, gate_mod
 from fedtl.clients.node_data import NodeData, node_data
-from fedtl.clients.personal import load_local_state, local_round, personalised_model, save_local_state
-from fedtl.clients.privacy import client_privacy
+from fedtl.clients.personal import head_phase, load_local_state, local_round, personalised_model, save_local_state
+from fedtl.clients.privacy import RoundInputs, client_privacy
 from fedtl.clients.ranks import at_node_rank
 from fedtl.clients.trainer import train_local
 from fedtl.config import ExperimentConfig
@@ -126,23 +126,23 @@ def handle_evaluate(msg: Message, context: Context, cfg: ExperimentConfig) -> Me
     node = node_data(context, cfg)
     model, plan = received_model(msg, cfg, node_device(context, cfg))
     test = node.test()
-    how = Feed.of(cfg)
+    feed = Feed.of(cfg)
     metrics: dict[str, float | int] = {**node.metrics, HELD_OUT: int(node.held_out), NUM_EXAMPLES: len(test)}
     if len(test):
-        before = evaluate_model(model, test, how)
+        before = evaluate_model(model, test, feed)
         if node.held_out:
             data = node.train()
-            train_local(model, data, plan, cfg.finetune, seed=derived_seed(f"adapt:{node.key}", cfg.seed), how=how)
+            train_local(model, data, plan, cfg.finetune, seed=derived_seed(f"adapt:{node.key}", cfg.seed), feed=feed)
             if personalisation(cfg).tunes_head:  # FedBABU: the head was never trained; tune it as the others do
                 model = personalised_model(model, context, cfg, data,
                                            seed=derived_seed(f"tune-head:{node.key}", cfg.seed))
             metrics[ACCURACY_BEFORE] = before[ACCURACY]
-            metrics.update(evaluate_model(model, test, how))
+            metrics.update(evaluate_model(model, test, feed))
         else:
             mine = personalised_model(model, context, cfg, node.train(),
                                       seed=derived_seed(f"tune-head:{node.key}", cfg.seed))
             metrics.update(before)
-            metrics[ACCURACY_PERSONAL] = before[ACCURACY] if mine is model else evaluate_model(mine, test, how)[ACCURACY]
+            metrics[ACCURACY_PERSONAL] = before[ACCURACY] if mine is model else evaluate_model(mine, test, feed)[ACCURACY]
     return Message(RecordDict({METRICS: MetricRecord(metrics)}), reply_to=msg)
 
 
@@ -219,7 +219,8 @@ def handle_train(msg: Message, context: Context, cfg: ExperimentConfig) -> Messa
     load_local_state(model, context)  # this node's own head / norms from its earlier rounds
     seed = derived_seed(f"train:{int(msg.content[CONFIG][SERVER_ROUND])}:{node.key}", cfg.seed)
     try:
-        result, extra = local_round(client_privacy(cfg).local_round, model, data, plan, cfg, context, seed)
+        result, extra = local_round(client_privacy(cfg).local_round, model, data, plan, RoundInputs.of(cfg, context),
+                                    seed, head=head_phase(cfg))
     except BudgetSpentError as spent:
         # Not a failure: the client declines, says why, and the round goes on without it.
         return declined(msg, str(spent), {**spent.metrics, **node.metrics})

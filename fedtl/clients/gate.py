@@ -7,7 +7,7 @@ per kind, with what it reads and reveals) and declines, with the reason, what th
 privacy mode does not allow. The server records a decline as it records a budget's.
 
 A DP-SGD round the gate lets through still checks the node's cap and records its spend, under the
-``state-dir`` lock, before it trains (``fedtl.clients.dp_sgd.reserve_round``): only the round knows its steps.
+``state-dir`` lock, before it trains (``fedtl.clients.spend.reserve_round``): only the round knows its steps.
 
 A message type without an entry is declined: a statistics query added later answers nothing until it
 says what it releases.

@@ -18,7 +18,7 @@ from flwr.app import Context
 
 from fedtl.config import ExperimentConfig
 from fedtl.data.federated import LabelledImages, client_data, client_test_data, task
-from fedtl.data.nodes import DATA_ON_NODES, read_node_data
+from fedtl.data.node_files import DATA_ON_NODES, read_node_data
 from fedtl.errors import DataError
 from fedtl.protocol import DATA_PATH, HELD_OUT, NUM_PARTITIONS, PARTITION_ID, STORE_DIR
 

@@ -7,7 +7,7 @@ import copy
 
 from flwr.app import ArrayRecord, Context
 
-from fedtl.clients.privacy import LocalRound
+from fedtl.clients.privacy import LocalRound, RoundInputs
 from fedtl.clients.trainer import TrainResult, train_local
 from fedtl.config import ExperimentConfig
 from fedtl.data.rows import LabelledImages
@@ -17,19 +17,24 @@ from fedtl.personalisation import head_plan, personalisation
 from fedtl.protocol import LOCAL_STATE, RoundPlan
 
 
+def head_phase(cfg: ExperimentConfig) -> RoundPlan | None:
+    """The plan of the head's own phase before each round (FedRep, ``head_first``), or ``None``."""
+    return head_plan(cfg) if personalisation(cfg).head_first else None
+
+
 def local_round(inner: LocalRound, model: TransferModel, data: LabelledImages, plan: RoundPlan,
-                cfg: ExperimentConfig, context: Context, seed: int) -> tuple[TrainResult, dict[str, float | int]]:
-    """The client's round around the privacy mode's own round ``inner``: as it is, or (FedRep, ``head_first``)
-    the head alone first, then the body under it with the head frozen."""
-    if not personalisation(cfg).head_first:
-        return inner(model, data, plan, cfg, context, seed)
-    head = head_plan(cfg)
+                inputs: RoundInputs, seed: int, *, head: RoundPlan | None = None,
+                ) -> tuple[TrainResult, dict[str, float | int]]:
+    """The client's round around the privacy mode's own round ``inner``: as it is, or (``head``, FedRep's
+    ``head_phase``) the head alone first, then the body under it with the head frozen."""
+    if head is None:
+        return inner(model, data, plan, inputs, seed)
     head.apply_to(model)
-    train_local(model, data, head, cfg.finetune, seed=seed ^ 0x5EED, how=Feed.of(cfg))
+    train_local(model, data, head, inputs.finetune, seed=seed ^ 0x5EED, feed=inputs.feed)
     body = plan.without_head()
     body.apply_to(model)
     try:
-        return inner(model, data, body, cfg, context, seed)
+        return inner(model, data, body, inputs, seed)
     finally:
         plan.apply_to(model)
 
@@ -64,5 +69,5 @@ def personalised_model(model: TransferModel, context: Context, cfg: ExperimentCo
     if person.tunes_head and len(data):
         tune = head_plan(cfg)
         tune.apply_to(mine)
-        train_local(mine, data, tune, cfg.finetune, seed=seed, how=Feed.of(cfg))
+        train_local(mine, data, tune, cfg.finetune, seed=seed, feed=Feed.of(cfg))
     return mine

@@ -389,7 +389,7 @@ def test_a_node_killed_mid_round_without_its_data_or_past_its_own_budget_fails_a
     node2 the round it may have trained and marks node3's spend unknown. (A node's budget over its whole
     cycle, run after run: tests/unit/test_dp_sgd.py.)"""
     from fedtl.accounting import poisson_schedule, sample_epsilon
-    from fedtl.clients.dp_sgd import LOCK_FILE, node_epsilon
+    from fedtl.clients.spend import LOCK_FILE, node_epsilon
 
     def schedule(node: int) -> tuple[float, int]:
         data = federation.root / "nodes" / f"node-{node}" / "train"

@@ -13,7 +13,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from fedtl.accounting import sample_epsilon
 from fedtl.clients.app import handle_train
-from fedtl.clients.dp_sgd import PrivacyState, initial_state, load_state, node_epsilon, train_private
+from fedtl.clients.dp_sgd import train_private
+from fedtl.clients.spend import NodeState, PrivacyState, initial_state, load_state, node_epsilon
 from fedtl.clients.trainer import train_local
 from fedtl.data.federated import LabelledImages, client_data
 from fedtl.errors import DPConfigError
@@ -76,7 +77,7 @@ def test_a_client_past_its_budget_declines_and_keeps_its_state(task_identity: No
     assert "arrays" not in second.content.array_records
     assert "privacy budget spent" in second.content.config_records["declined"]["reason"]
     assert second.content["metrics"]["privacy.epsilon"] == pytest.approx(after_1)
-    assert load_state(context).steps == 10  # nothing trained, nothing spent
+    assert load_state(NodeState.of(context)).steps == 10  # nothing trained, nothing spent
 
 
 def test_spend_survives_a_node_restart_through_its_state_dir(task_identity: None, tmp_path: Path) -> None:
@@ -128,13 +129,13 @@ def test_noise_is_really_added(task_identity: None) -> None:
     # q = 1: every batch holds every example, so sampling cannot tell two runs apart; only noise can.
     cfg = make_config(*DP, "finetune.batch-size=32")
     model, data, plan = _small(cfg)
-    noisy, silent = initial_state(cfg, len(data)), PrivacyState(noise_multiplier=0.0, sample_rate=1.0)
+    noisy, silent = initial_state(cfg.privacy, cfg.finetune, cfg.rounds, len(data)), PrivacyState(noise_multiplier=0.0, sample_rate=1.0)
     assert noisy.sample_rate == 1.0 and noisy.noise_multiplier == 1.0
     a, b, c, d = (copy.deepcopy(model) for _ in range(4))
-    train_private(a, data, plan, cfg, noisy)
-    train_private(b, data, plan, cfg, noisy)
-    train_private(c, data, plan, cfg, silent)
-    train_private(d, data, plan, cfg, silent)
+    train_private(a, data, plan, cfg.finetune, cfg.privacy, noisy)
+    train_private(b, data, plan, cfg.finetune, cfg.privacy, noisy)
+    train_private(c, data, plan, cfg.finetune, cfg.privacy, silent)
+    train_private(d, data, plan, cfg.finetune, cfg.privacy, silent)
     assert torch.equal(c.head.weight, d.head.weight)  # without noise, the same seedless run twice
     assert not torch.equal(a.head.weight, b.head.weight)  # fresh entropy each time, not the run's seed
     assert not torch.equal(a.head.weight, c.head.weight)
@@ -149,9 +150,10 @@ def test_without_noise_or_clipping_dp_sgd_is_plain_sgd(engine: str) -> None:
     model, data, plan = _small(cfg)
     state = PrivacyState(noise_multiplier=0.0, sample_rate=1.0)
     private, plain = copy.deepcopy(model), copy.deepcopy(model)
-    result, new = train_private(private, data, plan, cfg, state)
-    train_local(plain, data, plan, cfg.finetune, seed=0)
-    assert result.steps == plan.local_epochs == new.steps
+    result, new = train_private(private, data, plan, cfg.finetune, cfg.privacy, state)
+    sgd = train_local(plain, data, plan, cfg.finetune, seed=0)
+    assert result.steps == plan.local_epochs == new.steps == sgd.steps
+    assert result.loss == pytest.approx(sgd.loss, rel=1e-5)  # one loop, one objective: the same loss reported
     for (key, p), q in zip(private.state_dict().items(), plain.state_dict().values(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=key)
 
@@ -163,8 +165,8 @@ def test_only_trainable_units_change_and_frozen_batchnorm_stays_frozen() -> None
     x, y = torch.randn(20, 1, 16, 16), torch.randint(0, 10, (20,))
     before = copy.deepcopy(model.state_dict())
     check_dp_plans(model, [RoundPlan({"head": 0.1}, 1)])
-    train_private(model, LabelledImages(x, y, ("clean",) * 20), RoundPlan({"head": 0.1}, 1), cfg,
-                  PrivacyState(1.0, 0.2))
+    train_private(model, LabelledImages(x, y, ("clean",) * 20), RoundPlan({"head": 0.1}, 1), cfg.finetune,
+                  cfg.privacy, PrivacyState(1.0, 0.2))
     after = model.state_dict()
     for key in before:
         if key.startswith("blocks."):  # weights and running statistics, bit for bit
@@ -172,6 +174,27 @@ def test_only_trainable_units_change_and_frozen_batchnorm_stays_frozen() -> None
     assert not torch.equal(before["head.weight"], after["head.weight"])
     assert all(p.grad is None for p in model.blocks.parameters())
     assert not any(hasattr(p, "grad_sample") for p in model.parameters())  # Opacus let go of the model
+
+
+@pytest.mark.parametrize("engine", ["hooks", "ghost"])
+def test_a_dp_sgd_round_leaves_no_trace_of_opacus_on_the_model(engine: str) -> None:
+    # Opacus wraps the model afresh each round; the model the client keeps, evaluates and replies must come
+    # back as it was: no hooks on any module (the next round would add a second set), no per-sample state.
+    from opacus.grad_sample.gsm_base import OPACUS_PARAM_MONKEYPATCH_ATTRS
+
+    cfg = make_config(*DP, "finetune.mode=full", f"privacy.grad-sample-mode={engine}")
+    model, data, plan = _small(cfg)
+
+    def hooks(m: torch.nn.Module) -> list[int]:
+        return [len(h) for h in (m._forward_hooks, m._forward_pre_hooks, m._backward_hooks, m._backward_pre_hooks)]
+
+    before = {name: hooks(m) for name, m in model.named_modules()}
+    for _ in range(2):  # a second round wraps the model Opacus let go of
+        train_private(model, data, plan, cfg.finetune, cfg.privacy, PrivacyState(1.0, 0.2))
+        assert {name: hooks(m) for name, m in model.named_modules()} == before
+        assert not any(hasattr(m, "autograd_grad_sample_hooks") for m in model.modules())
+        assert not [(name, attr) for name, p in model.named_parameters() for attr in OPACUS_PARAM_MONKEYPATCH_ATTRS
+                    if hasattr(p, attr)]
 
 
 def test_trainable_batchnorm_is_refused_with_the_fixes() -> None:

@@ -10,7 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fedtl.clients.dp_sgd import PrivacyState, train_private
+from fedtl.clients.dp_sgd import train_private
+from fedtl.clients.spend import PrivacyState
 from fedtl.clients.trainer import train_local
 from fedtl.config import FinetuneConfig
 from fedtl.data.federated import LabelledImages
@@ -112,6 +113,6 @@ def test_lora_trains_under_dp_sgd_with_its_batchnorm_frozen() -> None:
     check_dp_plans(model, [plan])
     plan.apply_to(model)
     before = copy.deepcopy(model.state_dict())
-    train_private(model, _images(), plan, cfg, PrivacyState(1.0, 0.5))
+    train_private(model, _images(), plan, cfg.finetune, cfg.privacy, PrivacyState(1.0, 0.5))
     changed = {k for k, v in model.state_dict().items() if not torch.equal(before[k], v)}
     assert changed and all(".lora_" in k or k.startswith("head.") for k in changed)  # BatchNorm statistics stay

@@ -10,8 +10,8 @@ import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from fedtl.clients.app import make_client_app
-from fedtl.clients.dp_sgd import node_epsilon
 from fedtl.clients.gate import FLOORS, RELEASES
+from fedtl.clients.spend import node_epsilon
 from fedtl.config import ExperimentConfig
 from fedtl.errors import ConfigError
 from fedtl.models.factory import build_model

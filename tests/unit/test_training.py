@@ -1,15 +1,19 @@
-"""Local training: what is frozen never changes; what trains does."""
+"""Local training: what is frozen never changes; what trains does; the one loop's counting."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 from fedtl.batchnorm import BATCHNORM
-from fedtl.clients.trainer import train_local
+from fedtl.clients.trainer import local_steps, train_local
 from fedtl.config import DataConfig, FinetuneConfig
 from fedtl.data.federated import LabelledImages, client_data
 from fedtl.models.backbones import build_backbone
+from fedtl.models.features import ModelFeed
 from fedtl.models.transfer import TransferModel
 from fedtl.protocol import RoundPlan
 
@@ -53,3 +57,24 @@ def test_batchnorm_statistics_move_only_in_trainable_blocks_and_only_where_the_p
     assert torch.equal(stem_bn.running_mean, stem_mean)  # frozen block: eval mode, statistics fixed
     # trainable block: statistics follow the data from scratch (batch) and under FedBN (local), not when frozen
     assert torch.equal(top_bn.running_mean, top_mean) != trainable_moves
+
+
+def test_the_loop_steps_on_an_empty_batch_but_leaves_it_out_of_the_mean_loss() -> None:
+    # What DP-SGD needs of the loop it shares with SGD: an empty Poisson batch still steps (its noise is
+    # released), yet has no loss to count. A zero-weight net gives logits 0: each example's loss is ln 2.
+    net = torch.nn.Linear(1, 2, bias=False)
+    torch.nn.init.zeros_(net.weight)
+    f = ModelFeed(net, lambda pos, dev: torch.ones(len(pos), 1, device=dev), 0, False)
+    taken = []
+
+    class Counting(torch.optim.SGD):
+        def step(self, closure: None = None) -> None:
+            taken.append(1)
+            super().step(closure)
+
+    full, empty = (torch.tensor([0, 1]), torch.tensor([0, 1])), (torch.tensor([], dtype=torch.long),) * 2
+    loss, steps = local_steps(f, [[full, empty], [empty, full]], Counting(net.parameters(), lr=0.0),
+                              lambda out, y: F.cross_entropy(out, y, reduction="sum"), torch.device("cpu"),
+                              penalty=lambda: torch.tensor(1.0))
+    assert steps == len(taken) == 4
+    assert loss == pytest.approx(2 * math.log(2) + 1)  # the two full batches only, each with its penalty
