@@ -24,7 +24,7 @@ from fedtl.models.factory import build_model
 from fedtl.models.modes import plan_round
 from fedtl.protocol import ARRAYS, CONFIG, FINGERPRINT, NUM_PARTITIONS, PARTITION_ID, SERVER_ROUND, RoundPlan
 from fedtl.strategies.registry import build_strategy
-from fedtl.strategies.transfer import TransferStrategy
+from fedtl.strategies.transfer import Records, Travel, transfer_strategy
 
 ROOT = Path(__file__).resolve().parents[1]
 TMP = ROOT / ".tmp"
@@ -86,15 +86,17 @@ class StaticGrid(Grid):
     run = property(_unused)
 
 
-def strategy(observed: list | None = None, inner: Strategy | None = None) -> TransferStrategy:
-    return TransferStrategy(
-        inner or build_strategy(make_config("clients=3")), plan=plan, keys_of=keys_of, initial_state=INITIAL,
-        fingerprint="f00d",
-        observer=(lambda report: observed.append((report.round, report.totals))) if observed is not None else None,
-    )
+TRAVEL = Travel(plan=plan, keys_of=keys_of, initial_state=INITIAL, fingerprint="f00d")
 
 
-def configure_round_one(s: TransferStrategy, nodes: list[int]) -> list[Message]:
+def strategy(observed: list | None = None, inner: Strategy | None = None) -> Strategy:
+    """The transfer strategy around ``inner`` (default: FedAvg) on ``INITIAL``; ``observed`` collects each round's
+    (round, totals)."""
+    observer = (lambda report: observed.append((report.round, report.totals))) if observed is not None else None
+    return transfer_strategy(inner or build_strategy(make_config("clients=3")), TRAVEL, records=Records(observer))
+
+
+def configure_round_one(s: Strategy, nodes: list[int]) -> list[Message]:
     """Round 1's training messages (the head travels, at its initial values) to ``nodes``."""
     return list(s.configure_train(1, ArrayRecord({k: INITIAL[k] for k in keys_of(["head"])}), ConfigRecord(),
                                   StaticGrid(nodes)))

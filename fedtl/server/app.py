@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import closing, contextmanager
+from functools import partial
 from logging import WARNING
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.app import ArrayRecord, Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, RdpAccountant, ServerApp
 from flwr.serverapp.exception import PrivacyBudgetExhausted
@@ -20,27 +21,42 @@ from flwr.serverapp.strategy import Strategy
 from fedtl.config import ExperimentConfig
 from fedtl.data.federated import server_test_data
 from fedtl.errors import RunFolderError, RunStoppedError
-from fedtl.models.features import Feed, frozen_prefix
-from fedtl.models.metrics import central_evaluate
+from fedtl.models.features import Feed
 from fedtl.models.ncm import HEAD_INITS
 from fedtl.models.transfer import TransferModel
 from fedtl.personalisation import check_personal_plans, personal_plan, run_model
 from fedtl.privacy import privacy_mode
 from fedtl.protocol import ACCURACY, RoundPlan
 from fedtl.reports.plots import plot_accuracy, plot_merge_error
+from fedtl.run_folder import (
+    ACCURACY_PLOT,
+    BACKBONE_FINGERPRINT,
+    CLIENT_ERRORS,
+    HEAD_INIT,
+    INITIAL_ACCURACY,
+    LOCAL_KEYS,
+    LORA_MERGE_ERROR,
+    LORA_MERGE_ERROR_LAYERS,
+    MERGE_ERROR_PLOT,
+    MODEL_BYTES,
+    STOPPED_EARLY,
+    TOTAL_PARAMS,
+    TRAVELLING_BYTES,
+    TRAVELLING_PARAMS,
+    TRAVELLING_RATIO,
+)
 from fedtl.seeds import derived_seed
-from fedtl.server.checkpoint import Resume, write_resume
+from fedtl.server.checkpoint import Resume, ResumeWriter
+from fedtl.server.evaluation import CentralEvaluation
 from fedtl.server.head_start import head_start
 from fedtl.server.ledger import PrivacyLedger
 from fedtl.server.record import RunRecorder, Terminal
-from fedtl.strategies.lora import LORA_MERGES, MergeMeter, Ranks
-from fedtl.strategies.nodes import TrainingNodes
+from fedtl.server.rounds import run_rounds
+from fedtl.strategies.factory import lora_ranks, lora_stacking, min_nodes, run_strategy
 from fedtl.strategies.privacy import wrap_private
-from fedtl.strategies.registry import build_strategy, steps_server_optimiser, weight_key
-from fedtl.strategies.report import RoundReport
-from fedtl.strategies.stacking import Stacking
-from fedtl.strategies.state import load_strategy_state, strategy_state
-from fedtl.strategies.transfer import TransferStrategy
+from fedtl.strategies.registry import build_strategy
+from fedtl.strategies.report import RoundObserver, RoundReport
+from fedtl.strategies.state import load_strategy_state
 
 
 def run_dir(cfg: ExperimentConfig) -> Path:
@@ -63,7 +79,7 @@ def check_plans(cfg: ExperimentConfig, model: TransferModel) -> None:
     lora_ranks(cfg, model)
 
 
-def preflight(cfg: ExperimentConfig) -> None:
+def check_server_config(cfg: ExperimentConfig) -> None:
     """What ``run_server`` would refuse about ``cfg``, found without pre-training: the model's
     structure (adapters, local keys) and every round's plan, on randomly initialised weights.
 
@@ -82,34 +98,6 @@ def seed_random(cfg: ExperimentConfig) -> None:
     (who could regenerate the noise and subtract it)."""
     random.seed(derived_seed("server", cfg.seed))
     np.random.seed(None if privacy_mode(cfg).noised_update else derived_seed("server", cfg.seed))
-
-
-def lora_stacking(cfg: ExperimentConfig, model: TransferModel) -> Stacking | None:
-    """The run's stacked-LoRA merge when ``strategy.lora-merge`` folds, else ``None``.
-
-    Raises
-    ------
-    ConfigError
-        If the model's LoRA tensors cannot all be stacked (``Stacking``).
-    """
-    if not LORA_MERGES.get(cfg.strategy.lora_merge).folds:
-        return None
-    ft = cfg.finetune
-    return Stacking(model.state_dict(), model.adapter_keys, model.local_keys, ft.lora_alpha / ft.lora_rank, cfg.seed)
-
-
-def lora_ranks(cfg: ExperimentConfig, model: TransferModel) -> Ranks | None:
-    """The cut and pad of adapters at each client's own rank, when ``strategy.lora-merge`` allows other
-    ranks (hetlora, stack); else ``None``.
-
-    Raises
-    ------
-    ConfigError
-        If the model's adapters cannot be cut (``Ranks``: no LoRA, or FFA-LoRA's fixed A).
-    """
-    if not LORA_MERGES.get(cfg.strategy.lora_merge).any_rank:
-        return None
-    return Ranks(model.state_dict(), model.adapter_keys)
 
 
 def private_strategy(cfg: ExperimentConfig, model: TransferModel) -> tuple[Strategy, RdpAccountant | None]:
@@ -137,127 +125,125 @@ def run_server(grid: Grid, cfg: ExperimentConfig, terminal: Terminal | None = No
         If ``resume`` is of another config or another backbone.
     """
     model = run_model(cfg)
-    if resume is not None:
-        if resume.config != cfg.to_toml() or resume.fingerprint != model.backbone_fingerprint:
-            raise RunFolderError(f"{cfg.out}: its resume checkpoint is of another config or backbone than the run's "
-                                 "config.toml; start the run again")
+    plan = partial(personal_plan, cfg, model.block_names)
+    check_resume(cfg, model, resume)
     test = server_test_data(cfg.data)
+    inner, accountant = private_strategy(cfg, model)  # what can refuse the config does so before the run folder
+    resumed = resume.round if resume is not None else None
+    done = resumed or 0
+    recorder = RunRecorder(run_dir(cfg), cfg, terminal, resume_round=resumed)
+    ledger = privacy_ledger(cfg, recorder.out, accountant, resumed, plan)
+    observe = round_observer(recorder, ledger)
+    with closed_on_failure(recorder):  # as a failed round does: the terminal and Flower's log as they were
+        start_model(grid, cfg, model, inner, resume, observe)
+    strategy = run_strategy(cfg, model, inner, observer=observe, on_evaluate=recorder.on_client_evaluation)
+    checkpoint = ResumeWriter(recorder.out, model.backbone_fingerprint, model.state_dict(), inner, cfg.to_toml(),
+                              (cfg.checkpoint_every, cfg.rounds, not privacy_mode(cfg).noised_update))
+    evaluate = CentralEvaluation(model, plan, test, Feed.of(cfg), recorder,
+                                 (lambda: ledger.epsilon) if ledger is not None else None)
+    evaluate.replay(done)
+    plan(min(done + 1, cfg.rounds)).apply_to(model)  # the next round's travelling set
+    arrays = ArrayRecord(model.travelling_state() if resume is None else resume.arrays)
+    if resume is None:
+        seed_random(cfg)
+    else:
+        resume.restore_random()
+    with closing(recorder):  # a failed run leaves the terminal and Flower's log as they were
+        stopped = until_stopped(cfg.rounds, lambda: run_rounds(
+            strategy, grid, arrays, rounds=range(done + 1, cfg.rounds + 1), timeout=cfg.strategy.round_timeout,
+            evaluate=evaluate, after_round=checkpoint))
+    return finish_run(cfg, model, recorder, ledger, stopped)
 
-    def plan(rnd: int) -> RoundPlan:
-        return personal_plan(cfg, model.block_names, rnd)
 
-    # Everything that can refuse the config does so before the run folder is written.
+def check_resume(cfg: ExperimentConfig, model: TransferModel, resume: Resume | None) -> None:
+    """Refuse a resume checkpoint of another config or backbone than the run's.
+
+    Raises
+    ------
+    RunFolderError
+        If ``resume`` is of another config or another backbone.
+    """
+    if resume is not None and (resume.config != cfg.to_toml() or resume.fingerprint != model.backbone_fingerprint):
+        raise RunFolderError(f"{cfg.out}: its resume checkpoint is of another config or backbone than the run's "
+                             "config.toml; start the run again")
+
+
+def privacy_ledger(cfg: ExperimentConfig, out: Path, accountant: RdpAccountant | None, resume_round: int | None,
+                   plan: Callable[[int], RoundPlan]) -> PrivacyLedger | None:
+    """The run's privacy ledger in ``out`` when its privacy mode is accounted (each round's local epochs from
+    ``plan``), else ``None``."""
     privacy = privacy_mode(cfg)
-    inner, accountant = private_strategy(cfg, model)
-    done = resume.round if resume is not None else None
-    recorder = RunRecorder(run_dir(cfg), cfg, terminal, resume_round=done)
-    ledger = PrivacyLedger(recorder.out, cfg, privacy, accountant, resume_round=done,
-                           round_epochs=lambda rnd: plan(rnd).local_epochs) if privacy.accounted else None
+    if not privacy.accounted:
+        return None
+    return PrivacyLedger(out, cfg, privacy, accountant, resume_round=resume_round,
+                         round_epochs=lambda rnd: plan(rnd).local_epochs)
 
+
+def round_observer(recorder: RunRecorder, ledger: PrivacyLedger | None) -> RoundObserver:
+    """What each round's ``RoundReport`` updates: the round's line (why nodes failed too: a deployment's only
+    record of a broken node; LoRA's merge error) and the privacy ledger."""
     def observe(report: RoundReport) -> None:
-        # Why nodes failed goes into the round's line too: a deployment's only record of a broken node.
-        errors = {"client_errors": report.problems} if report.problems else {}
+        errors: dict[str, Any] = {CLIENT_ERRORS: report.problems} if report.problems else {}
         if report.merge_error:
-            errors |= {"lora_merge_error": float(np.mean(list(report.merge_error.values()))),
-                       "lora_merge_error_layers": report.merge_error}
+            errors |= {LORA_MERGE_ERROR: float(np.mean(list(report.merge_error.values()))),
+                       LORA_MERGE_ERROR_LAYERS: report.merge_error}
         recorder.on_train(report.round, {**report.totals, **errors})
         if ledger is not None:
             ledger.on_round(report)
 
-    timeout = cfg.strategy.round_timeout
-    min_nodes = max(cfg.strategy.min_train_nodes, cfg.strategy.min_available_nodes)
+    return observe
+
+
+@contextmanager
+def closed_on_failure(recorder: RunRecorder) -> Iterator[None]:
+    """Close ``recorder`` (the terminal and Flower's log as they were) if the block fails, and re-raise."""
+    try:
+        yield
+    except BaseException:
+        recorder.close()
+        raise
+
+
+def start_model(grid: Grid, cfg: ExperimentConfig, model: TransferModel, inner: Strategy, resume: Resume | None,
+                observe: RoundObserver) -> None:
+    """Put ``model`` and ``inner`` where the run starts: a resumed run's reference state and strategy state, or
+    the head start's head (before the strategy copies the initial state: every round starts from it)."""
     if resume is not None:
         model.load_state_dict(resume.initial)  # the reference every round grows from, the head start's head included
         load_strategy_state(inner, resume.strategy_arrays, resume.strategy_values)
     elif HEAD_INITS.get(cfg.finetune.head_init).class_means:
-        # Before the strategy copies the initial state: the head every round starts from is the head start's.
-        try:
-            observe(head_start(grid, model, timeout=timeout, min_nodes=min_nodes,
-                               max_examples=cfg.strategy.max_examples or float("inf")))
-        except BaseException:
-            recorder.close()  # as a failed round does: the terminal and Flower's log as they were
-            raise
-    strategy = TransferStrategy(
-        inner=inner, plan=plan, keys_of=model.unit_keys, initial_state=model.state_dict(),
-        fingerprint=model.backbone_fingerprint, observer=observe, final_round=cfg.rounds,
-        on_evaluate=recorder.on_client_evaluation,
-        training_nodes=lambda g: TrainingNodes(g, timeout),  # held out or not, and the examples each declares
-        max_examples=cfg.strategy.max_examples or float("inf"), max_update_ratio=cfg.strategy.max_update_ratio,
-        min_nodes=min_nodes,
-        # Not under client-level DP: its wrapper noises the statistics with the rest, and the exact mean would leak them.
-        statistics_by_mean=weight_key(cfg) if steps_server_optimiser(inner) and not privacy.noised_update else None,
-        # Nor is the merge error measured there: it reads the clipped updates before the noise.
-        merge_meter=None if privacy.noised_update else MergeMeter(model.state_dict(), model.adapter_keys,
-                                                                   model.local_keys),
-        stacking=lora_stacking(cfg, model), ranks=lora_ranks(cfg, model), weight_key=weight_key(cfg),
-    )
-    best = {"accuracy": max((r[ACCURACY] for r in recorder.rows if r["round"] > 0), default=-1.0)}
-    how = Feed.of(cfg)
-    # The server's test set through the feature cache, from the lowest cut any round so far trained above:
-    # the blocks below it still hold the pre-trained weights.
-    lowest = {"cut": len(model.block_names)}
-    for rnd in range(1, (done or 0) + 1):  # the rounds a resumed run has behind it
-        plan(rnd).apply_to(model)
-        lowest["cut"] = min(lowest["cut"], frozen_prefix(model))
+        observe(head_start(grid, model, timeout=cfg.strategy.round_timeout, min_nodes=min_nodes(cfg.strategy),
+                           max_examples=cfg.strategy.max_examples or float("inf")))
 
-    def evaluate(rnd: int, arrays: ArrayRecord) -> MetricRecord:
-        state = arrays.to_torch_state_dict()
-        unknown = set(state) - set(model.state_dict())
-        if unknown:
-            raise ValueError(f"global model holds keys this model does not have: {sorted(unknown)[:5]}")
-        model.load_state_dict(state, strict=False)
-        plan(max(rnd, 1)).apply_to(model)
-        lowest["cut"] = min(lowest["cut"], frozen_prefix(model))
-        metrics = central_evaluate(model, test, how, cut=lowest["cut"])
-        extra = {"epsilon": ledger.epsilon} if ledger is not None else {}
-        row = recorder.end_round(rnd, metrics, travelling_params=model.size()["travelling_params"], **extra)
-        meta = {"round": rnd, "accuracy": row[ACCURACY], "backbone_fingerprint": model.backbone_fingerprint}
-        recorder.checkpoint("last", model.state_dict(), **meta)
-        if rnd > 0 and row[ACCURACY] > best["accuracy"]:
-            best["accuracy"] = row[ACCURACY]
-            recorder.checkpoint("best", model.state_dict(), **meta)
-        return MetricRecord(metrics)
 
-    def after_round(rnd: int, arrays: ArrayRecord) -> None:
-        if cfg.checkpoint_every and (rnd % cfg.checkpoint_every == 0 or rnd == cfg.rounds):
-            write_resume(recorder.out, rnd=rnd, fingerprint=model.backbone_fingerprint, config=cfg.to_toml(),
-                         arrays={k: torch.from_numpy(a.numpy()) for k, a in arrays.items()}, initial=strategy_initial,
-                         strategy=strategy_state(inner), numpy_random=not privacy.noised_update)
-
-    strategy_initial = {k: torch.from_numpy(v) for k, v in strategy.initial.items()}
-    if resume is None:
-        plan(1).apply_to(model)
-        first, arrays = 1, ArrayRecord(model.travelling_state())
-        seed_random(cfg)
-    else:
-        plan(done + 1 if done < cfg.rounds else done).apply_to(model)
-        first, arrays = done + 1, ArrayRecord(resume.arrays)
-        resume.restore_random()
-    stopped = None
+def until_stopped(rounds: int, run: Callable[[], object]) -> str | None:
+    """Run ``run``; what stopped it early, if a spent budget or too few nodes did (not an error: every round up
+    to the last is kept), else ``None``."""
     try:
-        strategy.start(
-            grid=grid, initial_arrays=arrays, num_rounds=cfg.rounds, timeout=timeout, train_config=ConfigRecord(),
-            evaluate_fn=evaluate, first_round=first, after_round=after_round,
-        )
+        run()
     except (RunStoppedError, PrivacyBudgetExhausted) as err:
-        # The budget ends the run, not an error: everything up to the last round is kept.
-        stopped = f"stopped before round {cfg.rounds} ended: {err}"
+        stopped = f"stopped before round {rounds} ended: {err}"
         log(WARNING, "%s", stopped)
-    finally:
-        recorder.close()  # a failed run leaves the terminal and Flower's log as they were
-    size = model.size()  # the last round's travelling set against the whole model
-    summary = recorder.finish(
-        travelling_params=size["travelling_params"], total_params=size["model_params"],
-        travelling_bytes=size["travelling_bytes"], model_bytes=size["model_bytes"],
-        travelling_ratio=size["travelling_bytes"] / size["model_bytes"],
-        personalisation=cfg.strategy.personalisation, local_keys=len(model.local_keys),
-        backbone_fingerprint=model.backbone_fingerprint, stopped_early=stopped, head_init=cfg.finetune.head_init,
-        initial_accuracy=recorder.rows[0][ACCURACY] if recorder.rows else None,
-        privacy=ledger.summary() if ledger is not None else {
-            "mode": cfg.privacy.mode, "guarantee": privacy.guarantee(cfg.privacy, 0.0, None, None)},
-    )
-    plot_accuracy({cfg.init: recorder.rows}, recorder.out / "accuracy.png", title=f"{cfg.name} ({cfg.finetune.mode})")
-    plot_merge_error(recorder.rows, recorder.out / "lora_merge_error.png")
+        return stopped
+    return None
+
+
+def finish_run(cfg: ExperimentConfig, model: TransferModel, recorder: RunRecorder, ledger: PrivacyLedger | None,
+               stopped: str | None) -> dict[str, Any]:
+    """Write the run's summary (the last round's travelling set against the whole model) and plots; return it."""
+    size = model.size()
+    summary = recorder.finish(**{
+        TRAVELLING_PARAMS: size[TRAVELLING_PARAMS], TOTAL_PARAMS: size["model_params"],
+        TRAVELLING_BYTES: size[TRAVELLING_BYTES], MODEL_BYTES: size[MODEL_BYTES],
+        TRAVELLING_RATIO: size[TRAVELLING_BYTES] / size[MODEL_BYTES],
+        "personalisation": cfg.strategy.personalisation, LOCAL_KEYS: len(model.local_keys),
+        BACKBONE_FINGERPRINT: model.backbone_fingerprint, STOPPED_EARLY: stopped, HEAD_INIT: cfg.finetune.head_init,
+        INITIAL_ACCURACY: recorder.rows[0][ACCURACY] if recorder.rows else None,
+        "privacy": ledger.summary() if ledger is not None else {
+            "mode": cfg.privacy.mode, "guarantee": privacy_mode(cfg).guarantee(cfg.privacy, 0.0, None, None)},
+    })
+    plot_accuracy({cfg.init: recorder.rows}, recorder.out / ACCURACY_PLOT, title=f"{cfg.name} ({cfg.finetune.mode})")
+    plot_merge_error(recorder.rows, recorder.out / MERGE_ERROR_PLOT)
     if ledger is not None:
         ledger.plot(recorder.rows)
     return summary

@@ -16,19 +16,22 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from flwr.app import ArrayRecord
+from flwr.serverapp.strategy import Strategy
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 
 from fedtl.errors import RunFolderError
 from fedtl.reports.runs import to_json, write_atomic
-
-RESUME_FILE = "resume.safetensors"
+from fedtl.run_folder import CHECKPOINTS_DIR, RESUME_FILE
+from fedtl.strategies.state import strategy_state
 
 
 @dataclass
@@ -58,7 +61,7 @@ class Resume:
 
 def resume_path(run_dir: Path) -> Path:
     """Where ``run_dir``'s resume checkpoint lives."""
-    return Path(run_dir) / "checkpoints" / RESUME_FILE
+    return Path(run_dir) / CHECKPOINTS_DIR / RESUME_FILE
 
 
 def write_resume(run_dir: Path, *, rnd: int, fingerprint: str, config: str, arrays: dict[str, torch.Tensor],
@@ -115,3 +118,35 @@ def read_resume(run_dir: Path) -> Resume:
         initial=part["initial"], strategy_arrays={k: v.numpy() for k, v in part["strategy"].items()},
         strategy_values=meta["strategy"], python_random=meta["python_random"], numpy_random=numpy_random,
     )
+
+
+class ResumeWriter:
+    """After each ``every``-th round (and the ``last``), write the resume checkpoint of the round's global arrays.
+
+    Parameters
+    ----------
+    out : Path
+        The run folder.
+    fingerprint : str
+        The backbone's fingerprint.
+    initial : Mapping[str, torch.Tensor]
+        The state every round grows from, copied here (as the strategy holds it when the run starts).
+    strategy : Strategy
+        The inner strategy, whose carried state (``fedtl.strategies.state``) each checkpoint holds.
+    config : str
+        The run's resolved config as TOML.
+    schedule : tuple of (int, int, bool)
+        ``every`` (0: never), ``last`` and ``numpy_random`` (``write_resume``).
+    """
+
+    def __init__(self, out: Path, fingerprint: str, initial: Mapping[str, torch.Tensor], strategy: Strategy,
+                 config: str, schedule: tuple[int, int, bool]) -> None:
+        self.out, self.fingerprint, self.strategy, self.config = out, fingerprint, strategy, config
+        self.initial = {k: v.detach().cpu().clone() for k, v in initial.items()}
+        self.every, self.last, self.numpy_random = schedule
+
+    def __call__(self, rnd: int, arrays: ArrayRecord) -> None:
+        if self.every and (rnd % self.every == 0 or rnd == self.last):
+            write_resume(self.out, rnd=rnd, fingerprint=self.fingerprint, config=self.config,
+                         arrays={k: torch.from_numpy(a.numpy()) for k, a in arrays.items()}, initial=self.initial,
+                         strategy=strategy_state(self.strategy), numpy_random=self.numpy_random)

@@ -36,9 +36,10 @@ from fedtl.protocol import (
     SERVER_ROUND,
     SUMS,
 )
-from fedtl.strategies.nodes import TrainingNodes
+from fedtl.run_folder import BYTES_DOWN, BYTES_UP, CLIENTS_DECLINED, CLIENTS_FAILED, CLIENTS_OK
 from fedtl.strategies.replies import content_key, examples_problem, reply_problem, triage
 from fedtl.strategies.report import RoundReport
+from fedtl.strategies.roster import TrainingNodes
 
 
 def class_sums_problem(msg: Message, classes: int, dim: int) -> str | None:
@@ -104,7 +105,7 @@ def head_start(grid: Grid, model: TransferModel, *, timeout: float, min_nodes: i
     log(INFO, "Head start: the head is the nearest-class-mean classifier of %d nodes' %d images",
         len(accepted), int(total[COUNTS].sum()))
     received = [m for m in replies if not m.has_error() and CLASS_SUMS in m.content.array_records]
-    totals = {"bytes_down": 0, "bytes_up": sum(m.content[CLASS_SUMS].count_bytes() for m in received),
-              "clients_ok": len(accepted), "clients_failed": len(nodes) - len(accepted) - declined,
-              "clients_declined": declined}
+    totals = {BYTES_DOWN: 0, BYTES_UP: sum(m.content[CLASS_SUMS].count_bytes() for m in received),
+              CLIENTS_OK: len(accepted), CLIENTS_FAILED: len(nodes) - len(accepted) - declined,
+              CLIENTS_DECLINED: declined}
     return RoundReport(0, totals, problems=problems)

@@ -46,7 +46,19 @@ from fedtl.protocol import (
     PRIVACY_STEPS,
 )
 from fedtl.reports.plots import plot_privacy
-from fedtl.reports.runs import LEDGER_FILE, to_json, write_atomic
+from fedtl.reports.runs import to_json, write_atomic
+from fedtl.run_folder import (
+    ACCOUNTANTS_SKIPPED,
+    CLIENTS_OUT_OF_BUDGET,
+    CLIENTS_SPEND_UNKNOWN,
+    EPSILON_MAX,
+    EPSILON_MAX_BY_ACCOUNTANT,
+    EPSILON_MAX_TIGHTEST,
+    EPSILON_PER_CLIENT,
+    EPSILON_REPLACE_ONE,
+    LEDGER_FILE,
+    PRIVACY_PLOT,
+)
 from fedtl.strategies.report import RoundReport
 
 # Reply metric -> ledger column.
@@ -264,18 +276,18 @@ class PrivacyLedger:
         if self.accountant is not None:
             run_level: dict[str, Any] = {"accountant": "flower-rdp"}
         else:
-            run_level = {"accountant": p.accountant, "epsilon_max_by_accountant": self._by_accountant(),
-                         "epsilon_max_tightest": tightest, "accountants_skipped": dict(sorted(self.skipped.items()))}
+            run_level = {"accountant": p.accountant, EPSILON_MAX_BY_ACCOUNTANT: self._by_accountant(),
+                         EPSILON_MAX_TIGHTEST: tightest, ACCOUNTANTS_SKIPPED: dict(sorted(self.skipped.items()))}
         return {
-            "mode": p.mode, "level": self.mode.level, "delta": p.delta, "epsilon_max": self.epsilon, **run_level,
-            "epsilon_replace_one": replace_one,
-            "epsilon_per_client": dict(sorted(self.latest.items())), "budget": p.budget,
-            "clients_out_of_budget": sorted(self.declined), "clients_spend_unknown": sorted(self.unknown),
+            "mode": p.mode, "level": self.mode.level, "delta": p.delta, EPSILON_MAX: self.epsilon, **run_level,
+            EPSILON_REPLACE_ONE: replace_one,
+            EPSILON_PER_CLIENT: dict(sorted(self.latest.items())), "budget": p.budget,
+            CLIENTS_OUT_OF_BUDGET: sorted(self.declined), CLIENTS_SPEND_UNKNOWN: sorted(self.unknown),
             "guarantee": self.guarantee(tightest, replace_one),
         }
 
     def plot(self, rows: Sequence[dict[str, Any]]) -> Path:
         """``privacy.png``: epsilon per round per client, and accuracy against epsilon."""
         points = [(r["epsilon"], r["accuracy"]) for r in rows if "epsilon" in r]
-        return plot_privacy(self.curves, points, self.out / "privacy.png",
+        return plot_privacy(self.curves, points, self.out / PRIVACY_PLOT,
                             title=f"{self.cfg.name}: {self.cfg.privacy.mode}")

@@ -24,15 +24,46 @@ from fedtl.config import ExperimentConfig
 from fedtl.errors import RunFolderError
 from fedtl.privacy import privacy_mode
 from fedtl.protocol import ACCURACY, ACCURACY_BEFORE, ACCURACY_PERSONAL, DECLINED, HELD_OUT, NODE_ID, PARTITION_ID
-from fedtl.reports.runs import METRICS_FILE, SUMMARY_FILE, holds_run, read_metrics, to_json, write_atomic
+from fedtl.reports.runs import holds_run, read_metrics, to_json, write_atomic
+from fedtl.run_folder import (
+    BEST_ACCURACY,
+    BEST_ROUND,
+    BYTES_DOWN,
+    BYTES_DOWN_TOTAL,
+    BYTES_UP,
+    BYTES_UP_TOTAL,
+    CHECKPOINTS_DIR,
+    CLIENTS_FAILED,
+    CLIENTS_FILE,
+    CLIENTS_OK,
+    CONFIG_FILE,
+    EVALUATION_DECLINED,
+    FINAL_ACCURACY,
+    FINAL_ACCURACY_PER_STYLE,
+    FINAL_LOSS,
+    HELD_OUT_AFTER,
+    HELD_OUT_AFTER_MEAN,
+    HELD_OUT_BEFORE,
+    HELD_OUT_BEFORE_MEAN,
+    HELD_OUT_CLIENTS,
+    MEAN_SUFFIX,
+    METRICS_FILE,
+    OUT_DIR,
+    PER_CLIENT,
+    ROUND_TRAIN_LOSS,
+    STD_SUFFIX,
+    SUMMARY_FILE,
+    WALL_SECONDS,
+    WORST10_SUFFIX,
+)
 
 SUMMARY_SCHEMA = 1
 # (metrics key, column label, format): the live table, at most 79 characters wide; the
 # epsilon column only under DP.
-_COLUMNS = [("round", "round", "{:>5}"), ("accuracy", "accuracy", "{:>8.4f}"), ("loss", "loss", "{:>6.3f}"),
-            ("train_loss", "t-loss", "{:>6.3f}"), ("bytes_down", "bytes-down", "{:>10.0f}"),
-            ("bytes_up", "bytes-up", "{:>9.0f}"), ("clients_ok", "clients", "{:>7.0f}"), ("epsilon", "epsilon", "{:>7.3g}"),
-            ("wall_seconds", "secs", "{:>5.1f}")]
+_COLUMNS = [("round", "round", "{:>5}"), (ACCURACY, "accuracy", "{:>8.4f}"), ("loss", "loss", "{:>6.3f}"),
+            (ROUND_TRAIN_LOSS, "t-loss", "{:>6.3f}"), (BYTES_DOWN, "bytes-down", "{:>10.0f}"),
+            (BYTES_UP, "bytes-up", "{:>9.0f}"), (CLIENTS_OK, "clients", "{:>7.0f}"), ("epsilon", "epsilon", "{:>7.3g}"),
+            (WALL_SECONDS, "secs", "{:>5.1f}")]
 
 
 @dataclass(frozen=True)
@@ -73,18 +104,18 @@ class RunRecorder:
             if holds_run(self.out):
                 raise RunFolderError(f"{self.out} already holds a run; choose another folder (--out / out) or "
                                      "remove it")
-            (self.out / "checkpoints").mkdir(parents=True, exist_ok=True)
-            write_atomic(self.out / "config.toml", cfg.to_toml())
+            (self.out / CHECKPOINTS_DIR).mkdir(parents=True, exist_ok=True)
+            write_atomic(self.out / CONFIG_FILE, cfg.to_toml())
         else:  # the rounds after the checkpoint run again: their lines go
             self.rows = [r for r in read_metrics(self.out) if r["round"] <= resume_round]
         write_atomic(self.metrics_path, "".join(to_json(r) + "\n" for r in self.rows))
         self.cfg = cfg
         self.console = t.console or Console()
         self.table_every = t.table_every
-        self._pending: dict[int, dict[str, Any]] = {}  # figures, and client_errors: a list of reasons
+        self._pending: dict[int, dict[str, Any]] = {}  # figures, and CLIENT_ERRORS: a list of reasons
         self.client_evaluation: list[dict[str, Any]] = []
         # A resumed run's clock goes on from its last line: wall_seconds stays the run's time.
-        self._t0 = time.perf_counter() - (self.rows[-1]["wall_seconds"] if self.rows else 0.0)
+        self._t0 = time.perf_counter() - (self.rows[-1][WALL_SECONDS] if self.rows else 0.0)
         title = f"{cfg.name}: {cfg.finetune.mode}, {cfg.init}"
         self.console.print(f"[bold]{title}[/] -> {self.out}")
         self.columns = [c for c in _COLUMNS if c[0] != "epsilon" or privacy_mode(cfg).accounted]
@@ -109,7 +140,7 @@ class RunRecorder:
     def on_client_evaluation(self, rnd: int, clients: list[dict[str, Any]]) -> None:
         """Keep (and write to ``clients.jsonl``) every node's evaluation of the final model."""
         self.client_evaluation = sorted(clients, key=lambda c: (c.get(PARTITION_ID, -1), c[NODE_ID]))
-        write_atomic(self.out / "clients.jsonl", "".join(to_json({"round": rnd, **c}) + "\n"
+        write_atomic(self.out / CLIENTS_FILE, "".join(to_json({"round": rnd, **c}) + "\n"
                                                          for c in self.client_evaluation))
 
     def on_train(self, rnd: int, info: dict[str, Any]) -> None:
@@ -118,9 +149,9 @@ class RunRecorder:
 
     def end_round(self, rnd: int, evaluation: dict[str, float], **extra: float) -> dict[str, Any]:
         """Write round ``rnd``'s line (round 0 = the model before any training) and print it."""
-        base = {"bytes_down": 0, "bytes_up": 0, "clients_ok": 0, "clients_failed": 0}
+        base = {BYTES_DOWN: 0, BYTES_UP: 0, CLIENTS_OK: 0, CLIENTS_FAILED: 0}
         row: dict[str, Any] = {"round": rnd, **base, **self._pending.pop(rnd, {}), **evaluation, **extra,
-                               "wall_seconds": time.perf_counter() - self._t0}
+                               WALL_SECONDS: time.perf_counter() - self._t0}
         self.rows.append(row)
         with self.metrics_path.open("a") as f:
             f.write(to_json(row) + "\n")
@@ -130,11 +161,12 @@ class RunRecorder:
         self._progress.update(self._task, completed=rnd)
         return row
 
-    def checkpoint(self, name: str, state: dict[str, torch.Tensor], **meta: Any) -> Path:
-        """Save a full model state as ``checkpoints/<name>.safetensors`` with metadata."""
+    def checkpoint(self, file: str, state: dict[str, torch.Tensor], **meta: Any) -> Path:
+        """Save a full model state as ``checkpoints/<file>`` (``LAST_CHECKPOINT``, ``BEST_CHECKPOINT``) with
+        metadata."""
         tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
         data = save(tensors, metadata={k: to_json(v) for k, v in meta.items()})
-        return write_atomic(self.out / "checkpoints" / f"{name}.safetensors", data)
+        return write_atomic(self.out / CHECKPOINTS_DIR / file, data)
 
     def close(self) -> None:
         """Stop the progress display and give Flower's log its stream back (idempotent)."""
@@ -148,16 +180,16 @@ class RunRecorder:
         self.close()
         trained = [r for r in self.rows if r["round"] > 0]
         last = self.rows[-1]
-        best = max(trained or self.rows, key=lambda r: r["accuracy"])
+        best = max(trained or self.rows, key=lambda r: r[ACCURACY])
         summary = {
             "schema": SUMMARY_SCHEMA, "name": self.cfg.name, "mode": self.cfg.finetune.mode, "init": self.cfg.init,
             "backbone": self.cfg.model.backbone, "strategy": self.cfg.strategy.name, "clients": self.cfg.clients,
-            "rounds": last["round"], "final_accuracy": last["accuracy"], "final_loss": last["loss"],
-            "best_accuracy": best["accuracy"], "best_round": best["round"],
-            "final_accuracy_per_style": {k.split("/", 1)[1]: v for k, v in last.items() if k.startswith("accuracy/")},
-            "bytes_down_total": sum(r["bytes_down"] for r in self.rows),
-            "bytes_up_total": sum(r["bytes_up"] for r in self.rows),
-            "wall_seconds": time.perf_counter() - self._t0, "out_dir": str(self.out),
+            "rounds": last["round"], FINAL_ACCURACY: last[ACCURACY], FINAL_LOSS: last["loss"],
+            BEST_ACCURACY: best[ACCURACY], BEST_ROUND: best["round"],
+            FINAL_ACCURACY_PER_STYLE: {k.split("/", 1)[1]: v for k, v in last.items() if k.startswith(f"{ACCURACY}/")},
+            BYTES_DOWN_TOTAL: sum(r[BYTES_DOWN] for r in self.rows),
+            BYTES_UP_TOTAL: sum(r[BYTES_UP] for r in self.rows),
+            WALL_SECONDS: time.perf_counter() - self._t0, OUT_DIR: str(self.out),
             **client_summary(self.client_evaluation), **fields,
         }
         write_summary(self.out, summary)
@@ -168,8 +200,8 @@ def fairness(values: list[float], name: str) -> dict[str, Any]:
     """``name`` (the values), ``name_mean``, ``name_std`` (over clients) and ``name_worst10``: the mean
     of the worst 10 % of clients (at least one)."""
     worst = sorted(values)[:max(1, math.ceil(0.1 * len(values)))]
-    return {name: values, f"{name}_mean": statistics.mean(values), f"{name}_std": statistics.pstdev(values),
-            f"{name}_worst10": statistics.mean(worst)}
+    return {name: values, name + MEAN_SUFFIX: statistics.mean(values), name + STD_SUFFIX: statistics.pstdev(values),
+            name + WORST10_SUFFIX: statistics.mean(worst)}
 
 
 def client_summary(clients: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -188,16 +220,16 @@ def client_summary(clients: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         for name, key in (("accuracy", ACCURACY), ("personal", ACCURACY_PERSONAL)):
             if all(key in c for _, c in train):
                 section.update(fairness([c[key] for _, c in train], name))
-        out["per_client"] = section
+        out[PER_CLIENT] = section
     held = [(i, c) for i, c in zip(label, clients) if c.get(HELD_OUT) and ACCURACY in c]
     if held:
         before, after = [c[ACCURACY_BEFORE] for _, c in held], [c[ACCURACY] for _, c in held]
-        out["held_out"] = {"ids": [i for i, _ in held], "accuracy_before": before, "accuracy_after": after,
-                           "accuracy_before_mean": statistics.mean(before),
-                           "accuracy_after_mean": statistics.mean(after)}
+        out[HELD_OUT_CLIENTS] = {"ids": [i for i, _ in held], HELD_OUT_BEFORE: before, HELD_OUT_AFTER: after,
+                                 HELD_OUT_BEFORE_MEAN: statistics.mean(before),
+                                 HELD_OUT_AFTER_MEAN: statistics.mean(after)}
     refused = {str(i): c[DECLINED] for i, c in zip(label, clients) if DECLINED in c}  # their privacy gates said no
     if refused:
-        out["evaluation_declined"] = refused
+        out[EVALUATION_DECLINED] = refused
     return out
 
 

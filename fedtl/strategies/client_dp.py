@@ -1,6 +1,6 @@
 """Client-level DP: Flower's DP strategy wrappers around whichever strategy is chosen.
 
-Each client's update (of the travelling tensors only: ``TransferStrategy`` sits outside
+Each client's update (of the travelling tensors only: the transfer strategy's wrappers sit outside
 this wrapper) is clipped to ``privacy.max-grad-norm`` on the server or by the client's
 mod, and Gaussian noise is added to the mean. One Flower ``RdpAccountant`` composes a
 release per merged round. Flower's fixed-clipping wrappers take that accountant

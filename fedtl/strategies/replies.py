@@ -23,6 +23,11 @@ from fedtl.protocol import ARRAYS, DECLINED, METRICS, NUM_EXAMPLES, REASON, UNIT
 Spec = dict[str, tuple[tuple[int, ...], str]]
 
 
+def spec_of(record: ArrayRecord) -> Spec:
+    """The shape and dtype of every tensor of ``record``."""
+    return {k: (tuple(a.shape), a.dtype) for k, a in record.items()}
+
+
 def declined_reason(msg: Message) -> str | None:
     """The reason a reply declines the round, or ``None`` if it does not."""
     if msg.has_error() or DECLINED not in msg.content.config_records:

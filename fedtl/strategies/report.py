@@ -1,15 +1,23 @@
-"""What a round's training exchanged, as ``TransferStrategy`` reports it to the run's records."""
+"""What a round's training exchanged, reported to the run's records: ``RoundReporting`` measures the bytes
+and hands each round's ``RoundReport`` to an observer."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from flwr.app import Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
 
-from fedtl.protocol import ARRAYS, DECLINED, METRICS, NODE_ID, TRAIN_LOSS
+from fedtl.errors import RoundFailedError
+from fedtl.protocol import ARRAYS, DECLINED, METRICS, NODE_ID, NUM_EXAMPLES, PARTITION_ID, TRAIN_LOSS
+from fedtl.run_folder import BYTES_DOWN, BYTES_UP, CLIENTS_DECLINED, CLIENTS_FAILED, CLIENTS_OK, ROUND_TRAIN_LOSS
+from fedtl.strategies.exchange import Exchanges
 from fedtl.strategies.replies import declined_reason
+from fedtl.strategies.roster import Roster
+from fedtl.strategies.wrapper import StrategyWrapper
 
 
 @dataclass
@@ -59,15 +67,76 @@ def round_report(server_round: int, replies: list[Message], accepted: list[Messa
     bytes, default: what their arrays hold now), of which ``accepted`` were merged and ``declined`` declined;
     ``metrics`` is the inner strategy's aggregate, ``merge_error`` LoRA's (``RoundReport.merge_error``)."""
     totals: dict[str, float | int] = {
-        "bytes_down": bytes_down,
-        "bytes_up": bytes_up(replies) if received is None else received,
-        "clients_ok": len(accepted),
-        "clients_failed": sent - len(accepted) - declined,  # error replies, refused updates and timeouts
-        "clients_declined": declined,
+        BYTES_DOWN: bytes_down,
+        BYTES_UP: bytes_up(replies) if received is None else received,
+        CLIENTS_OK: len(accepted),
+        CLIENTS_FAILED: sent - len(accepted) - declined,  # error replies, refused updates and timeouts
+        CLIENTS_DECLINED: declined,
     }
     if metrics is not None and TRAIN_LOSS in metrics:
-        totals["train_loss"] = float(metrics[TRAIN_LOSS])
+        totals[ROUND_TRAIN_LOSS] = float(metrics[TRAIN_LOSS])
     clients = [{NODE_ID: m.metadata.src_node_id, DECLINED: declined_reason(m) is not None,
                 **dict(m.content.metric_records[METRICS])}
                for m in replies if not m.has_error() and METRICS in m.content.metric_records]
     return RoundReport(server_round, totals, clients, problems, unanswered or [], merge_error or {})
+
+
+class RoundReporting(StrategyWrapper):
+    """Report every round's training exchange to ``observer``, a failed round's too (what its nodes spent is
+    recorded before the run ends). The bytes down are counted as the messages leave, the bytes up as the
+    replies arrive (before any wrapper pads them); the rest is what the other wrappers recorded in the round's
+    ``Exchange``.
+
+    Parameters
+    ----------
+    strategy : Strategy
+        The strategy wrapped.
+    observer : RoundObserver
+        Called with each round's ``RoundReport``.
+    exchanges : Exchanges
+        The run's round records (this wrapper takes each out once reported).
+    roster : Roster
+        What the nodes declared: how the report names a node that never answered.
+    """
+
+    behaviour = "reports what each round exchanged"
+
+    def __init__(self, strategy: Strategy, *, observer: RoundObserver, exchanges: Exchanges, roster: Roster) -> None:
+        super().__init__(strategy)
+        if not callable(observer):
+            raise TypeError(f"observer must be callable, got {observer!r}")
+        self.observer, self.exchanges, self.roster = observer, exchanges, roster
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
+        self.exchanges.of(server_round).bytes_down = sum(
+            r.count_bytes() for m in messages for r in m.content.array_records.values())
+        return messages
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        received = bytes_up(replies)  # as they came, before any padding
+        try:
+            arrays, metrics = self.strategy.aggregate_train(server_round, replies)
+        except RoundFailedError:
+            self._report(server_round, replies, None, received)
+            raise
+        self._report(server_round, replies, metrics, received)
+        return arrays, metrics
+
+    def _report(self, server_round: int, replies: list[Message], metrics: MetricRecord | None,
+                received: int) -> None:
+        x = self.exchanges.pop(server_round)
+        unanswered = None if x.all_declined else self._unanswered(list(x.sent), replies)
+        self.observer(round_report(server_round, replies, x.merged, x.declined, len(x.sent), x.bytes_down, metrics,
+                                   x.problems, unanswered, received, x.merge_error))
+
+    def _unanswered(self, sent_to: list[int], replies: list[Message]) -> list[dict[str, int]]:
+        """``RoundReport.unanswered``: the nodes of ``sent_to`` with no reply in ``replies`` but an error."""
+        answered = {m.metadata.src_node_id for m in replies if not m.has_error()}
+        declared, partitions = self.roster.examples, self.roster.partitions
+        return [{NODE_ID: n, **({PARTITION_ID: partitions[n]} if n in partitions else {}),
+                 **({NUM_EXAMPLES: declared[n]} if n in declared else {})}
+                for n in sorted(set(sent_to) - answered)]

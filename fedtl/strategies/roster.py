@@ -80,3 +80,49 @@ class TrainingNodes(FilteredGrid):
         for n in set(nodes) - answered:
             # Asked again next round; meanwhile it does not train: an unknown role is not a training role.
             log(WARNING, "node %s did not say whether it is held out of training; not training it this round", n)
+
+
+class Roster:
+    """What the run knows of its nodes, shared by the wrappers that sample, check and cut for them: one
+    ``TrainingNodes`` view per grid (the answers its nodes gave), and the nodes that declined for good.
+
+    Parameters
+    ----------
+    timeout : float, optional
+        Seconds to wait for nodes to answer the query; ``None``: nodes are not asked, every node trains
+        and nothing is declared.
+    """
+
+    def __init__(self, timeout: float | None = None) -> None:
+        self.timeout = timeout
+        self.views: dict[int, TrainingNodes] = {}
+        self.declined: dict[int, str] = {}  # node -> why it trains no more
+
+    def view(self, grid: Grid) -> Grid:
+        """``grid`` as training sees it: one view (and its answers) per grid."""
+        if self.timeout is None:
+            return grid
+        return self.views.setdefault(id(grid), TrainingNodes(grid, self.timeout))
+
+    def decline(self, node: int, reason: str) -> None:
+        """``node`` declined to train (its privacy budget is spent): it is not sampled again."""
+        self.declined[node] = reason
+
+    def uncounted(self, node: int) -> bool:
+        """Whether ``node`` trains but declared no count of its examples when asked (``TrainingNodes.uncounted``)."""
+        return any(view.uncounted(node) for view in self.views.values())
+
+    @property
+    def examples(self) -> dict[int, int]:
+        """Node -> the training examples it declared, from every view that asked."""
+        return {n: e for view in self.views.values() for n, e in view.examples.items()}
+
+    @property
+    def partitions(self) -> dict[int, int]:
+        """Node -> its partition (in simulation), from every view that asked."""
+        return {n: p for view in self.views.values() for n, p in view.partitions.items()}
+
+    @property
+    def ranks(self) -> dict[int, int]:
+        """Node -> the LoRA rank it declared, from every view that asked."""
+        return {n: r for view in self.views.values() for n, r in view.ranks.items()}

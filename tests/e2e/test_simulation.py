@@ -1,4 +1,4 @@
-"""End to end on real Flower + Ray: every mode, the run folder, the CLI, the transfer gain."""
+"""End to end on real Flower + Ray: two modes through the whole run folder, the CLI, the transfer gain."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from fedtl.config import load_config
 from fedtl.data.federated import client_data, server_test_data
+from fedtl.errors import RoundFailedError
 from fedtl.models.factory import build_model
 from fedtl.models.features import Feed
 from fedtl.models.metrics import central_evaluate
@@ -22,7 +23,6 @@ from fedtl.models.ncm import class_sums, head_inputs, ncm_head
 from fedtl.reports.runs import read_metrics
 from fedtl.server.app import make_server_app
 from fedtl.simulations.simulate import prepare_run_dir, simulate, simulate_with_scratch
-from fedtl.strategies.transfer import RoundFailedError
 from tests.helpers import CACHE, ROOT, make_config, run_fedtl
 
 pytestmark = pytest.mark.e2e
@@ -38,7 +38,7 @@ SUMMARY_KEYS = {"final_accuracy", "best_accuracy", "rounds", "bytes_up_total", "
 # go to the deployment tests instead.
 @pytest.mark.parametrize("mode", [m for m in MODES.names() if m not in (
     "lora", "ffa-lora", "bn-only", "bias-only", "discriminative", "gradual-unfreezing")])
-def test_every_mode_three_clients_two_rounds(mode: str, tmp_path: Path) -> None:
+def test_feature_extraction_and_full_three_clients_two_rounds(mode: str, tmp_path: Path) -> None:
     out = tmp_path / "run"
     cfg = make_config(f"finetune.mode={mode}", "clients=3", "rounds=2", "unfreeze-every=1", f"out={str(out)!r}")
     summary = simulate(cfg)

@@ -1,4 +1,4 @@
-"""Client-level DP: Flower's wrappers inside TransferStrategy, on hand-made updates."""
+"""Client-level DP: Flower's wrappers inside the transfer strategy, on hand-made updates."""
 
 from __future__ import annotations
 
@@ -111,9 +111,18 @@ def test_client_level_dp_refuses_strategies_whose_aggregate_is_not_the_mean(name
 
 
 def test_fedavg_and_fedprox_run_under_client_level_dp() -> None:
-    for name in ("fedavg", "fedprox"):
+    from flwr.serverapp import RdpAccountant
+    from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg, FedProx
+
+    for name, cls in (("fedavg", FedAvg), ("fedprox", FedProx)):
         cfg = make_config("clients=2", "privacy.mode=client-level", f"strategy.name={name}")
-        wrap_client_level(build_strategy(cfg), cfg)
+        wrapped, accountant = wrap_client_level(build_strategy(cfg), cfg)
+        # Flower's fixed server-side clipping around the named strategy, at the config's noise and clip.
+        assert isinstance(wrapped, DifferentialPrivacyServerSideFixedClipping)
+        assert type(wrapped.strategy) is cls
+        assert wrapped.noise_multiplier == cfg.privacy.noise_multiplier
+        assert wrapped.clipping_norm == cfg.privacy.max_grad_norm
+        assert isinstance(accountant, RdpAccountant)
 
 
 def _clip_round(inner, sent: np.ndarray, update: float, rnd: int) -> np.ndarray:

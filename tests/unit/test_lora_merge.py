@@ -142,11 +142,11 @@ def test_stacking_refuses_what_would_not_merge_the_product(sets: list[str], matc
 ])
 def test_stacking_refuses_a_model_whose_adapters_do_not_all_travel(sets: list[str], match: str) -> None:
     from fedtl.errors import ConfigError
-    from fedtl.server.app import preflight
+    from fedtl.server.app import check_server_config
     from tests.helpers import make_config
 
     with pytest.raises(ConfigError, match=match):
-        preflight(make_config("strategy.lora-merge=stack", *sets))
+        check_server_config(make_config("strategy.lora-merge=stack", *sets))
 
 
 A_KEY, B_KEY = "blocks.a.fc.lora_A.default.weight", "blocks.a.fc.lora_B.default.weight"
@@ -174,17 +174,18 @@ def test_hetlora_cuts_what_each_node_is_sent_to_its_rank_and_zero_pads_its_reply
 
     from fedtl.protocol import RoundPlan
     from fedtl.strategies.lora import Ranks
-    from fedtl.strategies.nodes import TrainingNodes
     from fedtl.strategies.registry import build_strategy
-    from fedtl.strategies.transfer import TransferStrategy
+    from fedtl.strategies.roster import Roster
+    from fedtl.strategies.transfer import LoraMerging, Records, Travel, transfer_strategy
     from tests.helpers import make_config
 
     initial = {A_KEY: torch.arange(6.0).reshape(2, 3), B_KEY: torch.zeros(2, 2)}
     observed: list = []
-    s = TransferStrategy(build_strategy(make_config("clients=2")), plan=lambda rnd: RoundPlan({"a": 0.1}, 1),
-                         keys_of=lambda units: [A_KEY, B_KEY], initial_state=initial, fingerprint="f00d",
-                         training_nodes=lambda g: TrainingNodes(g, timeout=5), observer=observed.append,
-                         ranks=Ranks(initial, set(initial)))
+    s = transfer_strategy(build_strategy(make_config("clients=2")),
+                          Travel(plan=lambda rnd: RoundPlan({"a": 0.1}, 1), keys_of=lambda units: [A_KEY, B_KEY],
+                                 initial_state=initial, fingerprint="f00d"),
+                          roster=Roster(timeout=5), records=Records(observer=observed.append),
+                          lora=LoraMerging(ranks=Ranks(initial, set(initial))))
     sent = {m.metadata.dst_node_id: m for m in s.configure_train(1, ArrayRecord(initial), ConfigRecord(),
                                                                  RankedGrid([1, 2]))}
     cut = sent[1].content["arrays"]
@@ -256,7 +257,7 @@ def test_the_meter_weights_the_replies_as_the_strategy_does(task_identity: None)
     from fedtl.protocol import RoundPlan
     from fedtl.strategies.lora import MergeMeter
     from fedtl.strategies.registry import build_strategy
-    from fedtl.strategies.transfer import TransferStrategy
+    from fedtl.strategies.transfer import LoraMerging, Records, Travel, transfer_strategy
     from tests.helpers import StaticGrid, make_config
 
     initial = {A_KEY: torch.zeros(1, 2), B_KEY: torch.zeros(2, 1)}
@@ -265,9 +266,11 @@ def test_the_meter_weights_the_replies_as_the_strategy_does(task_identity: None)
     for weighting, key, weights in (("examples", "num-examples", [10, 30]), ("uniform", "unit-weight", [1, 1])):
         observed: list = []
         cfg = make_config("clients=2", f"strategy.weighting={weighting}")
-        s = TransferStrategy(build_strategy(cfg), plan=lambda rnd: RoundPlan({"a": 0.1}, 1),
-                             keys_of=lambda units: [A_KEY, B_KEY], initial_state=initial, fingerprint="f00d",
-                             observer=observed.append, merge_meter=MergeMeter(initial, set(initial)), weight_key=key)
+        s = transfer_strategy(build_strategy(cfg), Travel(plan=lambda rnd: RoundPlan({"a": 0.1}, 1),
+                                                          keys_of=lambda units: [A_KEY, B_KEY], initial_state=initial,
+                                                          fingerprint="f00d"),
+                              records=Records(observer=observed.append),
+                              lora=LoraMerging(meter=MergeMeter(initial, set(initial)), weight_key=key))
         sent = list(s.configure_train(1, ArrayRecord(initial), ConfigRecord(), StaticGrid([1, 2])))
         replies = [Message(RecordDict({"arrays": ArrayRecord({A_KEY: torch.as_tensor(a, dtype=torch.float32),
                                                                B_KEY: torch.as_tensor(b, dtype=torch.float32)}),

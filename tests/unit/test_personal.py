@@ -14,9 +14,9 @@ from fedtl.data.federated import client_data, client_test_data
 from fedtl.models.metrics import evaluate_model
 from fedtl.personalisation import personal_plan, run_model
 from fedtl.protocol import LOCAL_STATE
-from fedtl.server.app import preflight
+from fedtl.server.app import check_server_config
 from fedtl.strategies.registry import build_strategy
-from fedtl.strategies.transfer import TransferStrategy
+from fedtl.strategies.transfer import Records, Travel, transfer_strategy
 from tests.helpers import StaticGrid, make_config
 
 NORMS = {f"blocks.conv{i}.1.{p}" for i in (1, 2, 3) for p in ("weight", "bias")}  # the CNN's GroupNorms
@@ -51,8 +51,9 @@ def test_local_keys_of_each_personalisation() -> None:
 def test_fedper_strategy_sends_and_merges_only_the_body(task_identity: None) -> None:
     cfg = make_config("finetune.mode=full", "strategy.personalisation=fedper", "clients=3")
     model = run_model(cfg)
-    s = TransferStrategy(build_strategy(cfg), plan=lambda r: personal_plan(cfg, model.block_names, r),
-                         keys_of=model.unit_keys, initial_state=model.state_dict(), fingerprint="f", final_round=1)
+    s = transfer_strategy(build_strategy(cfg), Travel(plan=lambda r: personal_plan(cfg, model.block_names, r),
+                                                      keys_of=model.unit_keys, initial_state=model.state_dict(),
+                                                      fingerprint="f"), records=Records(final_round=1))
     messages = list(s.configure_train(1, ArrayRecord(), ConfigRecord(), StaticGrid([1, 2, 3])))
     body = [k for k in model.state_dict() if k.startswith("blocks.")]
     evaluations = list(s.configure_evaluate(1, ArrayRecord(), ConfigRecord(), StaticGrid([1, 2, 3])))
@@ -136,8 +137,8 @@ def test_personal_evaluation_without_personalisation_is_the_global_model(task_id
 ])
 def test_personalisations_that_cannot_work_are_refused_before_round_one(sets: tuple[str, ...], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
-        preflight(make_config(*sets))
-    preflight(make_config("strategy.personalisation=fedbn", "finetune.mode=bn-only"))  # head travels, norms stay
+        check_server_config(make_config(*sets))
+    check_server_config(make_config("strategy.personalisation=fedbn", "finetune.mode=bn-only"))  # head travels, norms stay
 
 
 def test_fedrep_under_dp_sgd_is_refused() -> None:
@@ -149,8 +150,8 @@ def test_client_level_dp_refuses_to_noise_batchnorm_statistics() -> None:
     from fedtl.errors import DPConfigError
 
     with pytest.raises(DPConfigError, match="client-level DP would add noise to BatchNorm statistics"):
-        preflight(make_config("privacy.mode=client-level", "model.backbone=small-cnn-bn", "finetune.mode=full",
+        check_server_config(make_config("privacy.mode=client-level", "model.backbone=small-cnn-bn", "finetune.mode=full",
                               "finetune.batchnorm=batch"))
-    preflight(make_config("privacy.mode=client-level", "model.backbone=small-cnn-bn", "finetune.mode=lora"))
+    check_server_config(make_config("privacy.mode=client-level", "model.backbone=small-cnn-bn", "finetune.mode=lora"))
     # Frozen statistics (a pre-trained backbone's default) do not travel, so there is nothing to noise.
-    preflight(make_config("privacy.mode=client-level", "model.backbone=small-cnn-bn", "finetune.mode=full"))
+    check_server_config(make_config("privacy.mode=client-level", "model.backbone=small-cnn-bn", "finetune.mode=full"))

@@ -1,4 +1,4 @@
-"""Every registered Flower strategy inside TransferStrategy, on hand-made arrays; growing key sets."""
+"""Every registered Flower strategy inside the transfer strategy, on hand-made arrays; growing key sets."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from fedtl.models.backbones import build_backbone
 from fedtl.models.transfer import TransferModel
 from fedtl.protocol import RoundPlan
 from fedtl.strategies.registry import STRATEGIES, build_strategy
-from tests.helpers import INITIAL, StaticGrid, keys_of, make_config, strategy
+from tests.helpers import INITIAL, StaticGrid, keys_of, make_config, plan, strategy
 
 NODES = [1, 2, 3, 4, 5]
 
@@ -41,7 +41,7 @@ def test_every_strategy_merges_only_travelling_keys_as_the_set_grows(name: str, 
     arrays = ArrayRecord({k: INITIAL[k] for k in keys_of(["head"])})
     for rnd in (1, 2, 3):  # round 1: the head; from round 2 block a joins
         arrays, _ = _round(s, rnd, arrays, shift=0.1)
-        assert set(arrays.keys()) == set(keys_of(s.plan(rnd).lrs)), name
+        assert set(arrays.keys()) == set(keys_of(plan(rnd).lrs)), name
         assert all(np.isfinite(a.numpy()).all() for a in arrays.values()), name
         assert {a.dtype for a in arrays.values()} == {"float32"}, name  # as sent, whatever the server computes in
 
@@ -56,7 +56,8 @@ def test_median_and_trimmed_mean_by_hand(task_identity: None) -> None:
 
 def test_fedadam_keeps_old_moments_and_starts_new_keys_fresh(task_identity: None) -> None:
     cfg = make_config("strategy.name=fedadam", "clients=5", "strategy.server-lr=0.1")
-    s = strategy(inner=build_strategy(cfg))
+    inner = build_strategy(cfg)
+    s = strategy(inner=inner)
     b1, b2, eta, tau = 0.9, 0.99, 0.1, 1e-3
     arrays = ArrayRecord({k: INITIAL[k] for k in keys_of(["head"])})
     def eta_norm(t: int) -> float:  # Flower's bias-corrected step size, by server round
@@ -66,7 +67,6 @@ def test_fedadam_keeps_old_moments_and_starts_new_keys_fresh(task_identity: None
     m1, v1 = (1 - b1) * 0.3, (1 - b2) * 0.09
     np.testing.assert_allclose(merged1["head.b"].numpy(), eta_norm(1) * m1 / (np.sqrt(v1) + tau), rtol=1e-5)
     merged2, _ = _round(s, 2, merged1, shift=0.1)  # block a joins at its pre-trained 7.0
-    inner = s.inner
     np.testing.assert_allclose(inner.m_t["head.b"], b1 * m1 + (1 - b1) * 0.3, rtol=1e-5)  # kept and continued
     np.testing.assert_allclose(inner.m_t["blocks.a.w"], (1 - b1) * 0.3, rtol=1e-5)  # fresh
     np.testing.assert_allclose(inner.v_t["blocks.a.w"], (1 - b2) * 0.09, rtol=1e-5)
@@ -110,14 +110,14 @@ def test_fedprox_messages_carry_mu_into_the_clients_plan(task_identity: None) ->
 def test_server_optimisers_average_normalisation_statistics_instead_of_stepping_them(task_identity: None) -> None:
     from fedtl.protocol import RoundPlan
     from fedtl.strategies.registry import steps_server_optimiser
-    from fedtl.strategies.transfer import TransferStrategy
+    from fedtl.strategies.transfer import Travel, transfer_strategy
 
     initial = {"blocks.a.bn.running_var": torch.full((2,), 0.01), "head.w": torch.zeros(2)}
     inner = build_strategy(make_config("strategy.name=fedadam", "clients=5"))
     assert steps_server_optimiser(inner) and not steps_server_optimiser(build_strategy(make_config("clients=5")))
-    s = TransferStrategy(inner, plan=lambda r: RoundPlan({"a": 0.1, "head": 0.1}, 1),
-                         keys_of=lambda units: list(initial), initial_state=initial, fingerprint="f",
-                         statistics_by_mean="num-examples")
+    s = transfer_strategy(inner, Travel(plan=lambda r: RoundPlan({"a": 0.1, "head": 0.1}, 1),
+                                        keys_of=lambda units: list(initial), initial_state=initial, fingerprint="f"),
+                          statistics_by_mean="num-examples")
     out = sorted(s.configure_train(1, ArrayRecord(), ConfigRecord(), StaticGrid(NODES)),
                  key=lambda m: m.metadata.dst_node_id)
     # Variances shrink on every client: FedAdam's step (server lr 0.1 on a normalised update)
@@ -151,13 +151,15 @@ def test_a_strategy_rebuilt_from_its_saved_state_merges_round_3_as_the_original(
     from fedtl.strategies.state import load_strategy_state, strategy_state
 
     cfg = make_config(f"strategy.name={name}", "clients=5")
-    s = strategy(inner=build_strategy(cfg))
+    inner = build_strategy(cfg)
+    s = strategy(inner=inner)
     arrays = ArrayRecord({k: INITIAL[k] for k in keys_of(["head"])})
     for rnd in (1, 2):
         arrays, _ = _round(s, rnd, arrays, shift=0.1)
-    carried, values = strategy_state(s.inner)
-    fresh = strategy(inner=build_strategy(cfg))
-    load_strategy_state(fresh.inner, {k: v.copy() for k, v in carried.items()}, json.loads(json.dumps(values)))
+    carried, values = strategy_state(inner)
+    fresh_inner = build_strategy(cfg)
+    fresh = strategy(inner=fresh_inner)
+    load_strategy_state(fresh_inner, {k: v.copy() for k, v in carried.items()}, json.loads(json.dumps(values)))
     original, _ = _round(s, 3, arrays, shift=0.1)
     restored, _ = _round(fresh, 3, arrays, shift=0.1)
     for key in original.keys():

@@ -1,4 +1,4 @@
-"""TransferStrategy around Flower's FedAvg, on hand-made arrays."""
+"""The transfer strategy around Flower's FedAvg, on hand-made arrays."""
 
 from __future__ import annotations
 
@@ -7,10 +7,12 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
+from fedtl.errors import RoundFailedError, RunStoppedError
 from fedtl.protocol import RoundPlan
 from fedtl.strategies.registry import build_strategy
-from fedtl.strategies.transfer import RoundFailedError, RunStoppedError, TransferStrategy
-from tests.helpers import INITIAL, StaticGrid, configure_round_one, keys_of, make_config, plan, strategy
+from fedtl.strategies.roster import Roster
+from fedtl.strategies.transfer import Records, ReplyLimits, transfer_strategy
+from tests.helpers import INITIAL, TRAVEL, StaticGrid, configure_round_one, keys_of, make_config, plan, strategy
 
 
 def reply(to: Message, arrays: dict[str, np.ndarray], n: int) -> Message:
@@ -124,8 +126,8 @@ def test_declined_clients_are_counted_apart_and_the_round_goes_on(task_identity:
 
 def test_declined_clients_are_not_sampled_again_and_too_few_left_ends_the_run(task_identity: None) -> None:
     observed: list = []
-    s = strategy(observed)
-    s.min_nodes = 2
+    s = transfer_strategy(build_strategy(make_config("clients=3")), TRAVEL, min_nodes=2,
+                          records=Records(observer=lambda report: observed.append((report.round, report.totals))))
     out = configure_round_one(s, [1, 2, 3])
     good = {"head.w": np.ones((2, 2), np.float32), "head.b": np.ones(2, np.float32)}
     s.aggregate_train(1, [reply(out[0], good, 5), declining(out[1], "budget spent"), reply(out[2], good, 5)])
@@ -159,13 +161,11 @@ class AnsweringGrid(StaticGrid):
 
 
 def test_held_out_and_silent_nodes_are_not_trained_but_all_evaluate(task_identity: None) -> None:
-    from fedtl.strategies.nodes import TrainingNodes
 
     evaluated: list = []
-    s = TransferStrategy(
-        build_strategy(make_config("clients=3")), plan=plan, keys_of=keys_of, initial_state=INITIAL,
-        fingerprint="f00d", final_round=2, on_evaluate=lambda rnd, clients: evaluated.append((rnd, clients)),
-        training_nodes=lambda g: TrainingNodes(g, timeout=5),
+    s = transfer_strategy(
+        build_strategy(make_config("clients=3")), TRAVEL, roster=Roster(timeout=5),
+        records=Records(final_round=2, on_evaluate=lambda rnd, clients: evaluated.append((rnd, clients))),
     )
     grid = AnsweringGrid([1, 2, 7, 100])
     head = ArrayRecord({k: INITIAL[k] for k in keys_of(["head"])})
@@ -266,12 +266,11 @@ class DeclaringGrid(StaticGrid):
 def test_a_reply_counting_more_examples_than_it_may_is_dropped(
         task_identity: None, caplog: pytest.LogCaptureFixture, claimed: int, max_examples: float,
         problem: str) -> None:
-    from fedtl.strategies.nodes import TrainingNodes
 
     observed: list = []
-    s = TransferStrategy(build_strategy(make_config("clients=3")), plan=plan, keys_of=keys_of, initial_state=INITIAL,
-                         fingerprint="f00d", training_nodes=lambda g: TrainingNodes(g, timeout=5),
-                         observer=lambda report: observed.append(report.totals), max_examples=max_examples)
+    s = transfer_strategy(build_strategy(make_config("clients=3")), TRAVEL, roster=Roster(timeout=5),
+                          records=Records(observer=lambda report: observed.append(report.totals)),
+                          limits=ReplyLimits(max_examples=max_examples))
     out = list(s.configure_train(1, ArrayRecord({k: INITIAL[k] for k in keys_of(["head"])}), ConfigRecord(),
                                  DeclaringGrid([1, 2, 3])))
     good = {"head.w": np.full((2, 2), 3.0, np.float32), "head.b": np.ones(2, np.float32)}
@@ -291,9 +290,9 @@ def test_a_reply_counting_more_examples_than_it_may_is_dropped(
 def test_an_update_that_moves_too_far_is_dropped(task_identity: None, caplog: pytest.LogCaptureFixture,
                                                  attack: str, problem: str) -> None:
     observed: list = []
-    s = TransferStrategy(build_strategy(make_config("clients=3")), plan=plan, keys_of=keys_of, initial_state=INITIAL,
-                         fingerprint="f00d", observer=lambda report: observed.append(report.totals),
-                         max_update_ratio=100.0)
+    s = transfer_strategy(build_strategy(make_config("clients=3")), TRAVEL,
+                          records=Records(observer=lambda report: observed.append(report.totals)),
+                          limits=ReplyLimits(max_update_ratio=100.0))
     out = configure_round_one(s, [1, 2, 3])
     sent = {k: out[0].content["arrays"][k].numpy() for k in keys_of(["head"])}
     honest = {k: v + 0.5 for k, v in sent.items()}  # a big honest step: RMS 0.5 per value, far under the bound
@@ -334,12 +333,10 @@ def test_a_node_that_could_not_count_its_data_trains_is_refused_and_is_asked_aga
     # A SuperNode whose data-path is missing (or an app without a query handler) must still be
     # sampled, so its training error (which names the fix) is recorded; it was never trained, and a
     # round waiting for it hung (a deployment's kill test, and a simulation whose clients all fail).
-    from fedtl.strategies.nodes import TrainingNodes
 
     observed: list = []
-    s = TransferStrategy(build_strategy(make_config("clients=3")), plan=plan, keys_of=keys_of, initial_state=INITIAL,
-                         fingerprint="f00d", training_nodes=lambda g: TrainingNodes(g, timeout=5),
-                         observer=lambda report: observed.append(report.totals))
+    s = transfer_strategy(build_strategy(make_config("clients=3")), TRAVEL, roster=Roster(timeout=5),
+                          records=Records(observer=lambda report: observed.append(report.totals)))
     grid = LateDataGrid([1, 2, 3], how)
     head = ArrayRecord({k: INITIAL[k] for k in keys_of(["head"])})
     good = {"head.w": np.full((2, 2), 3.0, np.float32), "head.b": np.ones(2, np.float32)}
