@@ -12,6 +12,24 @@ from rich.table import Table
 
 from fedtl.config import ExperimentConfig, all_keys, flwr_app_config_table, load_config
 from fedtl.errors import ConfigError, FedtlError
+from fedtl.run_folder import (
+    BEST_ACCURACY,
+    BYTES_DOWN_TOTAL,
+    BYTES_UP_TOTAL,
+    CONFIG_FILE,
+    FINAL_ACCURACY,
+    OUT_DIR,
+    PER_CLIENT,
+    PER_CLIENT_ACCURACY_MEAN,
+    PER_CLIENT_PERSONAL_MEAN,
+    SCRATCH_FINAL_ACCURACY,
+    STOPPED_EARLY,
+    TOTAL_PARAMS,
+    TRANSFER_GAIN,
+    TRAVELLING_PARAMS,
+    TRAVELLING_RATIO,
+    WALL_SECONDS,
+)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Federated transfer learning on Flower.")
 # soft_wrap: long lines (paths, the guarantee) are never broken by rich; the terminal wraps them.
@@ -70,9 +88,9 @@ def simulate(
             if config or set_ or out or compare_scratch or overwrite or ray_address:
                 raise ConfigError("--resume continues a run with its own config.toml: pass no --config, --set, --out, "
                                   "--ray-address, --compare-scratch or --overwrite with it")
-            if not (resume / "config.toml").is_file():
-                raise ConfigError(f"--resume {resume}: no config.toml there; name the folder of a run")
-            cfg = _load(resume / "config.toml", [], None)
+            if not (resume / CONFIG_FILE).is_file():
+                raise ConfigError(f"--resume {resume}: no {CONFIG_FILE} there; name the folder of a run")
+            cfg = _load(resume / CONFIG_FILE, [], None)
         else:
             cfg = _load(config, [*(set_ or []), *([f"simulation.ray-address={ray_address!r}"] if ray_address else [])],
                         out)
@@ -84,18 +102,18 @@ def simulate(
     except _USER_ERRORS as err:
         _fail(err)
     pairs = [(key, summary[key]) for key in (
-        "final_accuracy", "best_accuracy", "scratch_final_accuracy", "transfer_gain", "bytes_down_total",
-        "bytes_up_total", "travelling_params", "total_params", "travelling_ratio", "wall_seconds") if key in summary]
-    pairs += [(f"client {key.replace('_', ' ')}", summary["per_client"][key]) for key in ("accuracy_mean", "personal_mean")
-              if key in summary.get("per_client", {})]
+        FINAL_ACCURACY, BEST_ACCURACY, SCRATCH_FINAL_ACCURACY, TRANSFER_GAIN, BYTES_DOWN_TOTAL,
+        BYTES_UP_TOTAL, TRAVELLING_PARAMS, TOTAL_PARAMS, TRAVELLING_RATIO, WALL_SECONDS) if key in summary]
+    pairs += [(f"client {key.replace('_', ' ')}", summary[PER_CLIENT][key])
+              for key in (PER_CLIENT_ACCURACY_MEAN, PER_CLIENT_PERSONAL_MEAN) if key in summary.get(PER_CLIENT, {})]
     cells = [(key, f"{value:.4f}" if isinstance(value, float) else str(value)) for key, value in pairs]
     # Two figures a row: the summary stays short enough to read under the round tables.
     rows = [[*cells[i], *(cells[i + 1] if i + 1 < len(cells) else ("", ""))] for i in range(0, len(cells), 2)]
     _table(f"{summary['name']}: {summary['mode']} ({summary['init']})", ["summary", "value", "summary", "value"], rows)
     console.print(f"privacy: {summary['privacy']['guarantee']}")
-    if summary.get("stopped_early"):
-        console.print(f"[yellow]{summary['stopped_early']}[/]")
-    console.print(f"run folder: {summary['out_dir']}", soft_wrap=True)
+    if summary.get(STOPPED_EARLY):
+        console.print(f"[yellow]{summary[STOPPED_EARLY]}[/]")
+    console.print(f"run folder: {summary[OUT_DIR]}", soft_wrap=True)
 
 
 @app.command()

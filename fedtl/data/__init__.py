@@ -3,4 +3,4 @@
 Importing the package registers every scenario family in ``fedtl.data.scenarios.SCENARIOS``.
 """
 
-from fedtl.data import digits, nodes, photographs, sources, text  # noqa: F401 - importing registers the families
+from fedtl.data import digits, node_files, photographs, sources, text  # noqa: F401 - importing registers the families

@@ -14,7 +14,7 @@ from PIL import Image
 
 from fedtl.config import ConfigError, ExperimentConfig
 from fedtl.data.federated import check_partitions, client_data, client_test_data, task
-from fedtl.data.nodes import DATA_ON_NODES
+from fedtl.data.node_files import DATA_ON_NODES
 
 
 def save_images(x: torch.Tensor, y: torch.Tensor, folder: Path, names: list[str]) -> None:

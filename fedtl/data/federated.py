@@ -18,7 +18,7 @@ import torch
 
 from fedtl.config import ConfigError, DataConfig
 from fedtl.data.canaries import canary_images, with_canaries
-from fedtl.data.nodes import DATA_ON_NODES, Task
+from fedtl.data.node_files import DATA_ON_NODES, Task
 from fedtl.data.rows import PLAIN_STYLES, LabelledImages
 from fedtl.data.scenarios import Scenario, load_scenario
 from fedtl.data.store import Writer, open_arrays

@@ -157,7 +157,7 @@ def prefix_features(model: TransferModel, data: LabelledImages, cut: int, cache_
     return open_arrays(root, parts, lambda w: _compute(model, data, cut, root, w)).arrays["features"]
 
 
-def feed(model: TransferModel, data: LabelledImages, how: Feed = PLAIN, *, train: bool = False,
+def feeder(model: TransferModel, data: LabelledImages, feed: Feed = PLAIN, *, train: bool = False,
          cut: int | None = None) -> ModelFeed:
     """How ``model`` (its trainable set as it is now) is fed ``data``.
 
@@ -167,19 +167,19 @@ def feed(model: TransferModel, data: LabelledImages, how: Feed = PLAIN, *, train
         The model; its trainable set decides the cut.
     data : LabelledImages
         The items.
-    how : Feed
+    feed : Feed
         The run's feature cache and augmentation (default: neither).
     train : bool, default False
-        Training batches (augmented, when ``how.augment`` says so; the cache is then off, since the
+        Training batches (augmented, when ``feed.augment`` says so; the cache is then off, since the
         augmentation acts on the input, below any cut).
     cut : int, optional
         Run from this cut instead of the model's (the server evaluates from the lowest cut any round so far
         trained above); must not exceed ``frozen_prefix(model)``.
     """
     cut = frozen_prefix(model) if cut is None else min(cut, frozen_prefix(model))
-    augment = augmenter(how.augment, data.rows.shape[-1]) if train and not data.tokens else None
-    if how.cache_dir and cut > 0 and augment is None and len(data):
-        features = prefix_features(model, data, cut, how.cache_dir)
+    augment = augmenter(feed.augment, data.rows.shape[-1]) if train and not data.tokens else None
+    if feed.cache_dir and cut > 0 and augment is None and len(data):
+        features = prefix_features(model, data, cut, feed.cache_dir)
         return ModelFeed(Suffix(model, cut), lambda pos, dev: features[pos.cpu()].to(dev), cut, True)
 
     def stream(pos: torch.Tensor, dev: torch.device) -> torch.Tensor:
@@ -190,11 +190,11 @@ def feed(model: TransferModel, data: LabelledImages, how: Feed = PLAIN, *, train
 
 
 @torch.no_grad()
-def predict(model: TransferModel, data: LabelledImages, how: Feed = PLAIN, *, cut: int | None = None) -> torch.Tensor:
+def predict(model: TransferModel, data: LabelledImages, feed: Feed = PLAIN, *, cut: int | None = None) -> torch.Tensor:
     """Logits of every item of ``data`` in eval mode, ``forward_batch(data)`` at a time, on the CPU (the cache as
-    ``how`` says; never augmented)."""
+    ``feed`` says; never augmented)."""
     model.eval()
-    f = feed(model, data, how, cut=cut)
+    f = feeder(model, data, feed, cut=cut)
     dev = model.device
     parts = [f.net(f.inputs(pos, dev)).cpu() for pos in batches(data)]
     return torch.cat(parts) if parts else torch.zeros(0, model.head.out_features)

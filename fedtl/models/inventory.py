@@ -11,6 +11,7 @@ from fedtl.models.backbones import build_backbone
 from fedtl.models.modes import MODES, adapter_blocks
 from fedtl.models.transfer import TransferModel
 from fedtl.protocol import RoundPlan
+from fedtl.run_folder import TRAVELLING_PARAMS
 
 # The modes the table shows (gradual unfreezing starts as its first round: the top block).
 TABLE_MODES = ("feature-extraction", "gradual-unfreezing", "full", "lora", "bn-only", "bias-only")
@@ -23,7 +24,7 @@ def travelling_params(model: TransferModel, mode: str, ft: FinetuneConfig) -> in
     if entry.adapter is not None:
         adapt(m, entry.adapter, adapter_blocks(m.block_names, ft), ft, seed=0)
     RoundPlan(entry(m.block_names, 1, ft), 1).apply_to(m)
-    return m.size()["travelling_params"]
+    return m.size()[TRAVELLING_PARAMS]
 
 
 def inventory(names: Sequence[str], image_size: int = 32, path: str = "") -> list[dict[str, object]]:

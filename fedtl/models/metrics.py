@@ -43,17 +43,17 @@ def _scores(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
     }
 
 
-def evaluate_model(model: TransferModel, data: LabelledImages, how: Feed = PLAIN) -> dict[str, float]:
+def evaluate_model(model: TransferModel, data: LabelledImages, feed: Feed = PLAIN) -> dict[str, float]:
     """``accuracy``, ``loss`` (cross-entropy) and ``ece`` of ``model`` on ``data`` (eval mode; the feature
-    cache as ``how`` says)."""
-    return _scores(predict(model, data, how), data.y)
+    cache as ``feed`` says)."""
+    return _scores(predict(model, data, feed), data.y)
 
 
-def central_evaluate(model: TransferModel, data: LabelledImages, how: Feed = PLAIN,
+def central_evaluate(model: TransferModel, data: LabelledImages, feed: Feed = PLAIN,
                      cut: int | None = None) -> dict[str, float]:
     """``evaluate_model`` on ``data``, plus ``accuracy/<style>`` for every domain style in it (``cut``: see
     ``fedtl.models.features.feed``)."""
-    logits = predict(model, data, how, cut=cut)
+    logits = predict(model, data, feed, cut=cut)
     out = _scores(logits, data.y)
     correct = (logits.argmax(1) == data.y).float()
     styles = list(data.style)

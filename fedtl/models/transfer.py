@@ -21,6 +21,7 @@ from torch import nn
 from fedtl.batchnorm import BATCHNORM, MOVING_MOMENTUM, BatchNormPolicy
 from fedtl.models.backbones import Backbone
 from fedtl.protocol import HEAD
+from fedtl.run_folder import MODEL_BYTES, TRAVELLING_BYTES, TRAVELLING_PARAMS
 
 # BatchNorm's step counter is bookkeeping, not a weight: averaging integers is meaningless.
 _NOT_TRAVELLING = ("num_batches_tracked",)
@@ -265,10 +266,10 @@ class TransferModel(nn.Module):
         whole = [k for k in sd if not k.endswith(_NOT_TRAVELLING) and not _is_adapter(k)]
         travelling = self.travelling_keys()
         return {
-            "travelling_params": sum(sd[k].numel() for k in travelling),
-            "travelling_bytes": sum(sd[k].numel() * sd[k].element_size() for k in travelling),
+            TRAVELLING_PARAMS: sum(sd[k].numel() for k in travelling),
+            TRAVELLING_BYTES: sum(sd[k].numel() * sd[k].element_size() for k in travelling),
             "model_params": sum(sd[k].numel() for k in whole),
-            "model_bytes": sum(sd[k].numel() * sd[k].element_size() for k in whole),
+            MODEL_BYTES: sum(sd[k].numel() * sd[k].element_size() for k in whole),
         }
 
 

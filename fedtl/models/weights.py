@@ -30,6 +30,7 @@ from torchvision import models as tvm
 
 from fedtl.errors import WeightsError
 from fedtl.models.backbones import Backbone
+from fedtl.run_folder import BACKBONE_FINGERPRINT
 
 # Where a file's state dict may sit inside a training checkpoint.
 _CHECKPOINT_KEYS = ("state_dict", "model_state_dict", "model")
@@ -97,7 +98,7 @@ def run_checkpoint(path: str | Path) -> dict[str, Tensor] | None:
         return None
     try:
         with safe_open(str(path), framework="pt") as f:
-            if "backbone_fingerprint" not in (f.metadata() or {}):
+            if BACKBONE_FINGERPRINT not in (f.metadata() or {}):
                 return None
             return {k: f.get_tensor(k) for k in f.keys() if k.startswith("blocks.")}  # noqa: SIM118 - not a dict
     except (SafetensorError, OSError):

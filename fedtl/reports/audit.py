@@ -34,6 +34,7 @@ from torch.nn import functional
 from fedtl.data.rows import LabelledImages
 from fedtl.models.features import predict
 from fedtl.reports.interpret import final_model
+from fedtl.run_folder import FINAL_ACCURACY
 
 
 def p_value(m: int, r: int, v: int, epsilon: float, delta: float) -> float:
@@ -152,7 +153,7 @@ def audit_table(levels: list[dict[str, Any]]) -> tuple[list[str], list[list[str]
     header = ["target ε", "privacy", "adjacency", "accounted ε (upper)", "audit ε (lower, 95%)", "right / guesses", "AUC",
               "final accuracy", "refuted"]
     rows = [[_eps(float(r["epsilon"])), r["mode"], r.get("adjacency", "add-or-remove"), _eps(r["accounted_epsilon"]), _eps(r["epsilon_lower_bound"]),
-             f"{r['correct']} / {r['guesses']}", f"{r['auc']:.3f}", f"{r['final_accuracy']:.4f}",
+             f"{r['correct']} / {r['guesses']}", f"{r['auc']:.3f}", f"{r[FINAL_ACCURACY]:.4f}",
              "yes" if r["refuted"] else "no"] for r in levels]
     return header, rows
 

@@ -12,14 +12,15 @@ from torch import nn
 from fedtl.config import load_config
 from fedtl.models.factory import build_model
 from fedtl.models.transfer import TransferModel
+from fedtl.run_folder import CHECKPOINTS_DIR, CONFIG_FILE, LAST_CHECKPOINT
 
 
 def final_model(run_dir: Path) -> TransferModel:
     """A run's final global model, from its last checkpoint, in eval mode."""
-    cfg = load_config(Path(run_dir) / "config.toml")
+    cfg = load_config(Path(run_dir) / CONFIG_FILE)
     # The checkpoint holds every tensor: build the architecture only (no pre-trained weights to find).
     model = build_model(cfg, load_weights=False)
-    model.load_state_dict(load_file(str(Path(run_dir) / "checkpoints" / "last.safetensors")))
+    model.load_state_dict(load_file(str(Path(run_dir) / CHECKPOINTS_DIR / LAST_CHECKPOINT)))
     return model.eval()
 
 

@@ -9,6 +9,8 @@ from typing import Any
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from fedtl.run_folder import LORA_MERGE_ERROR, LORA_MERGE_ERROR_LAYERS
+
 
 def plot_accuracy(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: Path, *, title: str = "") -> Path:
     """Test accuracy per round, one line per run (e.g. pre-trained vs scratch).
@@ -90,16 +92,16 @@ def plot_merge_error(rows: Sequence[Mapping[str, Any]], path: Path, *, title: st
     title : str, default ""
         Figure title.
     """
-    measured = [r for r in rows if r.get("lora_merge_error_layers")]
+    measured = [r for r in rows if r.get(LORA_MERGE_ERROR_LAYERS)]
     if not measured:
         return None
     fig = Figure(figsize=(6, 4), dpi=120)
     ax = fig.subplots()
     rounds = [r["round"] for r in measured]
-    for layer in measured[-1]["lora_merge_error_layers"]:
-        ax.plot(rounds, [max(r["lora_merge_error_layers"].get(layer, float("nan")), 1e-12) for r in measured],
+    for layer in measured[-1][LORA_MERGE_ERROR_LAYERS]:
+        ax.plot(rounds, [max(r[LORA_MERGE_ERROR_LAYERS].get(layer, float("nan")), 1e-12) for r in measured],
                 linewidth=0.8, alpha=0.6)
-    ax.plot(rounds, [max(r["lora_merge_error"], 1e-12) for r in measured], color="black", marker="o",
+    ax.plot(rounds, [max(r[LORA_MERGE_ERROR], 1e-12) for r in measured], color="black", marker="o",
             markersize=3, label="mean over layers")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_yscale("log")

@@ -20,6 +20,7 @@ from fedtl.models.features import predict
 from fedtl.reports import report_plots as plots
 from fedtl.reports.interpret import confusion_matrix, final_model, saliency
 from fedtl.reports.results import RunResult, StudyResults, load_results, table, target_accuracy, write_tables
+from fedtl.run_folder import CONFIG_FILE, FINAL_ACCURACY, STUDY_FILE
 
 REPORT_DIR = "report"
 _CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;color:#222}
@@ -31,7 +32,7 @@ max-width:640px}img{max-width:100%}"""
 
 def _final_model(run: RunResult) -> tuple[torch.nn.Module, LabelledImages]:
     """A run's final model (from its last checkpoint) and its server test set."""
-    return final_model(run.dir), server_test_data(load_config(run.dir / "config.toml").data)
+    return final_model(run.dir), server_test_data(load_config(run.dir / CONFIG_FILE).data)
 
 
 def interpretability(res: StudyResults, folder: Path) -> list[tuple[Path, str]]:
@@ -48,7 +49,7 @@ def interpretability(res: StudyResults, folder: Path) -> list[tuple[Path, str]]:
     figures = [(plots.plot_confusions(matrices, folder / "confusion.png"),
                 "Confusion matrices of each configuration's final model on the server's test set (first seed; "
                 "rows: true class, normalised).")]
-    best = max(first, key=lambda label: first[label].summary["final_accuracy"])
+    best = max(first, key=lambda label: first[label].summary[FINAL_ACCURACY])
     model, test = finals[best]
     if test.tokens:  # token ids: gradient x input is a picture of images only
         return figures
@@ -111,7 +112,7 @@ def build_report(study_dir: str | Path) -> Path:
     table_html = "<table><tr><th>#</th>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>" + "".join(
         f"<tr><td>{names[row[0]]}</td>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows
     ) + "</table>"
-    study_file = (res.out / "study.toml").read_text() if (res.out / "study.toml").is_file() else ""
+    study_file = (res.out / STUDY_FILE).read_text() if (res.out / STUDY_FILE).is_file() else ""
     missing = (f"<p><b>Not finished yet</b> ({len(res.missing)}): " + ", ".join(html.escape(m) for m in res.missing)
                + "</p>") if res.missing else ""
     skipped = ("<p><b>Skipped</b> (refused before the study ran):</p><ul>" + "".join(

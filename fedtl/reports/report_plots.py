@@ -15,6 +15,17 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from fedtl.reports.results import RunResult, StudyResults, epsilon
+from fedtl.run_folder import (
+    BYTES_DOWN_TOTAL,
+    BYTES_UP_TOTAL,
+    FINAL_ACCURACY,
+    FINAL_ACCURACY_PER_STYLE,
+    HELD_OUT_AFTER_MEAN,
+    HELD_OUT_BEFORE_MEAN,
+    HELD_OUT_CLIENTS,
+    LORA_MERGE_ERROR,
+    PER_CLIENT,
+)
 
 Configs = Mapping[str, Sequence[RunResult]]
 
@@ -54,7 +65,7 @@ def plot_curves(res: StudyResults, path: Path) -> Path:
 
 
 def _final(runs: Sequence[RunResult]) -> float:
-    return statistics.mean(r.summary["final_accuracy"] for r in runs)
+    return statistics.mean(r.summary[FINAL_ACCURACY] for r in runs)
 
 
 def plot_epsilon(res: StudyResults, path: Path) -> Path | None:
@@ -87,8 +98,8 @@ def plot_merge_error(res: StudyResults, path: Path) -> Path | None:
         by_round: dict[int, list[float]] = {}
         for run in runs:
             for r in run.rows:
-                if r.get("lora_merge_error") is not None:
-                    by_round.setdefault(r["round"], []).append(r["lora_merge_error"])
+                if r.get(LORA_MERGE_ERROR) is not None:
+                    by_round.setdefault(r["round"], []).append(r[LORA_MERGE_ERROR])
         if by_round:
             curves[label] = (sorted(by_round), [statistics.mean(by_round[k]) for k in sorted(by_round)])
     if not curves:
@@ -114,7 +125,7 @@ def plot_bytes(res: StudyResults, path: Path) -> Path:
     ax = fig.subplots()
     names = short_names(res)
     for label, runs in res.configs.items():
-        total = statistics.mean(r.summary["bytes_down_total"] + r.summary["bytes_up_total"] for r in runs)
+        total = statistics.mean(r.summary[BYTES_DOWN_TOTAL] + r.summary[BYTES_UP_TOTAL] for r in runs)
         ax.scatter([total], [_final(runs)])
         ax.annotate(names[label], (total, _final(runs)), textcoords="offset points", xytext=(4, 4), fontsize="small")
     ax.set_xscale("log")
@@ -128,7 +139,7 @@ def plot_client_spread(res: StudyResults, path: Path) -> Path | None:
     """Each client's accuracy on its own held-out images, pooled over seeds: the global model's
     and, where any configuration personalises, each client's own model's next to it."""
     def pooled(key: str) -> dict[str, list[float]]:
-        return {label: [a for r in runs for a in r.summary.get("per_client", {}).get(key, [])]
+        return {label: [a for r in runs for a in r.summary.get(PER_CLIENT, {}).get(key, [])]
                 for label, runs in res.configs.items()}
 
     shared, personal = pooled("accuracy"), pooled("personal")
@@ -158,7 +169,7 @@ def plot_client_spread(res: StudyResults, path: Path) -> Path | None:
 
 def plot_domains(res: StudyResults, path: Path) -> Path | None:
     """Final accuracy per domain style, per configuration."""
-    per = {label: [r.summary.get("final_accuracy_per_style", {}) for r in runs] for label, runs in res.configs.items()}
+    per = {label: [r.summary.get(FINAL_ACCURACY_PER_STYLE, {}) for r in runs] for label, runs in res.configs.items()}
     styles = sorted({s for dicts in per.values() for d in dicts for s in d})
     if not styles:
         return None
@@ -198,8 +209,8 @@ def _paired_bars(res: StudyResults, pairs: Mapping[str, tuple[list[float], list[
 
 def plot_scratch(res: StudyResults, path: Path) -> Path | None:
     """Final accuracy pre-trained vs from scratch, mean ± std over seeds."""
-    pairs = {label: ([r.summary["final_accuracy"] for r in runs],
-                     [r.scratch.summary["final_accuracy"] for r in runs if r.scratch is not None])
+    pairs = {label: ([r.summary[FINAL_ACCURACY] for r in runs],
+                     [r.scratch.summary[FINAL_ACCURACY] for r in runs if r.scratch is not None])
              for label, runs in res.configs.items()}
     return _paired_bars(res, pairs, ("pre-trained", "scratch"), "final test accuracy", "pre-trained vs from scratch",
                         path)
@@ -207,9 +218,9 @@ def plot_scratch(res: StudyResults, path: Path) -> Path | None:
 
 def plot_adaptability(res: StudyResults, path: Path) -> Path | None:
     """Held-out clients' accuracy of the final model, before and after their local fine-tuning."""
-    held = {label: [r.summary["held_out"] for r in runs if "held_out" in r.summary]
+    held = {label: [r.summary[HELD_OUT_CLIENTS] for r in runs if HELD_OUT_CLIENTS in r.summary]
             for label, runs in res.configs.items()}
-    pairs = {label: ([h["accuracy_before_mean"] for h in hs], [h["accuracy_after_mean"] for h in hs])
+    pairs = {label: ([h[HELD_OUT_BEFORE_MEAN] for h in hs], [h[HELD_OUT_AFTER_MEAN] for h in hs])
              for label, hs in held.items()}
     return _paired_bars(res, pairs, ("before", "after local fine-tuning"), "held-out clients' accuracy",
                         "adaptability: clients held out of training", path)

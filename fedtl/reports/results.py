@@ -16,7 +16,37 @@ from pathlib import Path
 from typing import Any
 
 from fedtl.errors import StudyError
-from fedtl.reports.runs import PLAN_FILE, read_metrics
+from fedtl.reports.runs import read_metrics
+from fedtl.run_folder import (
+    BEST_ACCURACY,
+    BEST_ROUND,
+    BYTES_DOWN,
+    BYTES_DOWN_TOTAL,
+    BYTES_UP,
+    BYTES_UP_TOTAL,
+    EPSILON_MAX,
+    EPSILON_MAX_BY_ACCOUNTANT,
+    EPSILON_MAX_TIGHTEST,
+    EPSILON_REPLACE_ONE,
+    FINAL_ACCURACY,
+    HELD_OUT_AFTER_MEAN,
+    HELD_OUT_BEFORE_MEAN,
+    HELD_OUT_CLIENTS,
+    PER_CLIENT,
+    PER_CLIENT_ACCURACY_MEAN,
+    PER_CLIENT_ACCURACY_WORST10,
+    PER_CLIENT_PERSONAL_MEAN,
+    PER_CLIENT_PERSONAL_WORST10,
+    PLAN_FILE,
+    PLAN_SCRATCH_DIR,
+    PLAN_TARGET_ACCURACY,
+    SUMMARY_FILE,
+    TOTAL_PARAMS,
+    TRANSFER_GAIN,
+    TRAVELLING_PARAMS,
+    TRAVELLING_RATIO,
+    WALL_SECONDS,
+)
 
 
 @dataclass
@@ -46,9 +76,9 @@ class StudyResults:
 
 def _load_run(out: Path, rel: str, label: str, seed: int) -> RunResult | None:
     folder = out / rel
-    if not (folder / "summary.json").is_file():
+    if not (folder / SUMMARY_FILE).is_file():
         return None
-    return RunResult(label, seed, folder, json.loads((folder / "summary.json").read_text()), read_metrics(folder))
+    return RunResult(label, seed, folder, json.loads((folder / SUMMARY_FILE).read_text()), read_metrics(folder))
 
 
 def load_results(study_dir: str | Path) -> StudyResults:
@@ -64,17 +94,17 @@ def load_results(study_dir: str | Path) -> StudyResults:
     if not plan_path.is_file():
         raise StudyError(f"{out} holds no study ({PLAN_FILE} is missing): run `fedtl study FILE` first")
     plan = json.loads(plan_path.read_text())
-    res = StudyResults(plan["name"], plan["command"], out, float(plan.get("target_accuracy", 0.0)),
+    res = StudyResults(plan["name"], plan["command"], out, float(plan.get(PLAN_TARGET_ACCURACY, 0.0)),
                        skipped=list(plan.get("skipped", [])))
     for entry in plan["runs"]:
         run = _load_run(out, entry["dir"], entry["label"], entry["seed"])
         if run is None:
             res.missing.append(entry["dir"])
             continue
-        if entry.get("scratch_dir"):
-            run.scratch = _load_run(out, entry["scratch_dir"], "scratch", entry["seed"])
+        if entry.get(PLAN_SCRATCH_DIR):
+            run.scratch = _load_run(out, entry[PLAN_SCRATCH_DIR], "scratch", entry["seed"])
             if run.scratch is None:
-                res.missing.append(entry["scratch_dir"])
+                res.missing.append(entry[PLAN_SCRATCH_DIR])
         res.configs.setdefault(entry["label"], []).append(run)
     return res
 
@@ -83,7 +113,7 @@ def load_results(study_dir: str | Path) -> StudyResults:
 def bytes_per_round(run: RunResult) -> float:
     """Mean bytes sent and received per trained round."""
     trained = [r for r in run.rows if r["round"] > 0]
-    return statistics.mean(r["bytes_down"] + r["bytes_up"] for r in trained) if trained else 0.0
+    return statistics.mean(r[BYTES_DOWN] + r[BYTES_UP] for r in trained) if trained else 0.0
 
 
 def to_target(run: RunResult, target: float) -> dict[str, float]:
@@ -94,22 +124,23 @@ def to_target(run: RunResult, target: float) -> dict[str, float]:
     """
     total = 0.0
     for r in run.rows:
-        total += r["bytes_down"] + r["bytes_up"]
-        if (r["round"] > 0 or r["bytes_up"] > 0) and r["accuracy"] >= target:
-            return {"round": r["round"], "seconds": r["wall_seconds"], "bytes": total}
+        total += r[BYTES_DOWN] + r[BYTES_UP]
+        if (r["round"] > 0 or r[BYTES_UP] > 0) and r["accuracy"] >= target:
+            return {"round": r["round"], "seconds": r[WALL_SECONDS], "bytes": total}
     return {"round": math.nan, "seconds": math.nan, "bytes": math.nan}
 
 
 def epsilon(run: RunResult) -> float:
     """The run's largest epsilon; infinity without DP."""
-    value = run.summary.get("privacy", {}).get("epsilon_max")
+    value = run.summary.get("privacy", {}).get(EPSILON_MAX)
     return math.inf if value is None else float(value)  # null: an infinite epsilon, as strict JSON writes it
 
 
-def _get(path: str) -> Callable[[RunResult], float]:
+def _get(*path: str) -> Callable[[RunResult], float]:
+    """The summary's number at ``path`` (a key, then keys of the sections it holds), NaN where there is none."""
     def read(run: RunResult) -> float:
         value: Any = run.summary
-        for part in path.split("."):
+        for part in path:
             value = value.get(part) if isinstance(value, dict) else None
         return float(value) if isinstance(value, (int, float)) else math.nan
     return read
@@ -117,31 +148,34 @@ def _get(path: str) -> Callable[[RunResult], float]:
 
 # Column -> (header, per-run value, format). Mean ± std over seeds.
 COLUMNS: dict[str, tuple[str, Callable[[RunResult], float], str]] = {
-    "final_accuracy": ("final accuracy", _get("final_accuracy"), "{:.3f}"),
-    "best_accuracy": ("best accuracy", _get("best_accuracy"), "{:.3f}"),
-    "transfer_gain": ("transfer gain", lambda r: (r.summary["final_accuracy"] - r.scratch.summary["final_accuracy"])
-                      if r.scratch else math.nan, "{:+.3f}"),
-    "client_accuracy_mean": ("client accuracy", _get("per_client.accuracy_mean"), "{:.3f}"),
-    "client_accuracy_worst10": ("worst-10 % client accuracy", _get("per_client.accuracy_worst10"), "{:.3f}"),
-    "personal_accuracy_mean": ("personalised accuracy", _get("per_client.personal_mean"), "{:.3f}"),
-    "personal_accuracy_worst10": ("worst-10 % personalised", _get("per_client.personal_worst10"), "{:.3f}"),
-    "held_out_before": ("held-out accuracy before", _get("held_out.accuracy_before_mean"), "{:.3f}"),
-    "held_out_after": ("held-out accuracy after local fine-tuning", _get("held_out.accuracy_after_mean"), "{:.3f}"),
+    FINAL_ACCURACY: ("final accuracy", _get(FINAL_ACCURACY), "{:.3f}"),
+    BEST_ACCURACY: ("best accuracy", _get(BEST_ACCURACY), "{:.3f}"),
+    TRANSFER_GAIN: ("transfer gain", lambda r: (r.summary[FINAL_ACCURACY] - r.scratch.summary[FINAL_ACCURACY])
+                    if r.scratch else math.nan, "{:+.3f}"),
+    "client_accuracy_mean": ("client accuracy", _get(PER_CLIENT, PER_CLIENT_ACCURACY_MEAN), "{:.3f}"),
+    "client_accuracy_worst10": ("worst-10 % client accuracy", _get(PER_CLIENT, PER_CLIENT_ACCURACY_WORST10),
+                                "{:.3f}"),
+    "personal_accuracy_mean": ("personalised accuracy", _get(PER_CLIENT, PER_CLIENT_PERSONAL_MEAN), "{:.3f}"),
+    "personal_accuracy_worst10": ("worst-10 % personalised", _get(PER_CLIENT, PER_CLIENT_PERSONAL_WORST10),
+                                  "{:.3f}"),
+    "held_out_before": ("held-out accuracy before", _get(HELD_OUT_CLIENTS, HELD_OUT_BEFORE_MEAN), "{:.3f}"),
+    "held_out_after": ("held-out accuracy after local fine-tuning", _get(HELD_OUT_CLIENTS, HELD_OUT_AFTER_MEAN),
+                       "{:.3f}"),
     "ece": ("ECE", lambda r: float(r.rows[-1].get("ece", math.nan)), "{:.3f}"),
     "bytes_per_round": ("bytes per round", bytes_per_round, "{:,.0f}"),
-    "travelling_ratio": ("travelling / model", _get("travelling_ratio"), "{:.2%}"),
-    "bytes_total": ("bytes in total", lambda r: r.summary["bytes_down_total"] + r.summary["bytes_up_total"],
+    TRAVELLING_RATIO: ("travelling / model", _get(TRAVELLING_RATIO), "{:.2%}"),
+    "bytes_total": ("bytes in total", lambda r: r.summary[BYTES_DOWN_TOTAL] + r.summary[BYTES_UP_TOTAL],
                     "{:,.0f}"),
-    "wall_seconds": ("wall time (s)", _get("wall_seconds"), "{:.1f}"),
+    WALL_SECONDS: ("wall time (s)", _get(WALL_SECONDS), "{:.1f}"),
     "epsilon": ("epsilon", epsilon, "{:.4g}"),
     # DP-SGD: the largest client's steps under each of Opacus's accountants, side by side (summary.json).
-    "epsilon_rdp": ("ε ≤ (RDP)", _get("privacy.epsilon_max_by_accountant.rdp"), "{:.4g}"),
-    "epsilon_prv": ("ε ≤ (PRV)", _get("privacy.epsilon_max_by_accountant.prv"), "{:.4g}"),
-    "epsilon_gdp": ("ε ≈ (GDP)", _get("privacy.epsilon_max_by_accountant.gdp"), "{:.4g}"),
+    "epsilon_rdp": ("ε ≤ (RDP)", _get("privacy", EPSILON_MAX_BY_ACCOUNTANT, "rdp"), "{:.4g}"),
+    "epsilon_prv": ("ε ≤ (PRV)", _get("privacy", EPSILON_MAX_BY_ACCOUNTANT, "prv"), "{:.4g}"),
+    "epsilon_gdp": ("ε ≈ (GDP)", _get("privacy", EPSILON_MAX_BY_ACCOUNTANT, "gdp"), "{:.4g}"),
     # Every client's smaller of its RDP and PRV bounds, the largest over clients (add-or-remove).
-    "epsilon_tightest": ("ε ≤ (tighter of RDP, PRV)", _get("privacy.epsilon_max_tightest"), "{:.4g}"),
+    "epsilon_tightest": ("ε ≤ (tighter of RDP, PRV)", _get("privacy", EPSILON_MAX_TIGHTEST), "{:.4g}"),
     # What the guarantee states: replace-one (the count is published; client-level: a client's updates replaced).
-    "epsilon_replace_one": ("ε ≤ (replace-one)", _get("privacy.epsilon_replace_one"), "{:.4g}"),
+    EPSILON_REPLACE_ONE: ("ε ≤ (replace-one)", _get("privacy", EPSILON_REPLACE_ONE), "{:.4g}"),
 }
 
 
@@ -162,7 +196,7 @@ def target_accuracy(res: StudyResults) -> float:
     """The study's target: as configured, else 90 % of the best configuration's mean final accuracy."""
     if res.target_accuracy > 0:
         return res.target_accuracy
-    means = [statistics.mean(r.summary["final_accuracy"] for r in runs) for runs in res.configs.values()]
+    means = [statistics.mean(r.summary[FINAL_ACCURACY] for r in runs) for runs in res.configs.values()]
     return 0.9 * max(means, default=0.0)
 
 
@@ -200,10 +234,10 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 # Summary fields ``fedtl compare`` shows, with their format.
-COMPARED = (("final_accuracy", "{:.4f}"), ("best_accuracy", "{:.4f}"), ("best_round", "{}"), ("rounds", "{}"),
-            ("transfer_gain", "{:+.4f}"), ("bytes_down_total", "{:,}"), ("bytes_up_total", "{:,}"),
-            ("travelling_params", "{:,}"), ("total_params", "{:,}"), ("travelling_ratio", "{:.2%}"),
-            ("wall_seconds", "{:.1f}"))
+COMPARED = ((FINAL_ACCURACY, "{:.4f}"), (BEST_ACCURACY, "{:.4f}"), (BEST_ROUND, "{}"), ("rounds", "{}"),
+            (TRANSFER_GAIN, "{:+.4f}"), (BYTES_DOWN_TOTAL, "{:,}"), (BYTES_UP_TOTAL, "{:,}"),
+            (TRAVELLING_PARAMS, "{:,}"), (TOTAL_PARAMS, "{:,}"), (TRAVELLING_RATIO, "{:.2%}"),
+            (WALL_SECONDS, "{:.1f}"))
 
 
 def compare_runs(a: str | Path, b: str | Path) -> tuple[list[str], list[list[str]]]:
@@ -216,9 +250,9 @@ def compare_runs(a: str | Path, b: str | Path) -> tuple[list[str], list[list[str
     """
     summaries = []
     for folder in (Path(a), Path(b)):
-        if not (folder / "summary.json").is_file():
-            raise StudyError(f"{folder} holds no finished run (no summary.json): give a run folder, e.g. runs/<name>")
-        summaries.append(json.loads((folder / "summary.json").read_text()))
+        if not (folder / SUMMARY_FILE).is_file():
+            raise StudyError(f"{folder} holds no finished run (no {SUMMARY_FILE}): give a run folder, e.g. runs/<name>")
+        summaries.append(json.loads((folder / SUMMARY_FILE).read_text()))
     first, second = summaries
     fields = [("mode", "{}"), ("init", "{}"), ("strategy", "{}"), ("personalisation", "{}"), ("backbone", "{}"),
               ("clients", "{}"), *COMPARED]
@@ -230,6 +264,6 @@ def compare_runs(a: str | Path, b: str | Path) -> tuple[list[str], list[list[str
         numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (va, vb))
         delta = fmt.format(vb - va) if numbers and fmt != "{}" else ""
         rows.append([key, "—" if va is None else fmt.format(va), "—" if vb is None else fmt.format(vb), delta])
-    eps = [s.get("privacy", {}).get("epsilon_max") for s in summaries]
+    eps = [s.get("privacy", {}).get(EPSILON_MAX) for s in summaries]
     rows.append(["epsilon", *("∞" if e is None else f"{e:.4g}" for e in eps), ""])
     return ["", str(a), str(b), "b - a"], rows

@@ -2,7 +2,7 @@
 
 The server writes a run folder (``fedtl.server.record``), a study writes its plan
 (``fedtl.simulations.study``); everything that reads them (reports, comparisons, a rerun
-that skips finished runs) reads through here.
+that skips finished runs) reads through here. Their names are ``fedtl.run_folder``'s.
 """
 
 from __future__ import annotations
@@ -13,16 +13,13 @@ import os
 from pathlib import Path
 from typing import Any
 
-# What a run writes into its folder (and ``--overwrite`` removes).
-NODE_STATE_DIR = "node-state"  # a simulated run's node states, for a resume (fedtl.simulations.node_state)
-RUN_FILES = ("config.toml", "metrics.jsonl", "summary.json", "accuracy.png", "checkpoints", "privacy.jsonl",
-             "privacy.png", "clients.jsonl", "flower.log", NODE_STATE_DIR)
-METRICS_FILE = "metrics.jsonl"
-SUMMARY_FILE = "summary.json"
-LEDGER_FILE = "privacy.jsonl"
-LOG_FILE = "flower.log"
-# A study folder's list of runs.
-PLAN_FILE = "plan.json"
+# The names are the run folder's contract; the ones this module held before it are still importable from here.
+from fedtl.run_folder import LEDGER_FILE as LEDGER_FILE
+from fedtl.run_folder import LOG_FILE as LOG_FILE
+from fedtl.run_folder import METRICS_FILE, SUMMARY_FILE
+from fedtl.run_folder import NODE_STATE_DIR as NODE_STATE_DIR
+from fedtl.run_folder import PLAN_FILE as PLAN_FILE
+from fedtl.run_folder import RUN_FILES as RUN_FILES
 
 
 def finite(value: Any) -> Any:

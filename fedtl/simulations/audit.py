@@ -39,9 +39,10 @@ from fedtl.data.rows import LabelledImages
 from fedtl.errors import ConfigError, StudyError
 from fedtl.privacy import PRIVACY_MODES
 from fedtl.reports import audit as stats
-from fedtl.reports.runs import SUMMARY_FILE, to_json, write_atomic
+from fedtl.reports.runs import to_json, write_atomic
+from fedtl.run_folder import EPSILON_MAX, EPSILON_PER_CLIENT, EPSILON_REPLACE_ONE, FINAL_ACCURACY, SUMMARY_FILE
 from fedtl.simulations.runtime import check_runtime, kept_warm, resolve_resources
-from fedtl.simulations.study import resumable, run_state
+from fedtl.simulations.study import run_or_resume, run_state
 
 AUDITOR_FILE = "canaries.safetensors"  # every canary and its coin: the auditor's, never a client's
 PLANTED_FILE = "planted.safetensors"  # the planted canaries: what data.canaries names
@@ -226,12 +227,12 @@ def run_audit(cfg: ExperimentConfig, spec: AuditSpec, out: Path, *, overwrite: b
     if out.exists() and not out.is_dir():
         raise StudyError(f"--out {out} is a file, not a folder: name a folder for the audit")
     check_audit(cfg, spec)
-    from fedtl.server.app import preflight  # the server's own checks, which import Flower
+    from fedtl.server.app import check_server_config  # the server's own checks, which import Flower
 
     levels = []
     for e in spec.epsilons:  # every level checked before any runs: a refused one fails now, not after an hour
         level = level_config(cfg, e, out)
-        preflight(level)
+        check_server_config(level)
         check_runtime(level)
         levels.append(resolve_resources(level))  # as the run records it, so a rerun recognises it
     states = {c.out: ("new" if overwrite else run_state(c)) for c in levels}  # a foreign run refuses before any work
@@ -242,9 +243,7 @@ def run_audit(cfg: ExperimentConfig, spec: AuditSpec, out: Path, *, overwrite: b
             if states[level.out] == "done":
                 console.print(f"already run: {level.out}")
                 continue
-            done = resumable(level) if states[level.out] == "interrupted" else None
-            simulate(level, overwrite=overwrite or (states[level.out] == "interrupted" and done is None),
-                     resume=done is not None)
+            run_or_resume(level, states[level.out], simulate, overwrite=overwrite, console=console)
     sc = scenario(cfg.data)
     images = canary_images(out / AUDITOR_FILE, shape=tuple(sc.pool_x.shape[1:]), num_classes=sc.num_classes)
     rows = [_score(level, e, images, canaries["included"], spec) for level, e in zip(levels, spec.epsilons, strict=True)]
@@ -268,8 +267,8 @@ def accounted_epsilon(level: ExperimentConfig, privacy: dict[str, Any]) -> float
     the zero-out epsilon the noise is calibrated to (at 5 rounds, 3 of 3 clients: 2.118 against 0.990 for a
     target of 1). DP-SGD: the canary is added to the client's data or not, so its add-or-remove epsilon."""
     if PRIVACY_MODES.get(level.privacy.mode).canary_flip == "replace-one":
-        return privacy.get("epsilon_replace_one")
-    return privacy.get("epsilon_per_client", {}).get(str(level.data.canary_client), privacy.get("epsilon_max"))
+        return privacy.get(EPSILON_REPLACE_ONE)
+    return privacy.get(EPSILON_PER_CLIENT, {}).get(str(level.data.canary_client), privacy.get(EPSILON_MAX))
 
 
 def _score(level: ExperimentConfig, epsilon: float, images: LabelledImages, included: torch.Tensor,
@@ -283,5 +282,5 @@ def _score(level: ExperimentConfig, epsilon: float, images: LabelledImages, incl
     accounted = math.inf if math.isinf(epsilon) else accounted_epsilon(level, summary.get("privacy", {}))
     refuted = accounted is not None and found.epsilon_lower_bound > accounted
     return {"epsilon": _label(epsilon), "mode": level.privacy.mode, "adjacency": flip, "accounted_epsilon": accounted,
-            **found.as_dict(), "refuted": refuted, "final_accuracy": summary.get("final_accuracy"),
+            **found.as_dict(), "refuted": refuted, FINAL_ACCURACY: summary.get(FINAL_ACCURACY),
             "run": run.name}

@@ -26,7 +26,7 @@ from typing import TextIO
 
 from rich.console import Console
 
-from fedtl.reports.runs import LOG_FILE
+from fedtl.run_folder import LOG_FILE
 
 
 def _on_fd_1(stream: TextIO) -> bool:

@@ -36,7 +36,8 @@ from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 from fedtl.config import ExperimentConfig
 from fedtl.errors import RunFolderError
 from fedtl.protocol import CONFIG, PARTITION_ID, SERVER_ROUND, SPENT_STATE
-from fedtl.reports.runs import NODE_STATE_DIR, write_atomic
+from fedtl.reports.runs import write_atomic
+from fedtl.run_folder import NODE_STATE_DIR
 
 _FILE = re.compile(r"round-(\d+)\.recorddict")
 

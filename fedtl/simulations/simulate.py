@@ -23,7 +23,20 @@ from fedtl.models.factory import build_model
 from fedtl.models.pretrain import ensure_pretrained, pretrains_itself
 from fedtl.personalisation import run_model
 from fedtl.reports.plots import plot_accuracy
-from fedtl.reports.runs import LOG_FILE, RUN_FILES, holds_run, read_metrics
+from fedtl.reports.runs import holds_run, read_metrics
+from fedtl.run_folder import (
+    ACCURACY_PLOT,
+    BEST_ACCURACY,
+    FINAL_ACCURACY,
+    LOG_FILE,
+    OUT_DIR,
+    RUN_FILES,
+    SCRATCH_BEST_ACCURACY,
+    SCRATCH_DIR,
+    SCRATCH_FINAL_ACCURACY,
+    SUMMARY_FILE,
+    TRANSFER_GAIN,
+)
 from fedtl.server.app import make_server_app, private_strategy, run_dir
 from fedtl.server.checkpoint import read_resume
 from fedtl.server.record import Terminal, write_summary
@@ -63,7 +76,7 @@ def prepare_run_dir(cfg: ExperimentConfig, *, overwrite: bool = False, clear: bo
 
 def clear_run_dir(out: Path) -> None:
     """Remove the files a run writes (and its baseline's folder) from ``out``; other files stay."""
-    for name in (*RUN_FILES, "scratch"):
+    for name in (*RUN_FILES, SCRATCH_DIR):
         target = out / name
         if target.is_dir():
             shutil.rmtree(target)
@@ -149,7 +162,7 @@ def _simulate(cfg: ExperimentConfig, terminal: Terminal, mods: Sequence[Mod] = (
             client_app=make_client_app(rc, mods),
             num_supernodes=cfg.clients, backend_config=backend,
         )
-    summary_path = Path(cfg.out) / "summary.json"
+    summary_path = Path(cfg.out) / SUMMARY_FILE
     if not summary_path.is_file():
         raise RuntimeError(f"the simulation ended without writing {summary_path}; see {Path(cfg.out) / LOG_FILE}")
     return json.loads(summary_path.read_text())
@@ -164,16 +177,16 @@ def simulate_with_scratch(cfg: ExperimentConfig, *, overwrite: bool = False, ver
     """
     with kept_warm():  # the baseline runs on the same Ray instance and actors
         summary = simulate(cfg, overwrite=overwrite, verbose=verbose)  # with overwrite, this also clears <run>/scratch
-        out = Path(summary["out_dir"])
-        scratch_cfg = cfg.as_scratch().replace(out=str(out / "scratch"))
+        out = Path(summary[OUT_DIR])
+        scratch_cfg = cfg.as_scratch().replace(out=str(out / SCRATCH_DIR))
         scratch = simulate(scratch_cfg, overwrite=overwrite, verbose=verbose, table_every=5)
-    summary.update(
-        scratch_final_accuracy=scratch["final_accuracy"], scratch_best_accuracy=scratch["best_accuracy"],
-        transfer_gain=summary["final_accuracy"] - scratch["final_accuracy"],
-    )
+    summary.update({
+        SCRATCH_FINAL_ACCURACY: scratch[FINAL_ACCURACY], SCRATCH_BEST_ACCURACY: scratch[BEST_ACCURACY],
+        TRANSFER_GAIN: summary[FINAL_ACCURACY] - scratch[FINAL_ACCURACY],
+    })
     write_summary(out, summary)
     plot_accuracy(
-        {"pre-trained": read_metrics(out), "scratch": read_metrics(out / "scratch")},
-        out / "accuracy.png", title=f"{cfg.name} ({cfg.finetune.mode}): transfer gain {summary['transfer_gain']:+.3f}",
+        {"pre-trained": read_metrics(out), "scratch": read_metrics(out / SCRATCH_DIR)},
+        out / ACCURACY_PLOT, title=f"{cfg.name} ({cfg.finetune.mode}): transfer gain {summary[TRANSFER_GAIN]:+.3f}",
     )
     return summary

@@ -23,7 +23,7 @@ A study file names a base config, fixed overrides, a grid and seeds::
     "privacy.target-epsilon" = 3.0
 
 Every run's config is built and validated (and its model's plans checked, without
-pre-training: ``preflight``) before the first run starts. The study folder
+pre-training: ``check_server_config``) before the first run starts. The study folder
 holds ``study.toml`` (the file as given), ``plan.json`` (every run, its axes and folder),
 ``runs/<label>-s<seed>/`` and ``scratch/<label>-s<seed>/`` (ordinary run folders) and
 ``report/``. A rerun skips runs whose folder holds a finished run of the same config, and
@@ -50,7 +50,8 @@ from fedtl.config import ExperimentConfig, load_config, resolve_key
 from fedtl.config.fields import flatten
 from fedtl.data.federated import check_partitions
 from fedtl.errors import ConfigError, RunFolderError, StudyError
-from fedtl.reports.runs import PLAN_FILE, holds_run
+from fedtl.reports.runs import holds_run
+from fedtl.run_folder import CONFIG_FILE, PLAN_FILE, PLAN_SCRATCH_DIR, PLAN_TARGET_ACCURACY, STUDY_FILE, SUMMARY_FILE
 from fedtl.simulations.runtime import check_runtime, kept_warm, resolve_resources
 
 _STUDY_KEYS = {"name", "base", "seeds", "scratch", "target-accuracy", "set", "grid", "case", "out", "skip-invalid"}
@@ -197,7 +198,7 @@ def plan_study(spec: StudySpec, out: Path) -> StudyPlan:
         If any grid point does not make a valid config or its plans are refused (nothing has
         run yet); with ``skip-invalid``, such points are listed in ``skipped`` instead.
     """
-    from fedtl.server.app import preflight  # the server's own checks, which import Flower
+    from fedtl.server.app import check_server_config  # the server's own checks, which import Flower
 
     runs = StudyPlan()
     scratch_dirs: dict[str, Path] = {}
@@ -209,7 +210,7 @@ def plan_study(spec: StudySpec, out: Path) -> StudyPlan:
             sets = [*spec.sets, *(f"{k}={toml_literal(v)}" for k, v in values.items()), f"seed={seed}"]
             try:
                 cfg = load_config(spec.base, sets)
-                preflight(cfg)
+                check_server_config(cfg)
                 check_runtime(cfg)
             except ConfigError as err:
                 if not spec.skip_invalid:
@@ -223,7 +224,7 @@ def plan_study(spec: StudySpec, out: Path) -> StudyPlan:
             if spec.scratch and cfg.init == "pretrained":
                 base = cfg.as_scratch()
                 try:
-                    preflight(base)
+                    check_server_config(base)
                 except ConfigError as err:
                     raise StudyError(f"study {spec.name!r}, run {label} (seed {seed}): its from-scratch baseline "
                                      f"(full fine-tuning, random init) is refused: {err}") from None
@@ -244,11 +245,11 @@ def run_state(cfg: ExperimentConfig) -> str:
     out = Path(cfg.out)
     if not holds_run(out):
         return "new"
-    held = (out / "config.toml").read_text() if (out / "config.toml").is_file() else ""
+    held = (out / CONFIG_FILE).read_text() if (out / CONFIG_FILE).is_file() else ""
     if held != cfg.to_toml():
         raise StudyError(f"{out} holds a run of another config (was the study file changed?): rerun the study with "
                          "--overwrite to replace its runs, or give it another folder (--out)")
-    return "done" if (out / "summary.json").is_file() else "interrupted"
+    return "done" if (out / SUMMARY_FILE).is_file() else "interrupted"
 
 
 def resumable(cfg: ExperimentConfig) -> int | None:
@@ -304,7 +305,7 @@ def run_study(
         check_partitions(cfg.data, cfg.clients, cfg.seed)
     states = {id(c): ("new" if overwrite else run_state(c)) for c in jobs}  # refuses conflicts before any run
     out.mkdir(parents=True, exist_ok=True)
-    (out / "study.toml").write_text(spec.text)
+    (out / STUDY_FILE).write_text(spec.text)
     write_plan(out, spec, runs, command)
     todo = [c for c in jobs if states[id(c)] != "done"]
     console.print(f"[bold]study {spec.name}[/]: {len(runs)} runs ({len(jobs)} with baselines), "
@@ -316,21 +317,27 @@ def run_study(
         for i, cfg in enumerate(todo):
             eta = f" · study ETA {_eta((time.perf_counter() - t0) / i * (len(todo) - i))}" if i else ""
             console.rule(f"[{i + 1}/{len(todo)}] {cfg.name} seed {cfg.seed}{eta}")
-            done = resumable(cfg) if states[id(cfg)] == "interrupted" else None
-            if done is not None:
-                console.print(f"resuming after round {done}, from its checkpoint")
-            interrupted = states[id(cfg)] == "interrupted"
-            simulate(cfg, overwrite=overwrite or (interrupted and done is None), resume=done is not None)
+            run_or_resume(cfg, states[id(cfg)], simulate, overwrite=overwrite, console=console)
     return runs
+
+
+def run_or_resume(cfg: ExperimentConfig, state: str, simulate: Callable[..., dict[str, Any]], *, overwrite: bool,
+                  console: Console) -> None:
+    """Run ``cfg`` as its folder's ``state`` (``run_state``) asks: an interrupted run continues from its checkpoint,
+    or starts again where it has none; a new one starts (``overwrite``: whatever the folder holds)."""
+    done = resumable(cfg) if state == "interrupted" else None
+    if done is not None:
+        console.print(f"resuming after round {done}, from its checkpoint")
+    simulate(cfg, overwrite=overwrite or (state == "interrupted" and done is None), resume=done is not None)
 
 
 def write_plan(out: Path, spec: StudySpec, runs: StudyPlan, command: str) -> Path:
     """``plan.json``: the study's runs, axes, seeds and the command that made it."""
     plan = {
         "name": spec.name, "command": command, "axes": [k for k, _ in spec.axes], "seeds": list(spec.seeds),
-        "target_accuracy": spec.target_accuracy,
+        PLAN_TARGET_ACCURACY: spec.target_accuracy,
         "runs": [{"label": r.label, "values": r.values, "seed": r.seed, "dir": str(Path(r.cfg.out).relative_to(out)),
-                  "scratch_dir": str(Path(r.scratch.out).relative_to(out)) if r.scratch else None} for r in runs],
+                  PLAN_SCRATCH_DIR: str(Path(r.scratch.out).relative_to(out)) if r.scratch else None} for r in runs],
     }
     plan["skipped"] = [{"label": label, "reason": reason} for label, reason in runs.skipped]
     path = out / PLAN_FILE

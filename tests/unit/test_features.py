@@ -9,13 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedtl.clients.dp_sgd import initial_state, train_private
+from fedtl.clients.dp_sgd import train_private
+from fedtl.clients.spend import initial_state
 from fedtl.clients.trainer import train_local
 from fedtl.config import DataConfig, FinetuneConfig
 from fedtl.data.federated import LabelledImages, client_data, server_test_data
 from fedtl.models.adapters import adapt
 from fedtl.models.backbones import build_backbone
-from fedtl.models.features import FORWARD_BYTES, MAX_FORWARD, PLAIN, Feed, feed, forward_batch, frozen_prefix, predict
+from fedtl.models.features import FORWARD_BYTES, MAX_FORWARD, PLAIN, Feed, feeder, forward_batch, frozen_prefix, predict
 from fedtl.models.transfer import TransferModel
 from fedtl.protocol import RoundPlan
 from tests.helpers import make_config
@@ -41,21 +42,21 @@ PLANS = {
 }
 
 
-def _trained(adapter: str | None, plan: RoundPlan, how: Feed) -> tuple[dict[str, torch.Tensor], float, torch.Tensor]:
+def _trained(adapter: str | None, plan: RoundPlan, feed: Feed) -> tuple[dict[str, torch.Tensor], float, torch.Tensor]:
     model = _model(adapter)
     plan.apply_to(model)
     data = client_data(DATA, 0, 10, seed=0)  # in its domain style: every item drawn from its own seed
-    result = train_local(model, data, plan, FT, seed=5, how=how)
-    return model.travelling_state(), result.loss, predict(model, server_test_data(DATA), how)
+    result = train_local(model, data, plan, FT, seed=5, feed=feed)
+    return model.travelling_state(), result.loss, predict(model, server_test_data(DATA), feed)
 
 
 @pytest.mark.parametrize("name", list(PLANS))
 def test_training_on_cached_features_gives_the_same_update(name: str, tmp_path: Path) -> None:
     adapter, plan = PLANS[name]
-    how = Feed(cache_dir=str(tmp_path))
+    feed = Feed(cache_dir=str(tmp_path))
     off, loss_off, logits_off = _trained(adapter, plan, PLAIN)
-    on, loss_on, logits_on = _trained(adapter, plan, how)
-    again, loss_again, _ = _trained(adapter, plan, how)  # from the cache on disk, as a later round would
+    on, loss_on, logits_on = _trained(adapter, plan, feed)
+    again, loss_again, _ = _trained(adapter, plan, feed)  # from the cache on disk, as a later round would
     assert list(tmp_path.iterdir()), "nothing was cached"
     for key in off:
         torch.testing.assert_close(on[key], off[key], rtol=0, atol=0, msg=f"{key} differs with the cache")
@@ -71,7 +72,7 @@ def test_the_cut_is_below_the_lowest_trainable_block() -> None:
     RoundPlan({"conv2": 0.1, "conv3": 0.1, "head": 0.1}, 1).apply_to(model)
     assert frozen_prefix(model) == model.block_names.index("conv2")
     RoundPlan({b: 0.1 for b in model.block_names} | {"head": 0.1}, 1).apply_to(model)
-    f = feed(model, client_data(DATA, 0, 10, seed=0), Feed(cache_dir="/nonexistent"))
+    f = feeder(model, client_data(DATA, 0, 10, seed=0), Feed(cache_dir="/nonexistent"))
     assert (f.cut, f.cached, f.net) == (0, False, model)  # everything trains: nothing to cache
 
 
@@ -79,20 +80,20 @@ def test_augmentation_turns_the_cache_off_for_training_only(tmp_path: Path) -> N
     model = _model()
     RoundPlan({"head": 0.1}, 1).apply_to(model)
     data = client_data(DATA, 0, 10, seed=0)
-    how = Feed(cache_dir=str(tmp_path), augment="crop-flip")
-    assert not feed(model, data, how, train=True).cached  # a random crop acts below every cut
-    assert feed(model, data, how).cached  # evaluation is never augmented
+    feed = Feed(cache_dir=str(tmp_path), augment="crop-flip")
+    assert not feeder(model, data, feed, train=True).cached  # a random crop acts below every cut
+    assert feeder(model, data, feed).cached  # evaluation is never augmented
 
 
 def test_a_lower_cut_starts_from_the_nearest_cached_one(tmp_path: Path) -> None:
     # Gradual unfreezing: the head first, then conv3 too; conv3's input is the cut below the cached one.
     model = _model()
     data = client_data(DATA, 0, 10, seed=0)
-    how = Feed(cache_dir=str(tmp_path))
+    feed = Feed(cache_dir=str(tmp_path))
     RoundPlan({"conv2": 0.1, "conv3": 0.1, "head": 0.1}, 1).apply_to(model)
-    low = predict(model, data, how)  # caches the cut below conv2
+    low = predict(model, data, feed)  # caches the cut below conv2
     RoundPlan({"conv3": 0.1, "head": 0.1}, 1).apply_to(model)
-    high = predict(model, data, how)  # the cut below conv3: from the cached one below conv2
+    high = predict(model, data, feed)  # the cut below conv3: from the cached one below conv2
     metas = [json.loads(p.read_text()) for p in tmp_path.glob("*/meta.json")]
     assert sorted((m["parts"]["cut"], m["info"]["from-cut"]) for m in metas) == [(1, 0), (2, 1)]
     torch.testing.assert_close(high, low, rtol=0, atol=0)
@@ -105,12 +106,12 @@ def test_dp_sgd_on_cached_features_is_the_same_dp_sgd(adapter: str | None, tmp_p
     plan = RoundPlan({"conv3": 0.1, "head": 0.1} if adapter else {"head": 0.1}, 2)
     data = client_data(DATA, 0, 10, seed=0)
     runs = []
-    for how in (PLAIN, Feed(cache_dir=str(tmp_path))):
+    for feed in (PLAIN, Feed(cache_dir=str(tmp_path))):
         model = _model(adapter)
         plan.apply_to(model)
         noise = torch.Generator().manual_seed(11)  # the same noise and Poisson draws in both runs
-        result, _ = train_private(model, data, plan, cfg, initial_state(cfg, len(data)), noise_generator=noise,
-                                  how=how)
+        state = initial_state(cfg.privacy, cfg.finetune, cfg.rounds, len(data))
+        result, _ = train_private(model, data, plan, cfg.finetune, cfg.privacy, state, noise_generator=noise, feed=feed)
         runs.append((model.travelling_state(), result.steps))
     (off, steps_off), (on, steps_on) = runs
     assert steps_on == steps_off

@@ -21,8 +21,8 @@ PRELOAD = ["torch", "torchvision", "numpy", "sklearn.model_selection", "flwr.app
 
 
 def test_the_package_has_the_modules_the_architecture_names() -> None:
-    for name in ("fedtl.protocol", "fedtl.errors", "fedtl.privacy", "fedtl.personalisation", "fedtl.reports.plots",
-                 "fedtl.models.metrics", "fedtl.clients.privacy", "fedtl.strategies.privacy"):
+    for name in ("fedtl.protocol", "fedtl.run_folder", "fedtl.errors", "fedtl.privacy", "fedtl.personalisation",
+                 "fedtl.reports.plots", "fedtl.models.metrics", "fedtl.clients.privacy", "fedtl.strategies.privacy"):
         assert name in MODULES
 
 
@@ -36,7 +36,7 @@ def test_every_module_imports_on_its_own() -> None:
     assert not failed, failed
 
 
-@pytest.mark.parametrize("module", ["fedtl.protocol", "fedtl.errors", "fedtl.config"])
+@pytest.mark.parametrize("module", ["fedtl.protocol", "fedtl.run_folder", "fedtl.errors", "fedtl.config"])
 def test_light_modules_import_neither_torch_nor_flower(module: str) -> None:
     code = f"import sys, {module}; print(sorted({{'torch', 'flwr', 'ray'}} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

@@ -11,7 +11,7 @@ from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from fedtl.config import ConfigError
 from fedtl.data.federated import LabelledImages
 from fedtl.models.backbones import build_backbone
-from fedtl.models.features import Feed, feed
+from fedtl.models.features import Feed, feeder
 from fedtl.models.ncm import NCM_SCALE, class_sums, head_inputs, ncm_head
 from fedtl.models.transfer import TransferModel
 from fedtl.protocol import CLASS_SUMS, COUNTS, NORM_SUM, SUMS
@@ -94,12 +94,12 @@ def test_the_head_start_features_are_the_ones_feature_extraction_then_reuses(tmp
     torch.manual_seed(0)
     model = TransferModel(build_backbone("small-cnn", 1, image_size=16), 10)
     data = LabelledImages(torch.randint(0, 256, (20, 1, 16, 16), dtype=torch.uint8), torch.randint(0, 10, (20,)), ("clean",) * 20)
-    how = Feed(cache_dir=str(tmp_path))
-    features = head_inputs(model, data, how)
+    feed = Feed(cache_dir=str(tmp_path))
+    features = head_inputs(model, data, feed)
     entries = sorted(p.name for p in tmp_path.iterdir() if p.is_dir())
     assert len(entries) == 1 and features.shape == (20, model.head.in_features)
     model.set_trainable([])  # feature extraction: only the head trains
-    f = feed(model, data, how, train=True)
+    f = feeder(model, data, feed, train=True)
     assert f.cached and sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == entries  # no second forward pass
     with torch.no_grad():
         plain = torch.nn.Sequential(*model.blocks.values()).eval()(data.batch(torch.arange(20)))

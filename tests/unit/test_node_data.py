@@ -14,7 +14,7 @@ from fedtl.clients.node_data import node_data
 from fedtl.config import ConfigError, DataConfig
 from fedtl.data.export import export_partitions, save_images
 from fedtl.data.federated import client_data, client_test_data, server_test_data, task
-from fedtl.data.nodes import Task, read_node_data
+from fedtl.data.node_files import Task, read_node_data
 from fedtl.devices import resolve_device
 from fedtl.errors import DataError
 from fedtl.models.factory import build_model

@@ -1,20 +1,31 @@
-"""The wire contract is one module: no literal copy of a wire name elsewhere in the package."""
+"""The wire contract is one module, and so is the run folder's: no literal copy of their names elsewhere."""
 
 from __future__ import annotations
 
 import ast
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
-from fedtl import protocol
+from fedtl import protocol, run_folder
 from fedtl.models.transfer import TransferModel
 from fedtl.protocol import HEAD, PROXIMAL_MU, RoundPlan
 
 PACKAGE = Path(protocol.__file__).parent
-# The names no other meaning could share: they hold a '-' or a '.' ("train-loss", "privacy.epsilon",
-# "fedtl.local"). Plain words ("accuracy", "arrays") are also the run folder's column names.
-DISTINCT = {v for k, v in vars(protocol).items() if k.isupper() and isinstance(v, str) and ("-" in v or "." in v)}
+
+
+def _names(module: ModuleType, marks: str) -> set[str]:
+    """``module``'s upper-case string constants holding one of ``marks``: the names no other meaning could share."""
+    return {v for k, v in vars(module).items()
+            if k.isupper() and isinstance(v, str) and any(mark in v for mark in marks)}
+
+
+# The wire's names hold a '-' or a '.' ("train-loss", "privacy.epsilon", "fedtl.local"); the run folder's a '_', a
+# '.' or a '-' ("final_accuracy", "summary.json", "node-state"). Plain words ("accuracy", "arrays", "round") are
+# both the wire's and the run folder's column names, and may stay literals.
+DISTINCT = _names(protocol, "-.")
+RUN_FOLDER_NAMES = _names(run_folder, "_.-")
 
 
 def _literals(path: Path) -> list[tuple[int, str]]:
@@ -26,15 +37,35 @@ def _literals(path: Path) -> list[tuple[int, str]]:
             if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docstrings]
 
 
+def _copies(names: set[str], home: ModuleType, package: Path = PACKAGE) -> list[str]:
+    """Every literal copy of one of ``names`` (docstrings aside) in ``package`` outside their ``home`` module."""
+    return [f"{path.relative_to(package.parent)}:{line}: {value!r}"
+            for path in sorted(package.rglob("*.py")) if path != Path(home.__file__)
+            for line, value in _literals(path) if value in names]
+
+
 def test_the_distinct_names_are_many() -> None:
     assert {"train-loss", "num-examples", "partition-id", "data-path", "privacy.epsilon", "fedtl.local"} <= DISTINCT
+    assert {"metrics.jsonl", "summary.json", "plan.json", "node-state", "bytes_down", "lora_merge_error",
+            "final_accuracy", "per_client", "accuracy_before_mean", "epsilon_max", "backbone_fingerprint",
+            "target_accuracy"} <= RUN_FOLDER_NAMES
 
 
 def test_no_wire_name_is_copied_outside_the_protocol() -> None:
-    copies = [f"{path.relative_to(PACKAGE.parent)}:{line}: {value!r}"
-              for path in sorted(PACKAGE.rglob("*.py")) if path.name != "protocol.py"
-              for line, value in _literals(path) if value in DISTINCT]
+    copies = _copies(DISTINCT, protocol)
     assert not copies, "use the name from fedtl.protocol: " + "; ".join(copies)
+
+
+def test_no_run_folder_name_is_copied_outside_its_module() -> None:
+    copies = _copies(RUN_FOLDER_NAMES, run_folder)
+    assert not copies, "use the name from fedtl.run_folder: " + "; ".join(copies)
+
+
+def test_a_copy_is_found(tmp_path: Path) -> None:
+    package = tmp_path / "fedtl"
+    package.mkdir()
+    (package / "reader.py").write_text('"""Reads summary.json."""\n\nKEY = "final_accuracy"\nWORD = "accuracy"\n')
+    assert _copies(RUN_FOLDER_NAMES, run_folder, package) == ["fedtl/reader.py:3: 'final_accuracy'"]
 
 
 def test_the_plan_round_trips_through_its_config() -> None:

@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from fedtl import run_folder
 from fedtl.config import ExperimentConfig
 from fedtl.errors import RunFolderError
 from fedtl.reports.runs import read_metrics
@@ -23,7 +24,7 @@ def test_rows_checkpoints_and_summary(tmp_path: Path) -> None:
     rec.end_round(1, {"accuracy": 0.6, "loss": 1.0, "accuracy/blur": 0.5})
     rec.on_train(2, {"bytes_down": 100, "bytes_up": 100, "clients_ok": 3, "clients_failed": 0})
     rec.end_round(2, {"accuracy": 0.5, "loss": 1.1, "accuracy/blur": 0.4})
-    rec.checkpoint("last", {"w": torch.ones(2)}, round=2)
+    rec.checkpoint("last.safetensors", {"w": torch.ones(2)}, round=2)
     summary = rec.finish(total_params=7)
 
     rows = read_metrics(tmp_path / "run")  # lines were written as the rounds ended
@@ -31,6 +32,8 @@ def test_rows_checkpoints_and_summary(tmp_path: Path) -> None:
     assert summary["bytes_down_total"] == 200 and summary["bytes_up_total"] == 190
     assert (summary["final_accuracy"], summary["best_accuracy"], summary["best_round"]) == (0.5, 0.6, 1)
     assert summary["final_accuracy_per_style"] == {"blur": 0.4}
+    named = {v for v in vars(run_folder).values() if isinstance(v, str)}  # every key a reader could copy is named
+    assert {k for k in [*summary, *(k for r in rows for k in r)] if "_" in k} <= named
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["total_params"] == 7
     assert load_file(str(tmp_path / "run" / "checkpoints" / "last.safetensors"))["w"].tolist() == [1.0, 1.0]
     with pytest.raises(RunFolderError, match="already holds a run"):
