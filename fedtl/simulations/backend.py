@@ -17,7 +17,8 @@ and a resumed run's nodes get theirs back before their first message (see that m
 **Kept warm.** Inside ``runtime.kept_warm()`` the pool survives between runs (see that module).
 
 Flower has no option for any of these, hence the subclass; it is swapped in for ``RayBackend`` only while
-``fedtl_backend()`` is entered (Flower looks the class up when a simulation starts).
+``fedtl_backend()`` is entered (Flower looks the class up when a simulation starts), with the engine's feeder
+(``fedtl.simulations.feeder``: one scan of the pending instructions a tick, not one per node).
 """
 
 from __future__ import annotations
@@ -144,11 +145,15 @@ def release() -> None:
 def fedtl_backend(limit_s: float, states: NodeStates | None = None) -> Iterator[None]:
     """Flower's simulations started inside run on ``FedtlRayBackend`` (see the module); a message has
     ``limit_s`` seconds to come back; ``states``, if given, keeps each node's state."""
+    from flwr.server.superlink.fleet.vce import vce_api
     from flwr.server.superlink.fleet.vce.backend import raybackend
 
-    original = raybackend.RayBackend
+    from fedtl.simulations.feeder import make_feeder
+
+    original, feeder = raybackend.RayBackend, vce_api.add_messages_to_queue
     raybackend.RayBackend = _backend_class(limit_s, states)
+    vce_api.add_messages_to_queue = make_feeder(feeder)  # one scan a tick, not one per node (see feeder.py)
     try:
         yield
     finally:
-        raybackend.RayBackend = original
+        raybackend.RayBackend, vce_api.add_messages_to_queue = original, feeder

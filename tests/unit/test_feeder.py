@@ -1,0 +1,94 @@
+"""The simulation engine's feeder: what Flower's per-node polling delivers, from one scan a tick."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+
+def _federation(nodes: int) -> tuple[Any, dict[int, int], Any]:
+    """A real in-memory link state as Flower's simulation builds it: a run, ``nodes`` registered nodes, a grid."""
+    from flwr.proto.task_pb2 import Task
+    from flwr.server.superlink.fleet.vce.vce_api import _register_nodes
+    from flwr.server.superlink.linkstate import LinkStateFactory
+    from flwr.server.superlink.linkstate.in_memory_linkstate import RunRecord
+    from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME, NOOP_FEDERATION_ID
+    from flwr.supercore.object_store import ObjectStoreFactory
+    from flwr.supercore.run import Run
+    from flwr.superlink.federation import NoOpFederationManager
+    from flwr.superlink.grid import InMemoryGrid
+
+    factory = LinkStateFactory(FLWR_IN_MEMORY_DB_NAME, NoOpFederationManager(), ObjectStoreFactory())
+    state = factory.state()
+    run = Run.create_empty(run_id=7)
+    run.primary_task_id, run.federation_id = 9, NOOP_FEDERATION_ID
+    state.run_ids[7] = RunRecord(run=run)
+    state.task_store[9] = Task(task_id=9, run_id=7)
+    mapping = _register_nodes(nodes, factory)
+    grid = InMemoryGrid(state_factory=factory)
+    grid.set_run(run)
+    return state, mapping, grid
+
+
+@pytest.fixture
+def superlink_identity():  # noqa: ANN201
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 7, 1, 1  # messages from the SuperLink
+    yield
+
+
+def _ticks(deliver, state, mapping) -> list[list[int]]:  # noqa: ANN001
+    """Each tick's delivered destinations (by partition: node ids are random) until nothing is pending."""
+    out = []
+    while batch := deliver(state, mapping):
+        out.append(sorted(mapping[m.metadata.dst_node_id] for m in batch))
+    return out
+
+
+def test_one_scan_a_tick_delivers_what_flowers_per_node_polling_does(superlink_identity: None) -> None:
+    from flwr.app import Message, RecordDict
+
+    from fedtl.simulations.feeder import pending
+
+    def flower(state, mapping):  # noqa: ANN001, ANN202 - Flower 1.42's add_messages_to_queue, one tick
+        return [m for node in mapping for m in state.get_message_ins(node_id=node, limit=1)]
+
+    delivered = []
+    for deliver in (flower, pending):
+        state, mapping, grid = _federation(4)
+        a, b, c, _ = mapping
+        ids = list(grid.push_messages([Message(RecordDict(), dst_node_id=n, message_type="query")
+                                       for n in (a, a, b, a, c)]))
+        assert len(ids) == 5
+        delivered.append(_ticks(deliver, state, mapping))
+    # At most one instruction a node a tick, the oldest first; node d, sent nothing, gets nothing.
+    assert delivered[1] == delivered[0] == [[0, 1, 2], [0], [0]]
+
+
+def test_only_registered_nodes_instructions_are_delivered_each_once(superlink_identity: None) -> None:
+    from flwr.app import Message, RecordDict
+
+    from fedtl.simulations.feeder import pending
+
+    state, mapping, grid = _federation(3)
+    nodes = list(mapping)
+    ids = list(grid.push_messages([Message(RecordDict(), dst_node_id=n, message_type="query") for n in nodes]))
+    first = pending(state, nodes[:2])  # the third node is not this engine's
+    assert [m.metadata.message_id for m in first] == ids[:2]
+    assert all(m.metadata.delivered_at for m in first)
+    assert pending(state, nodes[:2]) == []  # delivered once
+    assert [m.metadata.message_id for m in pending(state, nodes)] == ids[2:]
+
+
+def test_the_feeder_is_swapped_in_only_while_the_backend_is() -> None:
+    from flwr.server.superlink.fleet.vce import vce_api
+
+    from fedtl.simulations.backend import fedtl_backend
+
+    flowers = vce_api.add_messages_to_queue
+    with fedtl_backend(limit_s=5):
+        assert vce_api.add_messages_to_queue is not flowers
+        assert vce_api.add_messages_to_queue.__module__ == "fedtl.simulations.feeder"
+    assert vce_api.add_messages_to_queue is flowers
