@@ -94,6 +94,8 @@ HELD_OUT_AFTER = "accuracy_after"  # ... and after
 HELD_OUT_BEFORE_MEAN = "accuracy_before_mean"
 HELD_OUT_AFTER_MEAN = "accuracy_after_mean"
 EVALUATION_DECLINED = "evaluation_declined"  # client -> why its privacy gate declined the final evaluation
+FINAL_EVALUATION = "final_evaluation"  # the final per-client evaluation: "asked" nodes of all "nodes" (a sample
+# when there are more than strategy.evaluate-clients)
 # The "privacy" section (fedtl.server.ledger.PrivacyLedger.summary; besides "mode", "level", "delta", "budget",
 # "accountant", "guarantee").
 EPSILON_MAX = "epsilon_max"  # the largest epsilon any client (client-level: the run) spent; null: infinite

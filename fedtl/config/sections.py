@@ -198,10 +198,13 @@ class StrategyConfig(Validated):
     # uniform under client-level DP (its noise is calibrated to equal weights), else examples.
     weighting: str = field(default="auto", metadata=one_of(("auto", "examples", "uniform")))
     # The most examples one reply may count (its weight); 0: no bound but each node's own, the training
-    # examples it declared when the run began.
+    # examples it declared when it was first sampled.
     max_examples: int = field(default=0, metadata=in_range(0))
     # A reply's tensor may move by at most this × (its RMS + 1), as RMS per value, from what was sent; 0: off.
     max_update_ratio: float = field(default=100.0, metadata=in_range(0.0))
+    # Nodes that evaluate the final model on their own test data (`clients.jsonl`, the per-client figures):
+    # all when there are at most this many, else a sample of this many drawn from `seed`; 0: every node.
+    evaluate_clients: int = field(default=1000, metadata=in_range(0))
     # Parameters of the named strategy (each strategy reads only its own).
     proximal_mu: float = field(default=0.01, metadata=in_range(0.0))  # fedprox
     server_lr: float = field(default=0.0, metadata=in_range(0.0))  # fedadam/yogi/adagrad (0: 0.1), fedavgm (0: 1.0)

@@ -40,6 +40,7 @@ from fedtl.run_folder import (
     EVALUATION_DECLINED,
     FINAL_ACCURACY,
     FINAL_ACCURACY_PER_STYLE,
+    FINAL_EVALUATION,
     FINAL_LOSS,
     HELD_OUT_AFTER,
     HELD_OUT_AFTER_MEAN,
@@ -114,6 +115,7 @@ class RunRecorder:
         self.table_every = t.table_every
         self._pending: dict[int, dict[str, Any]] = {}  # figures, and CLIENT_ERRORS: a list of reasons
         self.client_evaluation: list[dict[str, Any]] = []
+        self.evaluation_sample: dict[str, int] | None = None  # asked, of how many nodes
         # A resumed run's clock goes on from its last line: wall_seconds stays the run's time.
         self._t0 = time.perf_counter() - (self.rows[-1][WALL_SECONDS] if self.rows else 0.0)
         title = f"{cfg.name}: {cfg.finetune.mode}, {cfg.init}"
@@ -137,9 +139,11 @@ class RunRecorder:
         return [(h, h.setStream(sys.stderr)) for h in logging.getLogger("flwr").handlers
                 if isinstance(h, logging.StreamHandler) and h.stream is sys.__stderr__]
 
-    def on_client_evaluation(self, rnd: int, clients: list[dict[str, Any]]) -> None:
-        """Keep (and write to ``clients.jsonl``) every node's evaluation of the final model."""
+    def on_client_evaluation(self, rnd: int, clients: list[dict[str, Any]], sample: tuple[int, int] = (0, 0)) -> None:
+        """Keep (and write to ``clients.jsonl``) the evaluation of the final model by every node that answered;
+        ``sample``: how many nodes were asked, of how many (``summary.json``'s ``final_evaluation``)."""
         self.client_evaluation = sorted(clients, key=lambda c: (c.get(PARTITION_ID, -1), c[NODE_ID]))
+        self.evaluation_sample = {"asked": sample[0], "nodes": sample[1]}
         write_atomic(self.out / CLIENTS_FILE, "".join(to_json({"round": rnd, **c}) + "\n"
                                                          for c in self.client_evaluation))
 
@@ -191,6 +195,7 @@ class RunRecorder:
             BYTES_UP_TOTAL: sum(r[BYTES_UP] for r in self.rows),
             WALL_SECONDS: time.perf_counter() - self._t0, OUT_DIR: str(self.out),
             **client_summary(self.client_evaluation), **fields,
+            **({FINAL_EVALUATION: self.evaluation_sample} if self.evaluation_sample else {}),
         }
         write_summary(self.out, summary)
         return summary

@@ -18,7 +18,7 @@ from fedtl.strategies.registry import steps_server_optimiser, weight_key
 from fedtl.strategies.report import RoundObserver
 from fedtl.strategies.roster import Roster
 from fedtl.strategies.stacking import Stacking
-from fedtl.strategies.transfer import LoraMerging, Records, ReplyLimits, Travel, transfer_strategy
+from fedtl.strategies.transfer import LoraMerging, Records, ReplyLimits, Sampling, Travel, transfer_strategy
 
 
 def lora_stacking(cfg: ExperimentConfig, model: TransferModel) -> Stacking | None:
@@ -76,6 +76,8 @@ def run_strategy(cfg: ExperimentConfig, model: TransferModel, inner: Strategy, *
     # Not under client-level DP: its wrapper noises the statistics with the rest, and the exact mean would leak them.
     by_mean = weight_key(cfg) if steps_server_optimiser(inner) and not privacy_mode(cfg).noised_update else None
     return transfer_strategy(
-        inner, travel, roster=Roster(cfg.strategy.round_timeout), min_nodes=min_nodes(cfg.strategy),
+        inner, travel, roster=Roster(cfg.strategy.round_timeout),
+        sampling=Sampling(min_nodes=min_nodes(cfg.strategy), most=cfg.sampled_clients),
         limits=reply_limits(cfg.strategy), lora=lora_merging(cfg, model), statistics_by_mean=by_mean,
-        records=Records(observer=observer, final_round=cfg.rounds, on_evaluate=on_evaluate))
+        records=Records(observer=observer, final_round=cfg.rounds, on_evaluate=on_evaluate,
+                        evaluate_clients=cfg.strategy.evaluate_clients, seed=cfg.seed))

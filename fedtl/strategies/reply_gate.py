@@ -13,7 +13,7 @@ merges none of the accepted replies counts none as merged and says why.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from logging import WARNING
+from logging import INFO, WARNING
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.logger import log
@@ -23,7 +23,15 @@ from flwr.serverapp.strategy import Strategy
 from fedtl.errors import RoundFailedError
 from fedtl.protocol import ARRAYS
 from fedtl.strategies.exchange import Exchanges
-from fedtl.strategies.replies import content_key, examples_problem, reply_problem, spec_of, triage, update_problem
+from fedtl.strategies.replies import (
+    content_key,
+    declined_reason,
+    examples_problem,
+    reply_problem,
+    spec_of,
+    triage,
+    update_problem,
+)
 from fedtl.strategies.roster import Roster
 from fedtl.strategies.wrapper import StrategyWrapper
 
@@ -71,6 +79,10 @@ class ReplyGate(StrategyWrapper):
         exchange = self.exchanges.of(server_round)
         found = triage(replies, exchange.sent, self._problem_of(exchange.sent), same_metrics=True)
         exchange.declined, exchange.problems = len(found.declined), found.problems
+        for msg in found.declined:  # its privacy budget is spent: counted, not merged, never sampled again
+            self.roster.decline(msg.metadata.src_node_id, reason := str(declined_reason(msg)))
+            log(INFO, "Round %s: node %s declines, and is not sampled again: %s", server_round,
+                msg.metadata.src_node_id, reason)
         for why in found.rejected:
             log(WARNING, "Round %s: not merging the update of %s", server_round, why)
         for why in found.silent:

@@ -1,15 +1,20 @@
-"""Which nodes train, and what each declared: ``TrainingNodes`` leaves out the nodes held out of training.
+"""Which nodes train, and what each declared: ``TrainingNodes`` leaves out the nodes known to be held out.
 
-The server cannot see a node's config or data, so it asks each node once (a Flower ``query``
-message) whether it is held out and how many training examples it holds: a training reply may
-weigh no more than that. A node at its own LoRA rank says which (HetLoRA). Held-out nodes still get the final evaluation (the adaptability figures).
+The server cannot see a node's config or data, so it asks a node (a Flower ``query`` message) whether
+it is held out and how many training examples it holds when the node is first sampled, never every
+node up front: a run's cost grows with the clients its rounds train, not with the clients that exist.
+A training reply may weigh no more than the node declared. A node at its own LoRA rank says which
+(HetLoRA). A sampled node that cannot train (held out, or silent when asked) is replaced by another
+drawn from those not yet known to be held out (``Roster.settle``), so a round trains as many nodes as
+its strategy sampled. Held-out nodes still get the final evaluation (the adaptability figures).
 A node that answers with an error (its data unreadable) trains, so that its training error, which
 names the fix, is recorded; its replies are refused until it declares a count (it is asked again
-each round). A node that does not answer is not trained that round.
+each time it is sampled). A node that does not answer is not trained that round.
 """
 
 from __future__ import annotations
 
+import random
 from logging import WARNING
 
 from flwr.app import Message, MessageType, RecordDict
@@ -44,11 +49,21 @@ class TrainingNodes(FilteredGrid):
         return self.held_out.get(node) is False and node not in self.examples
 
     def _training(self, ids: list[int]) -> list[int]:
-        # New nodes, and training nodes that declared no count (asked again: their data may be readable now).
-        new = [n for n in ids if n not in self.held_out or self.uncounted(n)]
-        if new:
-            self._ask(new)
-        return [n for n in ids if self.held_out.get(n) is False]  # unanswered nodes do not train
+        return [n for n in ids if self.held_out.get(n) is not True]  # trains, or not asked yet
+
+    def trains(self, node: int) -> bool:
+        """Whether ``node`` answered that it trains (an unanswered or unasked node does not, yet)."""
+        return self.held_out.get(node) is False
+
+    def needs_asking(self, node: int) -> bool:
+        """Whether ``node`` is to be asked when sampled: never asked, silent, or no count declared (its data may
+        be readable now)."""
+        return node not in self.held_out or self.uncounted(node)
+
+    def ask(self, nodes: list[int]) -> None:
+        """Ask ``nodes`` whether they are held out, and what they hold."""
+        if nodes:
+            self._ask(nodes)
 
     def _ask(self, nodes: list[int]) -> None:
         queries = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in nodes]
@@ -103,6 +118,45 @@ class Roster:
         if self.timeout is None:
             return grid
         return self.views.setdefault(id(grid), TrainingNodes(grid, self.timeout))
+
+    def settle(self, messages: list[Message], grid: Grid, most: int | None = None) -> list[Message]:
+        """The round's training ``messages`` (sampled from ``grid``, a ``view``) to nodes that train, at most
+        ``most`` of them: the nodes sampled for the first time are asked now, and one that cannot train is
+        replaced by another drawn from ``grid`` with Python's ``random`` (which Flower samples with, and the
+        server seeds).
+
+        ``most`` (the config's clients a round trains) keeps the round's size what it would be were every
+        node's answer known: the strategy sampled a fraction of the nodes not yet known to be held out, more
+        than that while held-out nodes are still unknown."""
+        if self.timeout is None or not messages:
+            return messages
+        view = self._view_of(grid)
+        if view is None:
+            return messages
+        wanted = len(messages) if most is None else min(len(messages), most)
+        chosen = [m.metadata.dst_node_id for m in messages]
+        view.ask([n for n in chosen if view.needs_asking(n)])
+        kept = [m for m in messages if view.trains(m.metadata.dst_node_id)][:wanted]
+        if len(kept) == wanted:
+            return kept
+        taken = set(chosen)
+        pool = [n for n in grid.get_node_ids() if n not in taken]  # the grid's order: the draw depends on the seed
+        template = messages[0]
+        while len(kept) < wanted and pool:
+            drawn = random.sample(pool, min(wanted - len(kept), len(pool)))
+            pool = [n for n in pool if n not in set(drawn)]
+            view.ask([n for n in drawn if view.needs_asking(n)])
+            kept += [Message(template.content, dst_node_id=n, message_type=template.metadata.message_type)
+                     for n in drawn if view.trains(n)]
+        return kept
+
+    def _view_of(self, grid: Grid) -> TrainingNodes | None:
+        """The ``TrainingNodes`` view ``grid`` is, or is a view of."""
+        while isinstance(grid, FilteredGrid):
+            if isinstance(grid, TrainingNodes):
+                return grid
+            grid = grid.grid
+        return None
 
     def decline(self, node: int, reason: str) -> None:
         """``node`` declined to train (its privacy budget is spent): it is not sampled again."""

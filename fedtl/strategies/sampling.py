@@ -1,26 +1,25 @@
-"""``NodeSampling``: training samples only the nodes that may train, and stops when too few are left."""
+"""``NodeSampling``: training samples only the nodes that may train, asks a node what it holds when it is first
+sampled, and stops when too few are left."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from logging import INFO
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
-from flwr.common.logger import log
+from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedtl.errors import RunStoppedError
 from fedtl.strategies.grids import FilteredGrid
-from fedtl.strategies.replies import declined_reason
 from fedtl.strategies.roster import Roster
 from fedtl.strategies.wrapper import StrategyWrapper
 
 
 class NodeSampling(StrategyWrapper):
-    """Sample training from the nodes the ``roster`` lets train: not held out (``Roster.view``), and not
-    declined for good. A node that declines (its privacy budget is spent) is counted, not merged, and never
-    sampled again; the run stops when fewer than ``min_nodes`` are left (Flower would wait for them forever).
+    """Sample training from the nodes the ``roster`` lets train: not known to be held out (``Roster.view``), and
+    not declined for good (``ReplyGate`` records who declines); a node sampled for the first time is asked what
+    it holds, and one that cannot train is replaced (``Roster.settle``). The run stops when fewer than
+    ``min_nodes`` are left (Flower would wait for them forever).
 
     Parameters
     ----------
@@ -30,15 +29,20 @@ class NodeSampling(StrategyWrapper):
         The run's nodes: the view training samples from, and the nodes that declined.
     min_nodes : int, default 1
         Fewest nodes a round needs (the inner strategy's minimums).
+    most : int, optional
+        The most nodes a round trains (the config's ``sampled_clients``), whatever the strategy sampled from
+        nodes whose answers are not all known yet; default: as many as it sampled.
     """
 
     behaviour = "samples only the nodes that may train"
 
-    def __init__(self, strategy: Strategy, *, roster: Roster, min_nodes: int = 1) -> None:
+    def __init__(self, strategy: Strategy, *, roster: Roster, min_nodes: int = 1, most: int | None = None) -> None:
         super().__init__(strategy)
         if min_nodes < 1:
             raise ValueError(f"min_nodes must be at least 1, got {min_nodes}")
-        self.roster, self.min_nodes = roster, min_nodes
+        if most is not None and most < 1:
+            raise ValueError(f"most must be at least 1 (or None: as sampled), got {most}")
+        self.roster, self.min_nodes, self.most = roster, min_nodes, most
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -51,14 +55,5 @@ class NodeSampling(StrategyWrapper):
                 raise RunStoppedError(
                     f"round {server_round}: {left} client(s) can still train, fewer than the {self.min_nodes} a round "
                     f"needs; {len(declined)} declined for good ({next(reversed(declined.values()))})")
-        return self.strategy.configure_train(server_round, arrays, config, grid)
-
-    def aggregate_train(self, server_round: int,
-                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = list(replies)
-        for msg in replies:
-            if (reason := declined_reason(msg)) is not None:
-                self.roster.decline(msg.metadata.src_node_id, reason)
-                log(INFO, "Round %s: node %s declines, and is not sampled again: %s", server_round,
-                    msg.metadata.src_node_id, reason)
-        return self.strategy.aggregate_train(server_round, replies)
+        return self.roster.settle(list(self.strategy.configure_train(server_round, arrays, config, grid)), grid,
+                                  self.most)

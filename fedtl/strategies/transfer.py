@@ -4,11 +4,13 @@ Each wrapper adds one behaviour and delegates the rest (``fedtl.strategies.wrapp
 what makes them work together, so it is written once, here. Outermost first:
 
 - ``RoundReporting``: what each round exchanged, to the run's records (bytes counted as sent and received);
-- ``NodeSampling``: training samples only nodes that may train (not held out, not declined for good);
-- ``ReplyGate``: a reply is merged only if it carries what its node was sent, within the limits;
+- ``ReplyGate``: a reply is merged only if it carries what its node was sent, within the limits (and a node
+  that declines is not sampled again);
 - ``StackedLora`` or ``MeasuredMerge``: LoRA's exact stacked merge, or the merge error of averaging A and B;
 - ``TravellingKeys``: only the round's travelling tensors go down, with the plan and the fingerprint;
-- ``LoraRanks``: each node at its own LoRA rank (HetLoRA);
+- ``LoraRanks``: each node at its own LoRA rank (HetLoRA), which it declares when first sampled;
+- ``NodeSampling``: training samples only nodes that may train (not held out, not declined for good), asking
+  a node what it holds when it is first sampled;
 - ``StatisticsByMean``: normalisation statistics averaged, not stepped by a server optimiser;
 - ``FinalEvaluation``: every node evaluates after the final round;
 - the Flower strategy (inside its privacy mode's wrapper, if any).
@@ -51,6 +53,15 @@ class Travel:
 
 
 @dataclass(frozen=True)
+class Sampling:
+    """How many nodes a round trains (``NodeSampling``): at least ``min_nodes`` (fewer left to sample: the run
+    stops rather than wait), at most ``most`` (the config's ``sampled_clients``; ``None``: as sampled)."""
+
+    min_nodes: int = 1
+    most: int | None = None
+
+
+@dataclass(frozen=True)
 class ReplyLimits:
     """The gate's limits (``ReplyGate``): ``strategy.max-examples`` (inf: none) and ``strategy.max-update-ratio``
     (0: unbounded)."""
@@ -72,17 +83,21 @@ class LoraMerging:
 
 @dataclass(frozen=True)
 class Records:
-    """Where the run's records go: each round's ``RoundReport`` (``observer``), and every node's evaluation after
-    ``final_round`` (``on_evaluate``; ``final_round = None``: no client evaluation)."""
+    """Where the run's records go: each round's ``RoundReport`` (``observer``), and the nodes' evaluation after
+    ``final_round`` (``on_evaluate``; ``final_round = None``: no client evaluation) by every node, or by a sample of
+    ``evaluate_clients`` drawn from ``seed`` when there are more (``FinalEvaluation``)."""
 
     observer: RoundObserver | None = None
     final_round: int | None = None
     on_evaluate: ClientEvaluations | None = None
+    evaluate_clients: int = 0
+    seed: int = 0
 
 
-def transfer_strategy(inner: Strategy, travel: Travel, *, roster: Roster | None = None, min_nodes: int = 1,
-                      limits: ReplyLimits = ReplyLimits(), lora: LoraMerging = LoraMerging(),
-                      statistics_by_mean: str | None = None, records: Records = Records()) -> Strategy:
+def transfer_strategy(inner: Strategy, travel: Travel, *, roster: Roster | None = None,
+                      sampling: Sampling = Sampling(), limits: ReplyLimits = ReplyLimits(),
+                      lora: LoraMerging = LoraMerging(), statistics_by_mean: str | None = None,
+                      records: Records = Records()) -> Strategy:
     """``inner`` inside the wrappers of fine-tuning, in their order (the module's docstring).
 
     Parameters
@@ -93,8 +108,8 @@ def transfer_strategy(inner: Strategy, travel: Travel, *, roster: Roster | None 
         What travels each round.
     roster : Roster, optional
         The run's nodes: default, nodes are not asked (every node trains, nothing is declared).
-    min_nodes : int, default 1
-        Fewest nodes a round needs; with fewer left to sample, the run stops rather than wait.
+    sampling : Sampling
+        The fewest and the most nodes a round trains.
     limits : ReplyLimits
         The gate's limits on a reply.
     lora : LoraMerging
@@ -107,9 +122,11 @@ def transfer_strategy(inner: Strategy, travel: Travel, *, roster: Roster | None 
     """
     roster = roster or Roster()
     exchanges = Exchanges()
-    s = FinalEvaluation(inner, final_round=records.final_round, on_evaluate=records.on_evaluate)
+    s = FinalEvaluation(inner, final_round=records.final_round, on_evaluate=records.on_evaluate,
+                        sample=records.evaluate_clients, seed=records.seed)
     if statistics_by_mean is not None:
         s = StatisticsByMean(s, weight_key=statistics_by_mean)
+    s = NodeSampling(s, roster=roster, min_nodes=sampling.min_nodes, most=sampling.most)  # inside: the round's nodes settled before a rank cut
     if lora.ranks is not None:
         s = LoraRanks(s, ranks=lora.ranks, roster=roster)
     s = TravellingKeys(s, plan=travel.plan, keys_of=travel.keys_of, initial_state=travel.initial_state,
@@ -120,5 +137,4 @@ def transfer_strategy(inner: Strategy, travel: Travel, *, roster: Roster | None 
         s = MeasuredMerge(s, meter=lora.meter, exchanges=exchanges, weight_key=lora.weight_key)
     s = ReplyGate(s, roster=roster, exchanges=exchanges, max_examples=limits.max_examples,
                   max_update_ratio=limits.max_update_ratio)
-    s = NodeSampling(s, roster=roster, min_nodes=min_nodes)
     return RoundReporting(s, observer=records.observer or (lambda report: None), exchanges=exchanges, roster=roster)

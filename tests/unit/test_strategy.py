@@ -11,7 +11,7 @@ from fedtl.errors import RoundFailedError, RunStoppedError
 from fedtl.protocol import RoundPlan
 from fedtl.strategies.registry import build_strategy
 from fedtl.strategies.roster import Roster
-from fedtl.strategies.transfer import Records, ReplyLimits, transfer_strategy
+from fedtl.strategies.transfer import Records, ReplyLimits, Sampling, transfer_strategy
 from tests.helpers import INITIAL, TRAVEL, StaticGrid, configure_round_one, keys_of, make_config, plan, strategy
 
 
@@ -126,7 +126,7 @@ def test_declined_clients_are_counted_apart_and_the_round_goes_on(task_identity:
 
 def test_declined_clients_are_not_sampled_again_and_too_few_left_ends_the_run(task_identity: None) -> None:
     observed: list = []
-    s = transfer_strategy(build_strategy(make_config("clients=3")), TRAVEL, min_nodes=2,
+    s = transfer_strategy(build_strategy(make_config("clients=3")), TRAVEL, sampling=Sampling(min_nodes=2),
                           records=Records(observer=lambda report: observed.append((report.round, report.totals))))
     out = configure_round_one(s, [1, 2, 3])
     good = {"head.w": np.ones((2, 2), np.float32), "head.b": np.ones(2, np.float32)}
@@ -165,7 +165,7 @@ def test_held_out_and_silent_nodes_are_not_trained_but_all_evaluate(task_identit
     evaluated: list = []
     s = transfer_strategy(
         build_strategy(make_config("clients=3")), TRAVEL, roster=Roster(timeout=5),
-        records=Records(final_round=2, on_evaluate=lambda rnd, clients: evaluated.append((rnd, clients))),
+        records=Records(final_round=2, on_evaluate=lambda rnd, clients, sample: evaluated.append((rnd, clients, sample))),
     )
     grid = AnsweringGrid([1, 2, 7, 100])
     head = ArrayRecord({k: INITIAL[k] for k in keys_of(["head"])})
@@ -180,6 +180,7 @@ def test_held_out_and_silent_nodes_are_not_trained_but_all_evaluate(task_identit
                for m, a, h in zip(final, [0.5, 0.7, 0.9, 0.1], [0, 0, 0, 1])]
     assert s.aggregate_evaluate(2, replies)["client-accuracy-mean"] == pytest.approx(0.7)
     assert [c["accuracy"] for c in evaluated[0][1]] == [0.5, 0.7, 0.9, 0.1]
+    assert evaluated[0][2] == (4, 4)  # every node of 4 was asked
 
 
 def test_an_array_whose_data_differs_from_its_declared_shape_is_not_merged(task_identity: None,
@@ -345,7 +346,7 @@ def test_a_node_that_could_not_count_its_data_trains_is_refused_and_is_asked_aga
         out = list(s.configure_train(1, head, ConfigRecord(), grid))
         assert {m.metadata.dst_node_id for m in out} == {1, 2, 3}
         s.aggregate_train(1, [reply(m, good, 5) for m in out])
-    assert grid.asked.count(1) == 1 and grid.asked.count(3) > 2  # asked again only while it said no count
+    assert grid.asked.count(1) == 1 and grid.asked.count(3) == 2  # asked again each round it is sampled uncounted
     assert (observed[0]["clients_ok"], observed[0]["clients_failed"]) == (2, 1)
     assert "declared no training examples when asked" in caplog.text
     assert (observed[1]["clients_ok"], observed[1]["clients_failed"]) == (3, 0)

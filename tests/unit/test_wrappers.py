@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.app import Message as FlowerMessage
 
 import fedtl
@@ -19,7 +19,7 @@ from fedtl.strategies.registry import build_strategy
 from fedtl.strategies.reply_gate import ReplyGate
 from fedtl.strategies.roster import Roster
 from fedtl.strategies.sampling import NodeSampling
-from fedtl.strategies.transfer import Records, transfer_strategy
+from fedtl.strategies.transfer import Records, Sampling, transfer_strategy
 from fedtl.strategies.travelling import TravellingKeys
 from fedtl.strategies.wrapper import StrategyWrapper
 from tests.helpers import INITIAL, TRAVEL, StaticGrid, keys_of, make_config, plan
@@ -70,7 +70,7 @@ def test_the_round_loop_runs_from_any_first_round(task_identity: None, fedavg, r
     clients: list[tuple[int, int]] = []
     s = transfer_strategy(fedavg, TRAVEL, records=Records(
         observer=reports.append, final_round=rounds.stop - 1,
-        on_evaluate=lambda rnd, cs: clients.append((rnd, len(cs)))))
+        on_evaluate=lambda rnd, cs, sample: clients.append((rnd, len(cs)))))
     start = ArrayRecord({k: INITIAL[k] for k in keys_of(plan(rounds.start).lrs)})
     final = run_rounds(s, ReplyingGrid([1, 2, 3]), start, rounds=rounds, timeout=5,
                        evaluate=lambda rnd, arrays: evaluations.append(rnd),
@@ -108,3 +108,65 @@ def test_the_server_app_reads_top_to_bottom() -> None:
     tree = ast.parse((PACKAGE / "server" / "app.py").read_text())
     run_server = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "run_server")
     assert _lines(run_server) < 50
+
+
+class CountingGrid(StaticGrid):
+    """A population whose nodes answer the query (ids >= ``held_from`` are held out); records who was asked."""
+
+    def __init__(self, nodes: list[int], held_from: int) -> None:
+        super().__init__(nodes)
+        self.held_from, self.asked = held_from, []
+
+    def send_and_receive(self, messages, *, timeout=None):  # noqa: ANN001, ANN201
+        self.asked += [m.metadata.dst_node_id for m in messages]
+        return [FlowerMessage(RecordDict({"metrics": MetricRecord(
+            {"held-out": int(m.metadata.dst_node_id >= self.held_from), "num-examples": 5})}), reply_to=m)
+            for m in messages]
+
+
+def _sampled_rounds(seed: int, rounds: int = 5) -> tuple[list[list[int]], CountingGrid]:
+    import random
+
+    random.seed(seed)
+    grid = CountingGrid(list(range(1, 1001)), held_from=501)  # half the population never trains
+    cfg = make_config("clients=1000", "data.held-out-clients=500", "strategy.fraction-train=0.01")
+    s = transfer_strategy(build_strategy(cfg), TRAVEL, roster=Roster(timeout=5),
+                          sampling=Sampling(most=cfg.sampled_clients))
+    head = ArrayRecord({k: INITIAL[k] for k in keys_of(["head"])})
+    out = []
+    for _ in range(rounds):
+        sent = list(s.configure_train(1, head, ConfigRecord(), grid))
+        out.append(sorted(m.metadata.dst_node_id for m in sent))
+        s.aggregate_train(1, [FlowerMessage(RecordDict({
+            "arrays": ArrayRecord({k: torch.from_numpy(a.numpy()) for k, a in m.content["arrays"].items()}),
+            "metrics": MetricRecord({"num-examples": 5})}), reply_to=m) for m in sent])
+    return out, grid
+
+
+def test_a_round_asks_only_the_nodes_it_samples_each_once(task_identity: None) -> None:
+    rounds, grid = _sampled_rounds(seed=0)
+    # Each round trains 5 nodes (1 % of the 500 that train), none held out, though its strategy samples 1 % of
+    # the nodes not yet known to be held out (10 in round 1) ...
+    assert all(len(r) == 5 and max(r) <= 500 for r in rounds)
+    # ... and only sampled nodes (and the replacements of held-out ones) were asked, each once.
+    assert len(grid.asked) == len(set(grid.asked)) < 100
+    assert {n for r in rounds for n in r} <= set(grid.asked)
+    assert _sampled_rounds(seed=0)[0] == rounds  # the server's seed decides who trains, replacements included
+    assert _sampled_rounds(seed=1)[0] != rounds
+
+
+def _final_evaluation(nodes: int, sample: int, seed: int) -> tuple[list[int], tuple[int, int]]:
+    s = FinalEvaluation(build_strategy(make_config("clients=3")), final_round=1, sample=sample, seed=seed)
+    asked = [m.metadata.dst_node_id for m in s.configure_evaluate(1, ArrayRecord(), ConfigRecord(),
+                                                                  StaticGrid(list(range(100, 100 + nodes))))]
+    return asked, s.asked
+
+
+def test_the_final_evaluation_asks_every_node_of_a_small_population_and_a_seeded_sample_of_a_large_one(
+        task_identity: None) -> None:
+    assert _final_evaluation(50, sample=100, seed=0) == (list(range(100, 150)), (50, 50))
+    asked, sample = _final_evaluation(5000, sample=100, seed=0)
+    assert sample == (100, 5000) and len(set(asked)) == 100
+    assert _final_evaluation(5000, sample=100, seed=0)[0] == asked  # the seed decides, as it decides training
+    assert _final_evaluation(5000, sample=100, seed=1)[0] != asked
+    assert _final_evaluation(5000, sample=0, seed=0)[1] == (5000, 5000)  # 0: every node
