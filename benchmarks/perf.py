@@ -17,6 +17,8 @@ Sections (``--only``):
   one Ray instance and actor pool for the study against Ray and actors started per run.
 - ``dp``: DP-SGD against plain SGD for one client round, head-only and LoRA, on cached features.
 - ``scale``: 100 and 1,000 virtual clients, fraction 0.1, 5 rounds: seconds per round and memory.
+- ``population``: 100, 1,000, 10,000 and 100,000 registered clients, 50 trained a round, 5 rounds: the fixed
+  cost (wall time outside the rounds), the median round and peak memory, the largest against the smallest.
 
 Writes ``benchmarks/results/perf.{json,md,png}`` (``--out`` to change). No number here is a test.
 """
@@ -494,6 +496,42 @@ def section_scale(res: dict[str, Any]) -> None:
                                 "fraction-train 0.1, 5 rounds", **out}
 
 
+POPULATIONS = (100, 1_000, 10_000, 100_000)
+
+
+def section_population(res: dict[str, Any]) -> None:
+    """100 -> 100,000 registered clients, 50 trained a round, 5 rounds, one image each: what grows with the
+    population (the fixed cost: wall time outside the rounds; peak memory) and what must not (a round)."""
+    images = make_images(WORK / "images16-100k", clients=500, per_client=200, size=16)  # 100,000 + 400 test
+    common = ["data.scenario='image-folder'", f"data.path='{images}'", "data.image-size=16",
+              "data.labelled-per-client=1", "data.client-test-fraction=0.0", "data.min-partition-size=1",
+              "init='scratch'", "finetune.mode='full'", f"data.store-dir='{WORK / 'store'}'"]
+
+    def run(clients: int, rounds: int, out: Path, memory: bool) -> dict[str, Any]:
+        sets = [*common, f"clients={clients}", f"strategy.fraction-train={50 / clients}", f"rounds={rounds}"]
+        return timed_command([*FEDTL, "simulate", "--out", str(out), "--overwrite",
+                              *[a for s in sets for a in ("--set", s)]], memory=memory)
+
+    run(100, 1, WORK / "population-warm-up", memory=False)  # the store's decode of 100,400 images, once
+    out: dict[str, Any] = {}
+    for clients in POPULATIONS:
+        folder = WORK / f"population-{clients}"
+        m = run(clients, 5, folder, memory=True)
+        rounds = rounds_of(folder)
+        summary = json.loads((folder / "summary.json").read_text())
+        out[str(clients)] = {**m, "round_s": rounds, "median_round_s": statistics.median(rounds),
+                             "fixed_s": m["wall_s"] - sum(rounds), "final_evaluation": summary.get("final_evaluation")}
+    small, large = out[str(POPULATIONS[0])], out[str(POPULATIONS[-1])]
+    res["population"] = {
+        "workload": "100,000 generated 16-px images (one a client), small-cnn from scratch, full fine-tuning, 50 "
+                    "clients trained a round, 5 rounds, store decoded before the first measured run",
+        **out,
+        "fixed_ratio": large["fixed_s"] / small["fixed_s"],
+        "round_ratio": large["median_round_s"] / small["median_round_s"],
+        "memory_growth_gb": large["peak_pss_gb"] - small["peak_pss_gb"],
+    }
+
+
 def section_big(res: dict[str, Any]) -> None:
     """A 20,400-image pool at 224 px (100 clients x 200 + 400 test): does it fit, and what does it take?"""
     images = make_images(WORK / "images224-20k", clients=100)
@@ -518,6 +556,7 @@ def section_big(res: dict[str, Any]) -> None:
 
 SECTIONS: dict[str, Callable[[dict[str, Any]], None]] = {
     "bare": section_bare, "cache": section_cache, "study": section_study, "dp": section_dp, "scale": section_scale,
+    "population": section_population,
     "big": section_big}
 
 
@@ -571,6 +610,19 @@ def table(res: dict[str, Any]) -> str:
             rows.append((f"{n} virtual clients, fraction 0.1", f"{s['median_round_s']:.2f} s/round", "flat",
                          f"{per_client:.3f} s per client a round trains; peak PSS {s['peak_pss_gb']:.2f} GB, RSS summed "
                          f"{s['peak_rss_gb']:.2f} GB, wall {s['wall_s']:.0f} s"))
+    if "population" in res:
+        p = res["population"]
+        for n in map(str, POPULATIONS):
+            q = p[n]
+            rows.append((f"{int(n):,} registered clients, 50 trained a round", f"{q['median_round_s']:.2f} s/round",
+                         "", f"fixed (outside the rounds) {q['fixed_s']:.1f} s, peak PSS {q['peak_pss_gb']:.2f} GB, "
+                         f"wall {q['wall_s']:.0f} s"))
+        rows.append((f"{POPULATIONS[-1]:,} against {POPULATIONS[0]} registered clients: fixed cost",
+                     f"{p['fixed_ratio']:.2f}x", "<= 2x", ""))
+        rows.append((f"{POPULATIONS[-1]:,} against {POPULATIONS[0]} registered clients: median round",
+                     f"{p['round_ratio']:.2f}x", "<= 1.5x", ""))
+        rows.append((f"{POPULATIONS[-1]:,} against {POPULATIONS[0]} registered clients: peak memory (PSS)",
+                     f"{p['memory_growth_gb']:+.2f} GB", "<= +0.5 GB", ""))
     if "big" in res:
         g = res["big"]
         rows.append(("20,400-image 224-px pool: peak memory, all processes (PSS)", f"{g['peak_pss_gb']:.2f} GB",
@@ -626,12 +678,14 @@ def main() -> None:
         SECTIONS[name](res)
         res.setdefault("section_seconds", {})[name] = time.perf_counter() - t0
         res["measured"] = time.strftime("%Y-%m-%d %H:%M")
+        res.setdefault("section_measured", {})[name] = res["measured"]  # sections run alone keep their own dates
         path.write_text(json.dumps(res, indent=2) + "\n")  # after every section: nothing measured is lost
         print(f"{name}: done in {time.perf_counter() - t0:.0f} s", flush=True)
     text = table(res)
     m = res["machine"]
-    (out / "perf.md").write_text(f"Measured {res['measured']} on {m['cores']} cores, {m['memory_gb']} GB "
-                                 f"({m['platform']}) by `make bench-perf`.\n\n{text}\n")
+    dates = ", ".join(f"{k} {v}" for k, v in res.get("section_measured", {}).items())
+    (out / "perf.md").write_text(f"Measured on {m['cores']} cores, {m['memory_gb']} GB ({m['platform']}) by "
+                                 f"`make bench-perf`; each section when last run: {dates}.\n\n{text}\n")
     plot(res, out / "perf.png")
     print(text)
 

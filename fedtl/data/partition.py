@@ -28,8 +28,19 @@ PARTITIONERS: Registry[PartitionerFactory] = Registry("partitioner", declared=ca
 def _iid(num_partitions: int, alpha: float, min_size: int, seed: int) -> Partitioner:
     from flwr_datasets.partitioner import IidPartitioner
 
-    # IidPartitioner cuts contiguous shards; the pool is shuffled by `seed` before it.
-    return IidPartitioner(num_partitions=num_partitions)
+    class ContiguousShards(IidPartitioner):  # type: ignore[misc]
+        """flwr-datasets' ``IidPartitioner`` (contiguous shards of the pool, shuffled by ``seed`` before), its
+        shards cut in one numpy pass. Its own ``load_partition`` builds a ``datasets`` shard per call, about
+        1.4 ms each: 140 s of a 100,000-client run's start. The shards are the same (tested against it)."""
+
+        _shards: list[np.ndarray] | None = None
+
+        def load_partition(self, partition_id: int) -> dict[str, np.ndarray]:  # type: ignore[override]
+            if self._shards is None:
+                self._shards = np.array_split(np.asarray(self.dataset["index"], dtype=np.int64), self.num_partitions)
+            return {"index": self._shards[partition_id]}
+
+    return ContiguousShards(num_partitions=num_partitions)
 
 
 @PARTITIONERS.register("dirichlet")
