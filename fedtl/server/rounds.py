@@ -7,6 +7,7 @@ strategy's four methods as Flower's does.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from logging import INFO
 
@@ -56,3 +57,13 @@ def run_rounds(strategy: Strategy, grid: Grid, arrays: ArrayRecord, *, rounds: r
         evaluate(rnd, arrays)
         after_round(rnd, arrays)
     return arrays
+
+
+def wait_for_nodes(grid: Grid, count: int, poll_s: float = 0.1) -> None:
+    """Return once ``grid`` has at least ``count`` nodes connected (0: at once)."""
+    logged = False
+    while count and len(list(grid.get_node_ids())) < count:
+        if not logged:
+            log(INFO, "Waiting for the %s nodes of the population to connect", count)
+            logged = True
+        time.sleep(poll_s)

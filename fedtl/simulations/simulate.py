@@ -158,7 +158,7 @@ def _simulate(cfg: ExperimentConfig, terminal: Terminal, mods: Sequence[Mod] = (
     # A dead or hung client process is replaced; each node's state is kept on disk for a resume.
     with fedtl_backend(limit_s=cfg.strategy.round_timeout, states=states):
         run_simulation(
-            server_app=make_server_app(rc, terminal, checkpoint),
+            server_app=make_server_app(rc, terminal, checkpoint, population=cfg.clients),
             client_app=make_client_app(rc, mods),
             num_supernodes=cfg.clients, backend_config=backend,
         )

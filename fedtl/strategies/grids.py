@@ -38,3 +38,20 @@ class FilteredGrid(Grid):
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         return self.grid.send_and_receive(messages, timeout=timeout)
+
+
+class RegistrationOrder(FilteredGrid):
+    """``grid`` with its node ids in the order the nodes registered, so that a seed samples the same nodes in
+    every process. Flower's in-memory state (a simulation's) returns them as a set of random ids, whose order
+    differs from run to run, and so did whom ``random.sample`` picked; registration order is partition order.
+    Any other grid (a deployment's, whose node ids are the nodes' own): sorted."""
+
+    def __init__(self, grid: Grid) -> None:
+        super().__init__(grid, self._ordered)
+
+    def _ordered(self, ids: list[int]) -> list[int]:
+        registered = getattr(getattr(self.grid, "state", None), "nodes", None)  # InMemoryLinkState.nodes: a dict
+        if isinstance(registered, dict):
+            present = set(ids)
+            return [n for n in registered if n in present]
+        return sorted(ids)

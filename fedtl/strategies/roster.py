@@ -1,12 +1,13 @@
-"""Which nodes train, and what each declared: ``TrainingNodes`` leaves out the nodes known to be held out.
+"""Which nodes train, and what each declared: ``TrainingNodes`` keeps the nodes' answers, ``Roster.settle`` trains
+only the nodes that train.
 
 The server cannot see a node's config or data, so it asks a node (a Flower ``query`` message) whether
 it is held out and how many training examples it holds when the node is first sampled, never every
 node up front: a run's cost grows with the clients its rounds train, not with the clients that exist.
 A training reply may weigh no more than the node declared. A node at its own LoRA rank says which
 (HetLoRA). A sampled node that cannot train (held out, or silent when asked) is replaced by another
-drawn from those not yet known to be held out (``Roster.settle``), so a round trains as many nodes as
-its strategy sampled. Held-out nodes still get the final evaluation (the adaptability figures).
+drawn from the rest (``Roster.settle``), so a round trains as many nodes as its strategy sampled (at
+most the config's ``sampled_clients``). Held-out nodes still get the final evaluation (the adaptability figures).
 A node that answers with an error (its data unreadable) trains, so that its training error, which
 names the fix, is recorded; its replies are refused until it declares a count (it is asked again
 each time it is sampled). A node that does not answer is not trained that round.
@@ -26,7 +27,8 @@ from fedtl.strategies.grids import FilteredGrid
 
 
 class TrainingNodes(FilteredGrid):
-    """``grid`` as training sees it: ``get_node_ids`` leaves out held-out nodes.
+    """``grid`` as training sees it, with what each node answered when asked (``Roster.settle`` trains only those
+    that train).
 
     Parameters
     ----------
@@ -49,7 +51,10 @@ class TrainingNodes(FilteredGrid):
         return self.held_out.get(node) is False and node not in self.examples
 
     def _training(self, ids: list[int]) -> list[int]:
-        return [n for n in ids if self.held_out.get(n) is not True]  # trains, or not asked yet
+        # Every node, held-out ones known or not: were the ones known to be held out left out, whom a round
+        # samples would depend on what the server happened to have asked, and a resumed run (which knows
+        # nothing yet) would sample other nodes than the uninterrupted one. ``Roster.settle`` replaces them.
+        return ids
 
     def trains(self, node: int) -> bool:
         """Whether ``node`` answered that it trains (an unanswered or unasked node does not, yet)."""
@@ -125,9 +130,8 @@ class Roster:
         replaced by another drawn from ``grid`` with Python's ``random`` (which Flower samples with, and the
         server seeds).
 
-        ``most`` (the config's clients a round trains) keeps the round's size what it would be were every
-        node's answer known: the strategy sampled a fraction of the nodes not yet known to be held out, more
-        than that while held-out nodes are still unknown."""
+        ``most`` (the config's clients a round trains) keeps the round's size a fraction of the nodes that
+        train: the strategy sampled a fraction of every node, held-out ones included."""
         if self.timeout is None or not messages:
             return messages
         view = self._view_of(grid)

@@ -16,9 +16,9 @@ from fedtl.strategies.wrapper import StrategyWrapper
 
 
 class NodeSampling(StrategyWrapper):
-    """Sample training from the nodes the ``roster`` lets train: not known to be held out (``Roster.view``), and
-    not declined for good (``ReplyGate`` records who declines); a node sampled for the first time is asked what
-    it holds, and one that cannot train is replaced (``Roster.settle``). The run stops when fewer than
+    """Sample training from the nodes not declined for good (``ReplyGate`` records who declines); a node sampled
+    for the first time is asked what it holds, and one that cannot train (held out) is replaced
+    (``Roster.settle``). The run stops when fewer than
     ``min_nodes`` are left (Flower would wait for them forever).
 
     Parameters

@@ -146,7 +146,7 @@ def _sampled_rounds(seed: int, rounds: int = 5) -> tuple[list[list[int]], Counti
 def test_a_round_asks_only_the_nodes_it_samples_each_once(task_identity: None) -> None:
     rounds, grid = _sampled_rounds(seed=0)
     # Each round trains 5 nodes (1 % of the 500 that train), none held out, though its strategy samples 1 % of
-    # the nodes not yet known to be held out (10 in round 1) ...
+    # every node (10) ...
     assert all(len(r) == 5 and max(r) <= 500 for r in rounds)
     # ... and only sampled nodes (and the replacements of held-out ones) were asked, each once.
     assert len(grid.asked) == len(set(grid.asked)) < 100
