@@ -77,7 +77,7 @@ def run_strategy(cfg: ExperimentConfig, model: TransferModel, inner: Strategy, *
     by_mean = weight_key(cfg) if steps_server_optimiser(inner) and not privacy_mode(cfg).noised_update else None
     return transfer_strategy(
         inner, travel, roster=Roster(cfg.strategy.round_timeout),
-        sampling=Sampling(min_nodes=min_nodes(cfg.strategy), most=cfg.sampled_clients),
+        sampling=Sampling(min_nodes=min_nodes(cfg.strategy), most=cfg.sampled_clients, seed=cfg.seed),
         limits=reply_limits(cfg.strategy), lora=lora_merging(cfg, model), statistics_by_mean=by_mean,
         records=Records(observer=observer, final_round=cfg.rounds, on_evaluate=on_evaluate,
                         evaluate_clients=cfg.strategy.evaluate_clients, seed=cfg.seed))

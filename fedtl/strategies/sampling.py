@@ -3,6 +3,7 @@ sampled, and stops when too few are left."""
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterable
 
 from flwr.app import ArrayRecord, ConfigRecord, Message
@@ -10,6 +11,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedtl.errors import RunStoppedError
+from fedtl.seeds import derived_seed
 from fedtl.strategies.grids import FilteredGrid
 from fedtl.strategies.roster import Roster
 from fedtl.strategies.wrapper import StrategyWrapper
@@ -32,17 +34,24 @@ class NodeSampling(StrategyWrapper):
     most : int, optional
         The most nodes a round trains (the config's ``sampled_clients``), whatever the strategy sampled from
         nodes whose answers are not all known yet; default: as many as it sampled.
+    seed : int, optional
+        The run's seed: each round's sampling draws from Python's ``random`` seeded by it and the round.
+        Flower samples with the process-wide ``random``, which other code in the process draws from too (Ray
+        draws bits from it when it subscribes, as a simulation's actors start), so a seed set once at the start
+        decided only the first rounds: two runs on a warm actor pool, or a resumed run, sampled other nodes
+        from round 2 on. Default: as the process's ``random`` stands.
     """
 
     behaviour = "samples only the nodes that may train"
 
-    def __init__(self, strategy: Strategy, *, roster: Roster, min_nodes: int = 1, most: int | None = None) -> None:
+    def __init__(self, strategy: Strategy, *, roster: Roster, min_nodes: int = 1, most: int | None = None,
+                 seed: int | None = None) -> None:
         super().__init__(strategy)
         if min_nodes < 1:
             raise ValueError(f"min_nodes must be at least 1, got {min_nodes}")
         if most is not None and most < 1:
             raise ValueError(f"most must be at least 1 (or None: as sampled), got {most}")
-        self.roster, self.min_nodes, self.most = roster, min_nodes, most
+        self.roster, self.min_nodes, self.most, self.seed = roster, min_nodes, most, seed
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -55,5 +64,7 @@ class NodeSampling(StrategyWrapper):
                 raise RunStoppedError(
                     f"round {server_round}: {left} client(s) can still train, fewer than the {self.min_nodes} a round "
                     f"needs; {len(declined)} declined for good ({next(reversed(declined.values()))})")
+        if self.seed is not None:
+            random.seed(derived_seed(f"sampling:{server_round}", self.seed))
         return self.roster.settle(list(self.strategy.configure_train(server_round, arrays, config, grid)), grid,
                                   self.most)

@@ -55,10 +55,12 @@ class Travel:
 @dataclass(frozen=True)
 class Sampling:
     """How many nodes a round trains (``NodeSampling``): at least ``min_nodes`` (fewer left to sample: the run
-    stops rather than wait), at most ``most`` (the config's ``sampled_clients``; ``None``: as sampled)."""
+    stops rather than wait), at most ``most`` (the config's ``sampled_clients``; ``None``: as sampled); ``seed``:
+    each round samples from it and the round (``None``: from Python's ``random`` as it stands)."""
 
     min_nodes: int = 1
     most: int | None = None
+    seed: int | None = None
 
 
 @dataclass(frozen=True)
@@ -126,7 +128,8 @@ def transfer_strategy(inner: Strategy, travel: Travel, *, roster: Roster | None 
                         sample=records.evaluate_clients, seed=records.seed)
     if statistics_by_mean is not None:
         s = StatisticsByMean(s, weight_key=statistics_by_mean)
-    s = NodeSampling(s, roster=roster, min_nodes=sampling.min_nodes, most=sampling.most)  # inside: the round's nodes settled before a rank cut
+    # Inside LoraRanks: the round's nodes are settled (and their ranks known) before the rank cut.
+    s = NodeSampling(s, roster=roster, min_nodes=sampling.min_nodes, most=sampling.most, seed=sampling.seed)
     if lora.ranks is not None:
         s = LoraRanks(s, ranks=lora.ranks, roster=roster)
     s = TravellingKeys(s, plan=travel.plan, keys_of=travel.keys_of, initial_state=travel.initial_state,

@@ -125,3 +125,4 @@ def test_a_resumed_dp_sgd_run_counts_every_step_its_nodes_took_lost_rounds_inclu
         assert row["steps"] == steps, row
         assert row["epsilon"] == pytest.approx(sample_epsilon([(1.0, 0.2, steps)], accountant="rdp", delta=1e-5))
 
+
