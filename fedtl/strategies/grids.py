@@ -53,5 +53,7 @@ class RegistrationOrder(FilteredGrid):
         registered = getattr(getattr(self.grid, "state", None), "nodes", None)  # InMemoryLinkState.nodes: a dict
         if isinstance(registered, dict):
             present = set(ids)
-            return [n for n in registered if n in present]
+            # list() copies the keys in one step: under `flwr run .` (no wait for the population) Flower may still
+            # be registering nodes, and iterating the dict itself would fail when one is added meanwhile.
+            return [n for n in list(registered) if n in present]
         return sorted(ids)
