@@ -124,11 +124,15 @@ class Roster:
             return grid
         return self.views.setdefault(id(grid), TrainingNodes(grid, self.timeout))
 
-    def settle(self, messages: list[Message], grid: Grid, most: int | None = None) -> list[Message]:
+    def settle(self, messages: list[Message], grid: Grid, most: int | None = None,
+               rng: random.Random | None = None) -> list[Message]:
         """The round's training ``messages`` (sampled from ``grid``, a ``view``) to nodes that train, at most
         ``most`` of them: the nodes sampled for the first time are asked now, and one that cannot train is
-        replaced by another drawn from ``grid`` with Python's ``random`` (which Flower samples with, and the
-        server seeds).
+        replaced by another drawn from ``grid`` with ``rng`` (default: Python's ``random``).
+
+        ``rng`` is the round's own generator, not the process's ``random``: asking nodes may start a
+        simulation's actors, and Ray draws from ``random`` as they start, so a resumed run (whose first round
+        starts them) drew other replacements than the uninterrupted run.
 
         ``most`` (the config's clients a round trains) keeps the round's size a fraction of the nodes that
         train: the strategy sampled a fraction of every node, held-out ones included."""
@@ -147,7 +151,7 @@ class Roster:
         pool = [n for n in grid.get_node_ids() if n not in taken]  # the grid's order: the draw depends on the seed
         template = messages[0]
         while len(kept) < wanted and pool:
-            drawn = random.sample(pool, min(wanted - len(kept), len(pool)))
+            drawn = (rng or random).sample(pool, min(wanted - len(kept), len(pool)))
             pool = [n for n in pool if n not in set(drawn)]
             view.ask([n for n in drawn if view.needs_asking(n)])
             kept += [Message(template.content, dst_node_id=n, message_type=template.metadata.message_type)

@@ -39,7 +39,8 @@ class NodeSampling(StrategyWrapper):
         Flower samples with the process-wide ``random``, which other code in the process draws from too (Ray
         draws bits from it when it subscribes, as a simulation's actors start), so a seed set once at the start
         decided only the first rounds: two runs on a warm actor pool, or a resumed run, sampled other nodes
-        from round 2 on. Default: as the process's ``random`` stands.
+        from round 2 on. A node that cannot train is replaced with a generator of the round's own (seeded by
+        the run's seed and the round), as asking nodes starts actors. Default: as the process's ``random`` stands.
     """
 
     behaviour = "samples only the nodes that may train"
@@ -64,7 +65,9 @@ class NodeSampling(StrategyWrapper):
                 raise RunStoppedError(
                     f"round {server_round}: {left} client(s) can still train, fewer than the {self.min_nodes} a round "
                     f"needs; {len(declined)} declined for good ({next(reversed(declined.values()))})")
+        rng = None
         if self.seed is not None:
             random.seed(derived_seed(f"sampling:{server_round}", self.seed))
+            rng = random.Random(derived_seed(f"replacing:{server_round}", self.seed))
         return self.roster.settle(list(self.strategy.configure_train(server_round, arrays, config, grid)), grid,
-                                  self.most)
+                                  self.most, rng)

@@ -126,3 +126,32 @@ def test_a_resumed_dp_sgd_run_counts_every_step_its_nodes_took_lost_rounds_inclu
         assert row["epsilon"] == pytest.approx(sample_epsilon([(1.0, 0.2, steps)], accountant="rdp", delta=1e-5))
 
 
+
+
+def test_a_resumed_10000_client_run_equals_an_uninterrupted_one(tmp_path: Path) -> None:
+    # Nodes are asked what they hold when first sampled, held-out ones are replaced, the final evaluation is a
+    # sample, and Flower's simulation gives its nodes new random ids in every process: the seed must still decide
+    # who trains and who evaluates (before: a set's order, and the nodes registered by the time round 1 began).
+    # The resumed run knows none of the answers the killed one had, and its first round starts the actors (Ray
+    # draws from Python's random as they start): it must still train the same nodes and end the same.
+    from tests.helpers import run_fedtl, write_cifar10
+
+    root = write_cifar10(tmp_path / "data", per_batch=2000, test=100)  # 10,000 training images, one a client
+    sets = ("data.scenario=torchvision", "data.dataset=CIFAR10", f"data.root={str(root)!r}",
+            "data.verify-checksums=false", "data.image-size=8", "data.labelled-per-client=1",
+            "data.client-test-fraction=0.0", "data.min-partition-size=1", "clients=10000",
+            "data.held-out-clients=2000", "strategy.fraction-train=0.0025", "strategy.evaluate-clients=30",
+            "rounds=4", "init=scratch", "finetune.mode=full", f"data.store-dir={str(tmp_path / 'store')!r}")
+    killed, whole = tmp_path / "killed", tmp_path / "whole"  # each in a process of its own, as a user runs them
+    assert killed_after_round_2(killed, sets) < 4 and not (killed / "summary.json").exists()
+    assert run_fedtl("simulate", "--resume", str(killed)).returncode == 0
+    assert run_fedtl("simulate", *(a for s in sets for a in ("--set", s)), "--out", str(whole)).returncode == 0
+
+    rows = [[{k: v for k, v in r.items() if k != "wall_seconds"} for r in read_metrics(out)] for out in (killed, whole)]
+    assert rows[0] == rows[1] and all(r["clients_ok"] == 20 for r in rows[0][1:])  # 0.25 % of the 8,000 that train
+    a, b = (load_file(str(run / "checkpoints" / "last.safetensors")) for run in (killed, whole))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+    evaluated = [lines(out / "clients.jsonl", ("node-id",)) for out in (killed, whole)]
+    assert evaluated[0] == evaluated[1] and len(evaluated[0]) == 30  # the same seeded sample of 10,000
+    assert json.loads((whole / "summary.json").read_text())["final_evaluation"] == {"asked": 30, "nodes": 10000}

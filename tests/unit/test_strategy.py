@@ -183,6 +183,30 @@ def test_held_out_and_silent_nodes_are_not_trained_but_all_evaluate(task_identit
     assert evaluated[0][2] == (4, 4)  # every node of 4 was asked
 
 
+class DrawingGrid(AnsweringGrid):
+    """``AnsweringGrid`` whose queries draw from Python's ``random``, as Ray does when a simulation's actors start
+    (in a resumed run, its first round's queries start them)."""
+
+    def send_and_receive(self, messages, *, timeout=None):  # noqa: ANN001, ANN201
+        import random
+
+        random.random()
+        return super().send_and_receive(messages, timeout=timeout)
+
+
+def test_a_held_out_node_is_replaced_by_the_same_draw_whoever_else_draws_from_random(task_identity: None) -> None:
+    nodes = list(range(1, 41)) + list(range(100, 160))  # 40 train, 60 held out: most rounds need replacements
+    trained = []
+    for grid in (AnsweringGrid(nodes), DrawingGrid(nodes)):
+        s = transfer_strategy(build_strategy(make_config("clients=100", "strategy.fraction-train=0.1")), TRAVEL,
+                              roster=Roster(timeout=5), sampling=Sampling(most=10, seed=3))
+        head = ArrayRecord({k: INITIAL[k] for k in keys_of(["head"])})
+        trained.append([[m.metadata.dst_node_id for m in s.configure_train(rnd, head, ConfigRecord(), grid)]
+                        for rnd in (1, 2, 3)])
+    assert trained[0] == trained[1]
+    assert all(len(r) == 10 and max(r) <= 40 for r in trained[0])  # ten a round, none held out
+
+
 def test_an_array_whose_data_differs_from_its_declared_shape_is_not_merged(task_identity: None,
                                                                           caplog: pytest.LogCaptureFixture) -> None:
     import io
