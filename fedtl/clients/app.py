@@ -61,6 +61,7 @@ from fedtl.protocol import (
     RoundPlan,
 )
 from fedtl.seeds import derived_seed
+from fedtl.wire import torch_state
 
 
 @lru_cache(maxsize=4)  # a HetLoRA run's process serves a config per rank (2, 4, 8): each rebuilt 0.12 s on Lite0
@@ -108,8 +109,8 @@ def received_model(msg: Message, cfg: ExperimentConfig,
     plan = RoundPlan.from_config(config)
     plan.apply_to(model)
     if BASE in msg.content.array_records:  # stacked LoRA: the base weights the server folded the rounds into
-        model.load_some(msg.content[BASE].to_torch_state_dict())
-    model.load_travelling_state(msg.content[ARRAYS].to_torch_state_dict())
+        model.load_some(torch_state(msg.content[BASE]))
+    model.load_travelling_state(torch_state(msg.content[ARRAYS]))
     return model.to(device), plan
 
 

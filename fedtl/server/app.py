@@ -51,7 +51,7 @@ from fedtl.server.evaluation import CentralEvaluation
 from fedtl.server.head_start import head_start
 from fedtl.server.ledger import PrivacyLedger
 from fedtl.server.record import RunRecorder, Terminal
-from fedtl.server.rounds import run_rounds, wait_for_nodes
+from fedtl.server.rounds import pull_sooner, run_rounds, wait_for_nodes
 from fedtl.strategies.factory import lora_ranks, lora_stacking, min_nodes, run_strategy
 from fedtl.strategies.grids import RegistrationOrder
 from fedtl.strategies.privacy import wrap_private
@@ -262,6 +262,7 @@ def make_server_app(run_config: Mapping[str, Any] | None = None, terminal: Termi
     def main(grid: Grid, context: Context) -> None:
         cfg = ExperimentConfig.from_run_config(run_config if run_config is not None else context.run_config)
         wait_for_nodes(grid, population)
+        pull_sooner(grid)
         run_server(RegistrationOrder(grid), cfg, terminal, resume)  # a seed samples the same nodes in any process
 
     return server

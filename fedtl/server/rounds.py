@@ -59,6 +59,21 @@ def run_rounds(strategy: Strategy, grid: Grid, arrays: ArrayRecord, *, rounds: r
     return arrays
 
 
+IN_MEMORY_PULL_S = 0.01
+
+
+def pull_sooner(grid: Grid) -> None:
+    """A simulation's grid (Flower's ``InMemoryGrid``) looks for replies every 10 ms, not every 100 ms.
+
+    Its replies are in this process's memory and a look is a dict lookup, while each ``send_and_receive``
+    waited half of Flower's 100 ms on average after its last reply came: at 50 clients a round, 1 ms of every
+    trained client's time. Any other grid is left as it is."""
+    from flwr.superlink.grid.inmemory_grid import InMemoryGrid
+
+    if isinstance(grid, InMemoryGrid):
+        grid.pull_interval = min(grid.pull_interval, IN_MEMORY_PULL_S)
+
+
 def wait_for_nodes(grid: Grid, count: int, poll_s: float = 0.1) -> None:
     """Return once ``grid`` has at least ``count`` nodes connected (0: at once)."""
     logged = False

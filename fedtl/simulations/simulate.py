@@ -40,7 +40,7 @@ from fedtl.run_folder import (
 from fedtl.server.app import make_server_app, private_strategy, run_dir
 from fedtl.server.checkpoint import read_resume
 from fedtl.server.record import Terminal, write_summary
-from fedtl.simulations.backend import fedtl_backend
+from fedtl.simulations.backend import LOCAL_RAY_SETTINGS, fedtl_backend
 from fedtl.simulations.logs import flower_log_copy, quiet_output
 from fedtl.simulations.node_state import NodeStates, check_resumable
 from fedtl.simulations.reaper import watch_descendants
@@ -149,8 +149,9 @@ def _simulate(cfg: ExperimentConfig, terminal: Terminal, mods: Sequence[Mod] = (
     rc = cfg.to_run_config()
     resources = {"num_cpus": cfg.simulation.num_cpus, "num_gpus": cfg.simulation.num_gpus}
     backend: dict[str, Any] = {"client_resources": resources}
-    if cfg.simulation.ray_address:  # Flower's Ray backend passes init_args to ray.init
-        backend["init_args"] = {"address": cfg.simulation.ray_address}
+    # Flower's Ray backend passes init_args to ray.init: a cluster's address, or this machine's Ray's settings
+    backend["init_args"] = {"address": cfg.simulation.ray_address} if cfg.simulation.ray_address \
+        else {"_system_config": LOCAL_RAY_SETTINGS}
     watch_descendants()  # Ray's processes end with this one, even if it is killed
     checkpoint = read_resume(Path(cfg.out)) if resume else None
     states = NodeStates(Path(cfg.out), checkpoint_every=cfg.checkpoint_every,

@@ -18,6 +18,7 @@ import numpy as np
 from flwr.app import ArrayRecord, Message
 
 from fedtl.protocol import ARRAYS, DECLINED, METRICS, NUM_EXAMPLES, REASON, UNIT_WEIGHT
+from fedtl.wire import array_values
 
 # key -> (shape, dtype) of every tensor that was sent
 Spec = dict[str, tuple[tuple[int, ...], str]]
@@ -77,7 +78,7 @@ def reply_problem(msg: Message, expected: Spec, record: str = ARRAYS) -> str | N
         if tuple(a.shape) != shape or a.dtype != dtype:
             return f"{key} is {a.dtype}{list(a.shape)}, expected {dtype}{list(shape)}"
         try:
-            values = a.numpy()
+            values = array_values(a, shape, dtype)
         except (TypeError, ValueError, EOFError) as err:  # another serialisation, or bytes that are no array
             return f"{key} cannot be read as an array ({type(err).__name__}: {str(err)[:100]})"
         # An Array's declared shape and dtype are metadata beside its bytes: check what the bytes hold.
@@ -101,8 +102,24 @@ def examples_problem(msg: Message, most: float) -> str | None:
     return None
 
 
-def update_problem(msg: Message, sent: ArrayRecord, ratio: float) -> str | None:
-    """Why the reply's tensors moved too far from those ``sent``, or ``None``.
+# key -> (the sent tensor in float64, its root mean square, its dtype): what ``update_problem`` measures a reply against
+Sent = dict[str, tuple[np.ndarray, float, str]]
+
+
+def sent_values(sent: ArrayRecord) -> Sent:
+    """The floating-point tensors of ``sent`` that ``update_problem`` bounds, decoded once for every reply."""
+    out = {}
+    for key, a in sent.items():
+        before = a.numpy()
+        if before.dtype.kind == "f" and before.size > 0:
+            wide = before.astype(np.float64)
+            out[key] = (wide, float(np.sqrt(np.mean(wide**2))), str(before.dtype))
+    return out
+
+
+def update_problem(msg: Message, sent: Sent, ratio: float) -> str | None:
+    """Why the reply's tensors moved too far from those ``sent`` (``sent_values``), or ``None``; the reply's
+    tensors are those ``reply_problem`` checked.
 
     A tensor may move by a root mean square per value of at most ``ratio`` × (the sent tensor's own
     RMS + 1): scale-free for trained weights, and still room for a zero-initialised one (a LoRA B) to
@@ -110,13 +127,9 @@ def update_problem(msg: Message, sent: ArrayRecord, ratio: float) -> str | None:
     scaled ×1e6, or values near the float32 maximum, are far above it.
     """
     arrays = msg.content[ARRAYS]
-    for key, a in sent.items():
-        before = a.numpy()
-        if before.dtype.kind != "f" or before.size == 0:
-            continue
-        before = before.astype(np.float64)
-        moved = float(np.sqrt(np.mean((arrays[key].numpy().astype(np.float64) - before) ** 2)))
-        scale = float(np.sqrt(np.mean(before**2)))
+    for key, (before, scale, dtype) in sent.items():
+        after = array_values(arrays[key], before.shape, dtype)
+        moved = float(np.sqrt(np.mean((after.astype(np.float64) - before) ** 2)))
         if not moved <= ratio * (scale + 1.0):
             return f"{key} moved by {moved:.3g} per value (root mean square), over the bound {ratio * (scale + 1):.3g}" \
                    f" = strategy.max-update-ratio {ratio:g} × (its RMS {scale:.3g} + 1)"

@@ -24,16 +24,19 @@ from fedtl.errors import RoundFailedError
 from fedtl.protocol import ARRAYS
 from fedtl.strategies.exchange import Exchanges
 from fedtl.strategies.replies import (
+    Sent,
     content_key,
     declined_reason,
     examples_problem,
     reply_problem,
+    sent_values,
     spec_of,
     triage,
     update_problem,
 )
 from fedtl.strategies.roster import Roster
 from fedtl.strategies.wrapper import StrategyWrapper
+from fedtl.wire import checked
 
 
 class ReplyGate(StrategyWrapper):
@@ -96,6 +99,8 @@ class ReplyGate(StrategyWrapper):
         # Float sums depend on their order, and replies arrive (and Flower samples nodes) in
         # random order: merging in content order makes a run with a given seed reproducible.
         accepted = sorted(found.accepted, key=content_key)
+        for msg in accepted:  # read again by the merge, without numpy's header parse (fedtl.wire)
+            msg.content[ARRAYS] = checked(msg.content[ARRAYS])
         arrays, metrics = self.strategy.aggregate_train(server_round, accepted)
         if arrays is None:  # the inner strategy declined to merge: no update counts as merged
             exchange.problems.append(
@@ -108,6 +113,7 @@ class ReplyGate(StrategyWrapper):
 
     def _problem_of(self, sent: dict[int, ArrayRecord]) -> Callable[[Message], str | None]:
         declared = self.roster.examples
+        decoded: dict[int, Sent] = {}  # id of a sent record -> its tensors, decoded once for all its replies
 
         def problem(msg: Message) -> str | None:
             """Why the training reply ``msg`` cannot be merged, or ``None``."""
@@ -120,7 +126,12 @@ class ReplyGate(StrategyWrapper):
             if self.roster.uncounted(node):
                 return "its node declared no training examples when asked (it could not read its data then; " \
                        "it is asked again next round)"
-            return examples_problem(msg, min(declared.get(node, float("inf")), self.max_examples)) or (
-                update_problem(msg, mine, self.max_update_ratio) if self.max_update_ratio else None)
+            if (why := examples_problem(msg, min(declared.get(node, float("inf")), self.max_examples))) is not None:
+                return why
+            if not self.max_update_ratio:
+                return None
+            if id(mine) not in decoded:
+                decoded[id(mine)] = sent_values(mine)
+            return update_problem(msg, decoded[id(mine)], self.max_update_ratio)
 
         return problem

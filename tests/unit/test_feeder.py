@@ -92,3 +92,31 @@ def test_the_feeder_is_swapped_in_only_while_the_backend_is() -> None:
         assert vce_api.add_messages_to_queue is not flowers
         assert vce_api.add_messages_to_queue.__module__ == "fedtl.simulations.feeder"
     assert vce_api.add_messages_to_queue is flowers
+
+
+def test_an_instruction_is_fed_when_stored_not_at_the_next_tick(superlink_identity: None,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+    from queue import Queue
+
+    from flwr.app import Message, RecordDict
+    from flwr.server.superlink.fleet.vce import vce_api
+
+    from fedtl.simulations import feeder
+
+    monkeypatch.setattr(feeder, "TICK_S", 3600.0)  # were it fed at the next tick, it would wait an hour
+    state, mapping, grid = _federation(2)
+    queue: Queue = Queue()
+    stop = threading.Event()
+    thread = threading.Thread(target=feeder.make_feeder(vce_api.add_messages_to_queue),
+                              args=(state, queue, mapping, stop), daemon=True)
+    thread.start()
+    try:
+        for node in mapping:  # each after the feeder has gone to sleep on an empty store
+            (msg_id,) = grid.push_messages([Message(RecordDict(), dst_node_id=node, message_type="query")])
+            assert queue.get(timeout=60).metadata.message_id == msg_id
+    finally:
+        stop.set()
+        state.store_message_ins(Message(RecordDict(), dst_node_id=next(iter(mapping)), message_type="query"))
+        thread.join(timeout=60)
+    assert not thread.is_alive() and "store_message_ins" not in vars(state)  # the state's own method again
