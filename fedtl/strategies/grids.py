@@ -48,6 +48,25 @@ class RegistrationOrder(FilteredGrid):
 
     def __init__(self, grid: Grid) -> None:
         super().__init__(grid, self._ordered)
+        self._static: tuple[int, list[int]] | None = None  # (nodes registered, their ids in order)
+
+    def get_node_ids(self) -> Iterable[int]:
+        """The nodes, in registration order. A simulation's nodes never go offline (Flower registers them with
+        no heartbeat) and never leave: while no node registers, the last answer stands. Flower's in-memory
+        state builds every node's record to answer (0.3 s a round at 100,000 nodes, asked several times a
+        round); any other state is asked every time."""
+        from flwr.common.constant import HEARTBEAT_INTERVAL_INF
+
+        registered = getattr(getattr(self.grid, "state", None), "nodes", None)
+        if not isinstance(registered, dict):
+            return super().get_node_ids()
+        if self._static is not None and self._static[0] == len(registered):
+            return list(self._static[1])
+        ids = list(super().get_node_ids())
+        if len(ids) == len(registered) and all(
+                registered[n].heartbeat_interval >= HEARTBEAT_INTERVAL_INF for n in ids):
+            self._static = (len(registered), ids)
+        return list(ids)
 
     def _ordered(self, ids: list[int]) -> list[int]:
         registered = getattr(getattr(self.grid, "state", None), "nodes", None)  # InMemoryLinkState.nodes: a dict

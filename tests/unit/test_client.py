@@ -64,3 +64,56 @@ def test_client_evaluates_on_its_own_test_images_and_a_held_out_one_adapts(task_
     declined = handle_train(train_instruction(cfg, fingerprint), held, cfg)  # a server that did not filter it
     assert "arrays" not in declined.content.array_records
     assert "held out of training" in declined.content.config_records["declined"]["reason"]
+
+
+@pytest.mark.parametrize("sets", [("finetune.mode=gradual-unfreezing",), ("strategy.personalisation=fedper",),
+                                  ("finetune.mode=lora",)])
+def test_training_shares_only_the_parameters_it_never_writes(task_identity: None, monkeypatch: pytest.MonkeyPatch,
+                                                             sets: tuple[str, ...]) -> None:
+    from flwr.app import ArrayRecord, ConfigRecord, Message
+
+    import fedtl.clients.app as client_app
+    from fedtl.models.modes import plan_round
+    from fedtl.personalisation import run_model
+    from fedtl.protocol import ARRAYS, CONFIG, FINGERPRINT, SERVER_ROUND
+
+    cfg = make_config(*sets, "clients=5")
+    fingerprint = build_model(cfg).backbone_fingerprint
+
+    def instruction(rnd: int) -> Message:  # as the server sends it: the run's model's travelling tensors
+        model = run_model(cfg)
+        plan = plan_round(cfg.finetune, model.block_names, rnd)
+        plan.apply_to(model)
+        config = ConfigRecord({**plan.to_config(), FINGERPRINT: fingerprint, SERVER_ROUND: rnd})
+        return Message(RecordDict({ARRAYS: ArrayRecord(model.travelling_state()), CONFIG: config}), dst_node_id=1,
+                       message_type="train")
+
+    messages = [instruction(rnd) for rnd in (1, 2, 3)]  # gradual unfreezing: more each round
+
+    def replies() -> list[dict[str, torch.Tensor]]:
+        context = node_context()  # one node over three rounds: its local tensors come back each round
+        return [handle_train(m, context, cfg).content["arrays"].to_torch_state_dict() for m in messages]
+
+    shared = replies()
+    run = client_app.base_model(cfg).state_dict()
+    for key, value in run_model(cfg).state_dict().items():  # the run's model: as built, whatever trained beside it
+        torch.testing.assert_close(run[key], value, rtol=0, atol=0, msg=key)
+    received = client_app.received_model
+    monkeypatch.setattr(client_app, "received_model", lambda *a, **k: received(*a, **{**k, "share_frozen": False}))
+    for a, b in zip(shared, replies(), strict=True):  # what every parameter copied gives
+        assert list(a) == list(b)
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+
+def test_a_frozen_parameter_is_the_run_models_own_and_a_trained_one_a_copy(task_identity: None) -> None:
+    from fedtl.clients.app import base_model, checked_model
+
+    cfg = make_config("clients=5")
+    config = train_instruction(cfg, build_model(cfg).backbone_fingerprint).content["config"]
+    base = dict(base_model(cfg).named_parameters())
+    mine = dict(checked_model(config, cfg, written={"head.weight"}).named_parameters())
+    assert mine["head.weight"] is not base["head.weight"]
+    assert all(mine[k] is base[k] for k in base if k != "head.weight")
+    assert all(b is not a for a, b in zip(base_model(cfg).buffers(), checked_model(config, cfg, set()).buffers(),
+                                          strict=True))  # buffers always copied

@@ -120,3 +120,21 @@ def test_an_instruction_is_fed_when_stored_not_at_the_next_tick(superlink_identi
         state.store_message_ins(Message(RecordDict(), dst_node_id=next(iter(mapping)), message_type="query"))
         thread.join(timeout=60)
     assert not thread.is_alive() and "store_message_ins" not in vars(state)  # the state's own method again
+
+
+def test_a_simulations_nodes_are_listed_once_until_one_registers(superlink_identity: None) -> None:
+    from fedtl.strategies.grids import RegistrationOrder
+
+    state, mapping, grid = _federation(5)  # registered as Flower's simulation registers them: no heartbeat
+    asked = []
+    get_nodes = state.get_nodes
+    state.get_nodes = lambda run_id: asked.append(run_id) or get_nodes(run_id)
+    view = RegistrationOrder(grid)
+    assert list(view.get_node_ids()) == list(mapping) == list(view.get_node_ids())  # registration order
+    assert len(asked) == 1  # the second answer came without asking the state
+    # A node that registers (here with heartbeats, as a deployed one) is seen, and from then on the state is asked.
+    late = state.create_node(owner_aid="late", owner_name="late", public_key=b"late" * 8, heartbeat_interval=30)
+    state.acknowledge_node_heartbeat(node_id=late, heartbeat_interval=30)
+    assert list(view.get_node_ids()) == [*mapping, late]
+    view.get_node_ids()
+    assert len(asked) == 3
