@@ -313,7 +313,7 @@ def section_cache(res: dict[str, Any]) -> None:
         "accuracy_points_on_minus_off": 100 * (on["final_accuracy"] - off["final_accuracy"]),
         "floor": floor, "ratio_fedtl_over_floor": on["wall_s"] / floor["total_s"],
         # Where the cached run's time goes beyond the floor (its rounds' ends are measured from the ServerApp's start)
-        "on_parts_s": {"outside the rounds (imports, Ray's start, teardown)": on["wall_s"] - sum(on["round_s"]),
+        "on_parts_s": {"outside the rounds (imports, Ray's start, round 0's evaluation, teardown)": on["wall_s"] - sum(on["round_s"]),
                        "round 1 (the actors' start, one forward pass per image)": on["round_s"][0],
                        "rounds 2 to 9": sum(on["round_s"][1:-1]),
                        "round 10 (with the clients' final evaluation)": on["round_s"][-1]},

@@ -17,7 +17,8 @@ COMMITTED = {"### `modes.toml`": DOCS / "results" / "modes" / "results.md",
              "### `imagenet-transfer.toml`": DOCS / "results" / "imagenet-transfer" / "results.md",
              "### `photographs.toml`": DOCS / "results" / "photographs" / "results.md",
              "### `lora-aggregation.toml`": DOCS / "results" / "lora-aggregation" / "results.md",
-             "### `lora-aggregation-imagenet.toml`": DOCS / "results" / "lora-aggregation-imagenet" / "results.md"}
+             "### `lora-aggregation-imagenet.toml`": DOCS / "results" / "lora-aggregation-imagenet" / "results.md",
+             "### Real sizes: `make bench-perf`": ROOT / "benchmarks" / "results" / "perf.md"}
 
 
 def _table(lines: list[str]) -> tuple[list[str], list[list[str]]]:
