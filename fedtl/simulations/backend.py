@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 # The Ray a simulation starts on this machine (a cluster's own are its own): a message and its reply of up to 4 MiB
 # travel inside the task's call, as Ray passes arguments under 100 KiB, rather than through the object store.
 # A small CNN's messages are just over 100 KiB: each went through the raylet twice (put, then get), and the raylet
-# took a third of the machine's CPU at 50 clients a round; a round's wall time fell by a third without it.
+# used about half a core (of 2) at 50 clients a round; a round's wall time fell by a third without it.
 LOCAL_RAY_SETTINGS = {"max_direct_call_object_size": 4 * 2**20}
 
 # The pool kept between runs (runtime.kept_warm): {"on": True} while kept, "pool" and "resources" once built,

@@ -152,7 +152,8 @@ class Roster:
         template = messages[0]
         while len(kept) < wanted and pool:
             drawn = (rng or random).sample(pool, min(wanted - len(kept), len(pool)))
-            pool = [n for n in pool if n not in set(drawn)]
+            gone = set(drawn)
+            pool = [n for n in pool if n not in gone]
             view.ask([n for n in drawn if view.needs_asking(n)])
             kept += [Message(template.content, dst_node_id=n, message_type=template.metadata.message_type)
                      for n in drawn if view.trains(n)]
